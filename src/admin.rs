@@ -1,0 +1,159 @@
+//! The admin listener: health, readiness, metrics, the redacted config, key usage.
+//! Never a key, a key hash or a private key.
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::body::{self, Body};
+use crate::state::{Shared, State};
+
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(listener = "admin", error = %e, "accept failed; backing off");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(route(&shared, &req)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {
+    if req.method() != Method::GET {
+        return json_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            json!({"error": "method_not_allowed", "message": "The admin API only answers GET."}),
+        );
+    }
+    match req.uri().path() {
+        "/healthz" => json_response(StatusCode::OK, json!({"status": "ok"})),
+        "/readyz" => {
+            if shared.draining.load(Ordering::Relaxed) {
+                json_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    json!({"status": "draining"}),
+                )
+            } else {
+                json_response(StatusCode::OK, json!({"status": "ready"}))
+            }
+        }
+        "/metrics" => {
+            let mut r = Response::new(body::full(Bytes::from(shared.metrics.encode())));
+            r.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            r
+        }
+        "/config" => json_response(StatusCode::OK, config_view(shared)),
+        "/keys" => json_response(StatusCode::OK, keys_view(&shared.state.load())),
+        _ => json_response(
+            StatusCode::NOT_FOUND,
+            json!({"error": "not_found", "message": "Try /healthz, /readyz, /metrics, /config or /keys."}),
+        ),
+    }
+}
+
+fn json_response(status: StatusCode, value: Value) -> Response<Body> {
+    let mut r = Response::new(body::full(Bytes::from(value.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+fn config_view(shared: &Shared) -> Value {
+    let state = shared.state.load();
+    let c = &state.config;
+    let last_error = shared
+        .last_reload_error
+        .lock()
+        .map(|e| e.clone())
+        .unwrap_or(None);
+    let environments: Vec<Value> = state
+        .environments
+        .iter()
+        .map(|e| {
+            let cfg = &e.config;
+            let quota = |q: &Option<crate::config::QuotaConfig>| {
+                q.map(|q| json!({"requests": q.requests.get(), "per": humantime::format_duration(q.per).to_string(), "burst": q.burst.get()}))
+            };
+            json!({
+                "name": cfg.name,
+                "upstreams": cfg.upstreams.iter().map(|u| u.uri.to_string().trim_end_matches('/').to_owned()).collect::<Vec<_>>(),
+                "upstream_health": (0..e.upstreams.slots.len()).map(|i| e.upstreams.is_healthy(i)).collect::<Vec<_>>(),
+                "hosts": cfg.hosts,
+                "connect_timeout": humantime::format_duration(cfg.connect_timeout).to_string(),
+                "request_timeout": humantime::format_duration(cfg.request_timeout).to_string(),
+                "rate_limit": {"per_key": quota(&cfg.rate_limit.per_key), "total": quota(&cfg.rate_limit.total)},
+                "key_ids": cfg.keys.iter().map(|k| k.id.as_str()).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    json!({
+        "file": c.source.path.display().to_string(),
+        "sha256": c.source.sha256,
+        "version": state.version,
+        "loaded_at": rfc3339(state.loaded_at),
+        "last_reload_error": last_error,
+        "environments": environments,
+    })
+}
+
+fn keys_view(state: &State) -> Value {
+    let mut rows: Vec<Value> = state
+        .keys
+        .values()
+        .map(|k| {
+            let last_seen = k.usage.last_seen_ms.load(Ordering::Relaxed);
+            json!({
+                "environment": state.environments[k.environment].config.name,
+                "key_id": &*k.id,
+                "not_before": k.not_before.map(rfc3339),
+                "not_after": k.not_after.map(rfc3339),
+                "requests": k.usage.requests.load(Ordering::Relaxed),
+                "last_seen": (last_seen > 0).then(|| rfc3339(UNIX_EPOCH + Duration::from_millis(last_seen))),
+            })
+        })
+        .collect();
+    rows.sort_by(|a, b| {
+        (a["environment"].as_str(), a["key_id"].as_str())
+            .cmp(&(b["environment"].as_str(), b["key_id"].as_str()))
+    });
+    Value::Array(rows)
+}

@@ -1,0 +1,196 @@
+//! API key extraction and lookup: request headers -> the caller's key entry.
+//!
+//! Keys are looked up by their SHA-256 digest in a hash map, so the cost is one hash of
+//! the presented key plus one map probe, whatever the number of keys. The digest is
+//! uniformly distributed, so the map hashes it with its first 8 bytes instead of running
+//! SipHash over it again; configured keys are not attacker-chosen, so this opens no
+//! collision attack.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use http::header::{HeaderName, HeaderValue, AUTHORIZATION};
+use http::HeaderMap;
+
+use crate::config::{sha256, KeyDigest};
+use crate::error::GatewayError;
+
+/// Per-key usage counters, shared across config reloads for keys that remain.
+/// Plain atomics: updating them never takes a lock on the request path.
+#[derive(Debug, Default)]
+pub struct KeyUsage {
+    pub requests: AtomicU64,
+    /// Milliseconds since the Unix epoch; 0 = never.
+    pub last_seen_ms: AtomicU64,
+}
+
+impl KeyUsage {
+    pub fn record(&self, now: SystemTime) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let ms = now
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.last_seen_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug)]
+pub struct KeyEntry {
+    /// Index into the state's environments.
+    pub environment: usize,
+    pub id: Arc<str>,
+    /// `id` as a ready header value for `x-specter-key-id`.
+    pub id_header: HeaderValue,
+    pub not_before: Option<SystemTime>,
+    pub not_after: Option<SystemTime>,
+    pub usage: Arc<KeyUsage>,
+}
+
+/// Which header carried the key, so forwarding removes exactly that one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeySource {
+    Header,
+    Bearer,
+}
+
+#[derive(Default)]
+pub struct DigestHasher(u64);
+
+impl Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // `[u8; 32]` hashes as its length (a usize) then its bytes: keep the first 8.
+        if bytes.len() >= 8 {
+            self.0 = u64::from_ne_bytes(bytes[..8].try_into().expect("8 bytes"));
+        }
+    }
+    fn write_usize(&mut self, _: usize) {}
+}
+
+pub type KeyMap = HashMap<KeyDigest, KeyEntry, BuildHasherDefault<DigestHasher>>;
+
+/// Reads the single API key of a request. Two key headers, or `Bearer` with nothing
+/// after it, are refused rather than guessed at.
+pub fn extract<'h>(
+    headers: &'h HeaderMap,
+    header: &HeaderName,
+) -> Result<(&'h [u8], KeySource), GatewayError> {
+    let mut found: Option<(&[u8], KeySource)> = None;
+    for value in headers.get_all(header) {
+        if found.is_some() {
+            return Err(GatewayError::InvalidApiKey);
+        }
+        found = Some((trim(value.as_bytes()), KeySource::Header));
+    }
+    for value in headers.get_all(AUTHORIZATION) {
+        let v = value.as_bytes();
+        let is_bearer = v.len() >= 6 && v[..6].eq_ignore_ascii_case(b"bearer");
+        if !is_bearer || (v.len() > 6 && v[6] != b' ') {
+            continue; // another scheme (Basic ...) is the upstream's business
+        }
+        if found.is_some() {
+            return Err(GatewayError::InvalidApiKey);
+        }
+        found = Some((trim(&v[6..]), KeySource::Bearer));
+    }
+    match found {
+        None => Err(GatewayError::MissingApiKey),
+        Some((key, _)) if key.is_empty() => Err(GatewayError::InvalidApiKey),
+        Some(found) => Ok(found),
+    }
+}
+
+fn trim(b: &[u8]) -> &[u8] {
+    let start = b
+        .iter()
+        .position(|c| !c.is_ascii_whitespace())
+        .unwrap_or(b.len());
+    let end = b
+        .iter()
+        .rposition(|c| !c.is_ascii_whitespace())
+        .map_or(start, |i| i + 1);
+    &b[start..end]
+}
+
+/// Finds the key's entry and checks its validity window. A key not yet valid answers
+/// exactly like an unknown one: callers learn nothing about staged keys.
+pub fn lookup<'m>(
+    keys: &'m KeyMap,
+    key: &[u8],
+    now: SystemTime,
+) -> Result<&'m KeyEntry, GatewayError> {
+    let entry = keys.get(&sha256(key)).ok_or(GatewayError::InvalidApiKey)?;
+    if entry.not_before.is_some_and(|nb| now < nb) {
+        return Err(GatewayError::InvalidApiKey);
+    }
+    if entry.not_after.is_some_and(|na| now >= na) {
+        return Err(GatewayError::ExpiredApiKey);
+    }
+    Ok(entry)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        h
+    }
+
+    const H: HeaderName = HeaderName::from_static("x-api-key");
+
+    #[test]
+    fn extraction() {
+        let ok =
+            |pairs: &[(&str, &str)]| extract(&headers(pairs), &H).map(|(k, s)| (k.to_vec(), s));
+        assert_eq!(
+            ok(&[("x-api-key", "k1")]).unwrap(),
+            (b"k1".to_vec(), KeySource::Header)
+        );
+        assert_eq!(
+            ok(&[("authorization", "Bearer k2")]).unwrap(),
+            (b"k2".to_vec(), KeySource::Bearer)
+        );
+        assert_eq!(
+            ok(&[("authorization", "bearer  k2 ")]).unwrap().0,
+            b"k2".to_vec()
+        );
+        assert!(matches!(ok(&[]), Err(GatewayError::MissingApiKey)));
+        assert!(matches!(
+            ok(&[("authorization", "Basic abc")]),
+            Err(GatewayError::MissingApiKey)
+        ));
+        assert!(matches!(
+            ok(&[("authorization", "Bearer")]),
+            Err(GatewayError::InvalidApiKey)
+        ));
+        assert!(matches!(
+            ok(&[("authorization", "Bearer ")]),
+            Err(GatewayError::InvalidApiKey)
+        ));
+        assert!(matches!(
+            ok(&[("x-api-key", "a"), ("x-api-key", "a")]),
+            Err(GatewayError::InvalidApiKey)
+        ));
+        assert!(matches!(
+            ok(&[("x-api-key", "a"), ("authorization", "Bearer a")]),
+            Err(GatewayError::InvalidApiKey)
+        ));
+        assert!(matches!(
+            ok(&[("x-api-key", "")]),
+            Err(GatewayError::InvalidApiKey)
+        ));
+    }
+}

@@ -1,0 +1,154 @@
+//! `specter keys`: mint keys and turn keys into the TOML blocks that store their hash.
+
+use rand::Rng;
+
+use crate::config::{hex, sha256};
+
+const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+/// 32 base62 characters: 190 bits of randomness (DESIGN asks for at least 160).
+const RANDOM_CHARS: usize = 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeysError {
+    #[error("environment name {0:?} is not valid; use lower-case letters, digits, '_' and '-'")]
+    BadEnvironment(String),
+    #[error("key id {0:?} is not valid; use 1-128 letters, digits or -_.:@/")]
+    BadId(String),
+    #[error("no key on standard input")]
+    Empty,
+    #[error("reading standard input: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub fn valid_environment(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:@/".contains(&b))
+}
+
+/// A fresh key `spk_<env>_<random>` from the OS-seeded CSPRNG.
+pub fn generate(env: &str) -> String {
+    let mut rng = rand::rng();
+    let random: String = (0..RANDOM_CHARS)
+        .map(|_| BASE62[rng.random_range(0..62)] as char)
+        .collect();
+    format!("spk_{env}_{random}")
+}
+
+/// The `[[environments.ENV.keys]]` block that stores `key` as its SHA-256.
+pub fn toml_block(env: &str, id: &str, key: &str) -> String {
+    format!(
+        "[[environments.{env}.keys]]\nid     = \"{id}\"\nsha256 = \"{}\"\n",
+        hex(&sha256(key.as_bytes()))
+    )
+}
+
+fn default_id(env: &str) -> String {
+    let mut rng = rand::rng();
+    let suffix: String = (0..6)
+        .map(|_| BASE62[rng.random_range(0..36)] as char)
+        .collect::<String>()
+        .to_lowercase();
+    format!("{env}-{suffix}")
+}
+
+/// `keys new`: the key (printed once, never stored) and its TOML block.
+pub fn new(env: &str, id: Option<&str>) -> Result<String, KeysError> {
+    if !valid_environment(env) {
+        return Err(KeysError::BadEnvironment(env.to_owned()));
+    }
+    let id = id.map(str::to_owned).unwrap_or_else(|| default_id(env));
+    if !valid_id(&id) {
+        return Err(KeysError::BadId(id));
+    }
+    let key = generate(env);
+    Ok(format!(
+        "{key}\n\n# The key above is shown once: hand it to its owner now. Paste this into the config:\n{}",
+        toml_block(env, &id, &key)
+    ))
+}
+
+/// `keys hash`: the TOML block for an existing key read from `input`.
+pub fn hash(env: &str, id: Option<&str>, input: &str) -> Result<String, KeysError> {
+    if !valid_environment(env) {
+        return Err(KeysError::BadEnvironment(env.to_owned()));
+    }
+    let key = input.trim();
+    if key.is_empty() {
+        return Err(KeysError::Empty);
+    }
+    let id = id.map(str::to_owned).unwrap_or_else(|| default_id(env));
+    if !valid_id(&id) {
+        return Err(KeysError::BadId(id));
+    }
+    Ok(toml_block(env, &id, key))
+}
+
+/// Reads one line from stdin without echoing it when stdin is a terminal.
+pub fn read_secret_line() -> Result<String, KeysError> {
+    use std::io::{BufRead, IsTerminal};
+    let stdin = std::io::stdin();
+    let tty = stdin.is_terminal();
+    let _echo = if tty { EchoOff::new() } else { None };
+    if tty {
+        eprint!("API key (not echoed): ");
+    }
+    let mut line = String::new();
+    stdin.lock().read_line(&mut line)?;
+    if tty {
+        eprintln!();
+    }
+    Ok(line)
+}
+
+/// Terminal echo switched off for as long as it lives.
+struct EchoOff(libc::termios);
+
+impl EchoOff {
+    fn new() -> Option<EchoOff> {
+        // SAFETY: tcgetattr/tcsetattr on fd 0 with a zeroed, then filled, termios.
+        unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(0, &mut t) != 0 {
+                return None;
+            }
+            let saved = t;
+            t.c_lflag &= !libc::ECHO;
+            (libc::tcsetattr(0, libc::TCSANOW, &t) == 0).then_some(EchoOff(saved))
+        }
+    }
+}
+
+impl Drop for EchoOff {
+    fn drop(&mut self) {
+        // SAFETY: restores the attributes read in `new`.
+        unsafe {
+            libc::tcsetattr(0, libc::TCSANOW, &self.0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_have_the_documented_shape() {
+        let k = generate("qa");
+        let random = k.strip_prefix("spk_qa_").unwrap();
+        assert_eq!(random.len(), RANDOM_CHARS);
+        assert!(random.bytes().all(|b| b.is_ascii_alphanumeric()));
+        assert_ne!(generate("qa"), k);
+        // 62^32 > 2^160
+        assert!((RANDOM_CHARS as f64) * 62f64.log2() >= 160.0);
+    }
+}

@@ -1,0 +1,114 @@
+//! Config errors that point into the file: `path:line:col: key.path: "value" is ...; fix`.
+
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+/// One problem found in a config file, located by line and column (both 1-based).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: usize,
+    pub col: usize,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file.display(),
+            self.line,
+            self.col,
+            self.message
+        )
+    }
+}
+
+/// Everything wrong with one file. Validation keeps going after the first problem so a
+/// user fixes them all in one round instead of one per `specter check`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl ConfigErrors {
+    pub fn first(&self) -> Option<&ConfigError> {
+        self.0.first()
+    }
+}
+
+/// A finding that does not stop the config from loading (expiring keys, reused ids).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigWarning {
+    pub location: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigWarning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: warning: {}", self.location, self.message)
+    }
+}
+
+/// Maps byte offsets of one source text to 1-based line and column (in characters).
+pub struct SourceMap<'a> {
+    pub file: &'a Path,
+    pub text: &'a str,
+}
+
+impl SourceMap<'_> {
+    pub fn position(&self, offset: usize) -> (usize, usize) {
+        let offset = offset.min(self.text.len());
+        let before = &self.text[..floor_char_boundary(self.text, offset)];
+        let line = before.matches('\n').count() + 1;
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        let col = before[line_start..].chars().count() + 1;
+        (line, col)
+    }
+
+    pub fn error(&self, span: Range<usize>, message: impl Into<String>) -> ConfigError {
+        let (line, col) = self.position(span.start);
+        ConfigError {
+            file: self.file.to_path_buf(),
+            line,
+            col,
+            message: message.into(),
+        }
+    }
+
+    pub fn location(&self, span: Range<usize>) -> String {
+        let (line, col) = self.position(span.start);
+        format!("{}:{line}:{col}", self.file.display())
+    }
+
+    /// The `[table]` header in force at `offset`, for errors that toml reports without
+    /// a key path (unknown fields, wrong types).
+    pub fn enclosing_table(&self, offset: usize) -> Option<&str> {
+        let before = &self.text[..floor_char_boundary(self.text, offset)];
+        before.lines().rev().find_map(|line| {
+            let line = line.trim();
+            let inner = line.strip_prefix("[[").and_then(|l| l.split("]]").next());
+            let inner = inner.or_else(|| line.strip_prefix('[').and_then(|l| l.split(']').next()));
+            inner.map(str::trim)
+        })
+    }
+}
+
+fn floor_char_boundary(text: &str, mut offset: usize) -> usize {
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    offset
+}

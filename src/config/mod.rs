@@ -1,0 +1,287 @@
+//! The configuration: raw file types ([`file`]) validated into the model below
+//! ([`validate`]), where a bad value cannot exist.
+
+pub mod error;
+pub mod file;
+mod validate;
+
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use http::header::HeaderName;
+use http::{HeaderValue, Method, Uri};
+use ipnet::IpNet;
+
+pub use error::{ConfigError, ConfigErrors, ConfigWarning};
+pub use validate::KEY_EXPIRY_WARNING;
+
+/// SHA-256 digest of an API key: the only form in which keys are stored.
+pub type KeyDigest = [u8; 32];
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: ListenConfig,
+    pub limits: LimitsConfig,
+    pub tls: Option<TlsConfig>,
+    pub auth: AuthConfig,
+    /// In file order (sorted by name, as TOML tables are unordered).
+    pub environments: Vec<EnvironmentConfig>,
+    pub rate_limit_store: Option<StoreConfig>,
+    pub source: ConfigSource,
+}
+
+/// Where a config came from, for `/config`, reload logs and error messages.
+#[derive(Debug, Clone)]
+pub struct ConfigSource {
+    pub path: PathBuf,
+    /// Hex SHA-256 of the file's bytes.
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenConfig {
+    pub http: Option<SocketAddr>,
+    pub https: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitsConfig {
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub shutdown_grace: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections: 10_000,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsVersion {
+    V1_2,
+    V1_3,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    pub min_version: TlsVersion,
+    pub client_ca: Option<PathBuf>,
+    /// Loaded and checked at validation; the first is the default certificate.
+    pub certificates: Vec<CertificateConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CertificateConfig {
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    pub header: HeaderName,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EnvironmentConfig {
+    pub name: String,
+    pub upstreams: Vec<Upstream>,
+    /// Lower-case host names without port; empty means any host.
+    pub hosts: Vec<String>,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    pub http2: bool,
+    pub preserve_host: bool,
+    pub upstream_ca: Option<PathBuf>,
+    pub upstream_sni: Option<String>,
+    pub shares_upstream_with: Vec<String>,
+    pub rate_limit: RateLimitConfig,
+    pub policy: PolicyConfig,
+    pub keys: Vec<KeyConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// `scheme://authority` with no path, e.g. `http://10.0.0.5:8000`.
+    pub uri: Uri,
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+}
+
+impl Upstream {
+    pub fn authority(&self) -> &str {
+        self.uri.authority().map_or("", |a| a.as_str())
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RateLimitConfig {
+    pub per_key: Option<QuotaConfig>,
+    pub total: Option<QuotaConfig>,
+}
+
+impl RateLimitConfig {
+    pub fn is_limited(&self) -> bool {
+        self.per_key.is_some() || self.total.is_some()
+    }
+}
+
+/// `requests` per `per`, with a bucket of `burst` (defaults to `requests`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct QuotaConfig {
+    pub requests: NonZeroU32,
+    pub per: Duration,
+    pub burst: NonZeroU32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyConfig {
+    /// `None` allows every method (except CONNECT and TRACE, always refused).
+    pub methods: Option<Vec<Method>>,
+    /// Normalised prefixes, matched on whole segments.
+    pub allow_paths: Vec<String>,
+    pub deny_paths: Vec<String>,
+    /// `None` allows every client address.
+    pub allow_ips: Option<Vec<IpNet>>,
+    pub max_body: Option<u64>,
+    pub request_headers: HeaderRules,
+    pub response_headers: HeaderRules,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            methods: None,
+            allow_paths: vec!["/".to_owned()],
+            deny_paths: Vec::new(),
+            allow_ips: None,
+            max_body: None,
+            request_headers: HeaderRules::default(),
+            response_headers: HeaderRules::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeaderRules {
+    pub set: Vec<(HeaderName, HeaderValue)>,
+    pub remove: Vec<HeaderName>,
+}
+
+impl HeaderRules {
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.remove.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyConfig {
+    pub id: String,
+    pub sha256: KeyDigest,
+    pub not_before: Option<SystemTime>,
+    pub not_after: Option<SystemTime>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreErrorMode {
+    Local,
+    Allow,
+    Deny,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreConfig {
+    pub redis: String,
+    pub timeout: Duration,
+    pub on_error: StoreErrorMode,
+}
+
+/// A validated config and the warnings found on the way.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: Config,
+    pub warnings: Vec<ConfigWarning>,
+}
+
+/// Options that change what validation warns about (never what it accepts).
+#[derive(Debug, Clone, Copy)]
+pub struct CheckOptions {
+    pub now: SystemTime,
+    pub expiry_warning: Duration,
+}
+
+impl Default for CheckOptions {
+    fn default() -> Self {
+        CheckOptions {
+            now: SystemTime::now(),
+            expiry_warning: KEY_EXPIRY_WARNING,
+        }
+    }
+}
+
+/// Reads, parses and validates the file at `path`.
+pub fn load(path: &Path) -> Result<Loaded, ConfigErrors> {
+    load_with(path, CheckOptions::default())
+}
+
+pub fn load_with(path: &Path, options: CheckOptions) -> Result<Loaded, ConfigErrors> {
+    let bytes = std::fs::read(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: path.to_path_buf(),
+            line: 1,
+            col: 1,
+            message: format!("cannot read the config file: {e}"),
+        }])
+    })?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: path.to_path_buf(),
+            line: 1,
+            col: 1,
+            message: format!("the config file is not UTF-8 ({e}); save it as UTF-8"),
+        }])
+    })?;
+    parse_with(&text, path, options)
+}
+
+/// Parses and validates config text; `path` names it in errors and anchors the
+/// relative paths inside it (certificates), like a file at that path would.
+pub fn parse(text: &str, path: &Path) -> Result<Loaded, ConfigErrors> {
+    parse_with(text, path, CheckOptions::default())
+}
+
+pub fn parse_with(text: &str, path: &Path, options: CheckOptions) -> Result<Loaded, ConfigErrors> {
+    validate::parse_and_validate(text, path, options)
+}
+
+/// Lower-case hex, for digests.
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[(b >> 4) as usize] as char);
+        out.push(DIGITS[(b & 0xf) as usize] as char);
+    }
+    out
+}
+
+/// SHA-256 of `data`.
+pub fn sha256(data: &[u8]) -> KeyDigest {
+    use sha2::Digest;
+    sha2::Sha256::digest(data).into()
+}

@@ -1,0 +1,980 @@
+//! Raw file types -> validated [`Config`]. Every rejection names the key path, the bad
+//! value and what would be valid; validation goes on after an error so all are reported.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use http::header::HeaderName;
+use http::{HeaderValue, Method, Uri};
+use ipnet::IpNet;
+use toml::value::Datetime;
+use toml::Spanned;
+
+use super::error::SourceMap;
+use super::file::*;
+use super::*;
+use crate::policy::path::{normalize_path, PathError};
+
+/// Keys expiring within this window are reported by `specter check`.
+pub const KEY_EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
+
+/// Request headers that configuration may not set or remove: framing, routing and the
+/// gateway's own identity headers belong to specter alone.
+const RESERVED_HEADERS: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "content-length",
+    "te",
+    "trailer",
+    "upgrade",
+    "host",
+    "x-specter-environment",
+    "x-specter-key-id",
+    "x-specter-client-cert-subject",
+];
+
+pub fn parse_and_validate(
+    text: &str,
+    path: &Path,
+    options: CheckOptions,
+) -> Result<Loaded, ConfigErrors> {
+    let map = SourceMap { file: path, text };
+    let raw: RawConfig = toml::from_str(text).map_err(|e| {
+        let span = e.span().unwrap_or(0..0);
+        let mut message = e.message().trim_end().to_owned();
+        if let Some(table) = map.enclosing_table(span.start) {
+            message = format!("in [{table}]: {message}");
+        }
+        if message.contains("unknown field") {
+            message.push_str("; remove it or check its spelling");
+        }
+        ConfigErrors(vec![map.error(span, message)])
+    })?;
+    let mut v = Validator {
+        map,
+        options,
+        errors: Vec::new(),
+        warnings: Vec::new(),
+    };
+    let config = v.config(raw);
+    if v.errors.is_empty() {
+        Ok(Loaded {
+            config: config.expect("a config without errors was built"),
+            warnings: v.warnings,
+        })
+    } else {
+        Err(ConfigErrors(v.errors))
+    }
+}
+
+struct Validator<'a> {
+    map: SourceMap<'a>,
+    options: CheckOptions,
+    errors: Vec<ConfigError>,
+    warnings: Vec<ConfigWarning>,
+}
+
+impl Validator<'_> {
+    fn fail<T>(&mut self, span: Range<usize>, message: String) -> Option<T> {
+        self.errors.push(self.map.error(span, message));
+        None
+    }
+
+    fn warn(&mut self, span: Range<usize>, message: String) {
+        let location = self.map.location(span);
+        self.warnings.push(ConfigWarning { location, message });
+    }
+
+    fn config(&mut self, raw: RawConfig) -> Option<Config> {
+        let listen = self.listen(&raw.listen);
+        let limits = self.limits(&raw.limits);
+        let tls = raw.tls.as_ref().and_then(|t| self.tls(t));
+        if let (Some(l), None) = (&listen, &raw.tls) {
+            if l.https.is_some() {
+                self.fail::<()>(
+                    raw.listen.span(),
+                    "listen.https is set but there is no [tls] section; add [tls] with at least one [[tls.certificates]], or remove listen.https".into(),
+                );
+            }
+        }
+        let auth = self.auth(&raw.auth);
+        let environments = self.environments(&raw.environments);
+        let store = raw.rate_limit_store.as_ref().and_then(|s| self.store(s));
+        let sha256 = hex(&sha256(self.map.text.as_bytes()));
+        Some(Config {
+            listen: listen?,
+            limits: limits?,
+            tls,
+            auth: auth?,
+            environments: environments?,
+            rate_limit_store: store,
+            source: ConfigSource {
+                path: self.map.file.to_path_buf(),
+                sha256,
+            },
+        })
+    }
+
+    fn listen(&mut self, raw: &Spanned<RawListen>) -> Option<ListenConfig> {
+        let l = raw.get_ref();
+        let http = l
+            .http
+            .as_ref()
+            .and_then(|a| self.socket_addr("listen.http", a));
+        let https = l
+            .https
+            .as_ref()
+            .and_then(|a| self.socket_addr("listen.https", a));
+        let admin = l
+            .admin
+            .as_ref()
+            .and_then(|a| self.socket_addr("listen.admin", a));
+        if l.http.is_none() && l.https.is_none() {
+            return self.fail(
+                raw.span(),
+                "[listen] needs `http` or `https` (or both), e.g. http = \"127.0.0.1:8080\"".into(),
+            );
+        }
+        let trusted_proxies = l
+            .trusted_proxies
+            .iter()
+            .filter_map(|c| self.cidr("listen.trusted_proxies", c))
+            .collect();
+        Some(ListenConfig {
+            http,
+            https,
+            admin,
+            trusted_proxies,
+        })
+    }
+
+    fn limits(&mut self, raw: &RawLimits) -> Option<LimitsConfig> {
+        let mut limits = LimitsConfig::default();
+        let before = self.errors.len();
+        if let Some(n) = &raw.max_connections {
+            limits.max_connections = self.positive("limits.max_connections", n, 1 << 24)? as usize;
+        }
+        if let Some(d) = &raw.header_read_timeout {
+            limits.header_read_timeout = self.duration("limits.header_read_timeout", d)?;
+        }
+        if let Some(d) = &raw.idle_timeout {
+            limits.idle_timeout = self.duration("limits.idle_timeout", d)?;
+        }
+        if let Some(s) = &raw.max_header_bytes {
+            let bytes = self.size("limits.max_header_bytes", s)?;
+            if !(8192..=16 << 20).contains(&bytes) {
+                return self.fail(
+                    s.span(),
+                    format!(
+                        "limits.max_header_bytes: \"{}\" is out of range; use between \"8KiB\" and \"16MiB\"",
+                        s.get_ref()
+                    ),
+                );
+            }
+            limits.max_header_bytes = bytes as usize;
+        }
+        if let Some(n) = &raw.max_headers {
+            limits.max_headers = self.positive("limits.max_headers", n, 10_000)? as usize;
+        }
+        if let Some(d) = &raw.shutdown_grace {
+            limits.shutdown_grace = self.duration("limits.shutdown_grace", d)?;
+        }
+        (self.errors.len() == before).then_some(limits)
+    }
+
+    fn tls(&mut self, raw: &Spanned<RawTls>) -> Option<TlsConfig> {
+        let t = raw.get_ref();
+        let min_version = match t.min_version.as_ref().map(|v| v.get_ref().as_str()) {
+            None | Some("1.2") => TlsVersion::V1_2,
+            Some("1.3") => TlsVersion::V1_3,
+            Some(other) => {
+                let span = t.min_version.as_ref().map(|v| v.span()).unwrap_or_default();
+                return self.fail(
+                    span,
+                    format!(
+                        "tls.min_version: \"{other}\" is not supported; use \"1.2\" or \"1.3\""
+                    ),
+                );
+            }
+        };
+        if t.certificates.is_empty() {
+            return self.fail(
+                raw.span(),
+                "[tls] has no certificate; add a [[tls.certificates]] with `cert` and `key` (specter certs dev writes a local one)".into(),
+            );
+        }
+        let mut certificates = Vec::new();
+        for (i, c) in t.certificates.iter().enumerate() {
+            let c = c.get_ref();
+            let cert_path = PathBuf::from(c.cert.get_ref());
+            let key_path = PathBuf::from(c.key.get_ref());
+            if let Err(e) = crate::tls::load_certified_key(&cert_path, &key_path) {
+                self.fail::<()>(c.cert.span(), format!("tls.certificates[{i}]: {e}"));
+                continue;
+            }
+            certificates.push(CertificateConfig {
+                cert_path,
+                key_path,
+            });
+        }
+        let client_ca = match &t.client_ca {
+            Some(ca) => {
+                let path = PathBuf::from(ca.get_ref());
+                if let Err(e) = crate::tls::load_roots(&path) {
+                    return self.fail(ca.span(), format!("tls.client_ca: {e}"));
+                }
+                Some(path)
+            }
+            None => None,
+        };
+        Some(TlsConfig {
+            min_version,
+            client_ca,
+            certificates,
+        })
+    }
+
+    fn auth(&mut self, raw: &RawAuth) -> Option<AuthConfig> {
+        let Some(h) = &raw.header else {
+            return Some(AuthConfig {
+                header: HeaderName::from_static("x-api-key"),
+            });
+        };
+        let name = h.get_ref().to_ascii_lowercase();
+        match HeaderName::from_bytes(name.as_bytes()) {
+            Ok(header) if !RESERVED_HEADERS.contains(&name.as_str()) && name != "authorization" => {
+                Some(AuthConfig { header })
+            }
+            _ => self.fail(
+                h.span(),
+                format!(
+                    "auth.header: \"{}\" cannot carry API keys; use a plain header name such as \"x-api-key\" (Authorization: Bearer is always accepted)",
+                    h.get_ref()
+                ),
+            ),
+        }
+    }
+
+    fn environments(
+        &mut self,
+        raw: &BTreeMap<Spanned<String>, Spanned<RawEnvironment>>,
+    ) -> Option<Vec<EnvironmentConfig>> {
+        let before = self.errors.len();
+        if raw.is_empty() {
+            return self.fail(
+                0..0,
+                "no environment is configured; add e.g. [environments.development] with an upstream and keys".into(),
+            );
+        }
+        let mut envs = Vec::new();
+        for (name, env) in raw {
+            if let Some(e) = self.environment(name, env) {
+                envs.push(e);
+            }
+        }
+        self.check_key_uniqueness(raw);
+        self.check_shared_upstreams(raw, &envs);
+        (self.errors.len() == before).then_some(envs)
+    }
+
+    fn environment(
+        &mut self,
+        name: &Spanned<String>,
+        raw: &Spanned<RawEnvironment>,
+    ) -> Option<EnvironmentConfig> {
+        let n = name.get_ref();
+        let before = self.errors.len();
+        if n.is_empty()
+            || !n
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+        {
+            self.fail::<()>(
+                name.span(),
+                format!("environments.{n}: \"{n}\" is not a valid environment name; use lower-case letters, digits, '_' and '-' (e.g. \"qa\")"),
+            );
+        }
+        let e = raw.get_ref();
+        let upstreams = self.upstreams(n, raw);
+        let hosts = e.hosts.iter().filter_map(|h| self.host(n, h)).collect();
+        let connect_timeout = self.duration_or(
+            &format!("environments.{n}.connect_timeout"),
+            &e.connect_timeout,
+            Duration::from_secs(2),
+        );
+        let request_timeout = self.duration_or(
+            &format!("environments.{n}.request_timeout"),
+            &e.request_timeout,
+            Duration::from_secs(30),
+        );
+        let upstream_ca = e.upstream_ca.as_ref().and_then(|ca| {
+            let path = PathBuf::from(ca.get_ref());
+            match crate::tls::load_roots(&path) {
+                Ok(_) => Some(path),
+                Err(err) => self.fail(ca.span(), format!("environments.{n}.upstream_ca: {err}")),
+            }
+        });
+        let upstream_sni = e.upstream_sni.as_ref().and_then(|sni| {
+            match rustls_pki_types::ServerName::try_from(sni.get_ref().as_str()) {
+                Ok(_) => Some(sni.get_ref().clone()),
+                Err(_) => self.fail(
+                    sni.span(),
+                    format!("environments.{n}.upstream_sni: \"{}\" is not a DNS name or IP address; write e.g. \"backend.internal\"", sni.get_ref()),
+                ),
+            }
+        });
+        let shares = e
+            .shares_upstream_with
+            .iter()
+            .map(|s| s.get_ref().clone())
+            .collect();
+        let rate_limit = self.rate_limit(n, &e.rate_limit);
+        let policy = self.policy(n, &e.policy);
+        let keys = e
+            .keys
+            .iter()
+            .enumerate()
+            .filter_map(|(i, k)| self.key(n, i, k))
+            .collect();
+        if self.errors.len() != before {
+            return None;
+        }
+        Some(EnvironmentConfig {
+            name: n.clone(),
+            upstreams: upstreams?,
+            hosts,
+            connect_timeout: connect_timeout?,
+            request_timeout: request_timeout?,
+            http2: e.http2,
+            preserve_host: e.preserve_host,
+            upstream_ca,
+            upstream_sni,
+            shares_upstream_with: shares,
+            rate_limit: rate_limit?,
+            policy: policy?,
+            keys,
+        })
+    }
+
+    fn upstreams(&mut self, env: &str, raw: &Spanned<RawEnvironment>) -> Option<Vec<Upstream>> {
+        let e = raw.get_ref();
+        let list: Vec<&Spanned<String>> = match (&e.upstream, &e.upstreams) {
+            (Some(one), None) => vec![one],
+            (None, Some(many)) if !many.get_ref().is_empty() => many.get_ref().iter().collect(),
+            (Some(one), Some(_)) => {
+                return self.fail(
+                    one.span(),
+                    format!("environments.{env}: both `upstream` and `upstreams` are set; keep one (`upstreams = [...]` for several)"),
+                )
+            }
+            _ => {
+                return self.fail(
+                    raw.span(),
+                    format!("environments.{env}: no upstream; add upstream = \"http://127.0.0.1:8000\" (or upstreams = [...])"),
+                )
+            }
+        };
+        let before = self.errors.len();
+        let ups: Vec<Upstream> = list
+            .into_iter()
+            .filter_map(|u| self.upstream(env, u))
+            .collect();
+        (self.errors.len() == before).then_some(ups)
+    }
+
+    fn upstream(&mut self, env: &str, raw: &Spanned<String>) -> Option<Upstream> {
+        let s = raw.get_ref();
+        let bad = |why: &str| {
+            format!(
+                "environments.{env}.upstreams: \"{s}\" {why}; write e.g. \"http://10.0.0.5:8000\" or \"https://backend.internal\""
+            )
+        };
+        let uri: Uri = match s.parse() {
+            Ok(u) => u,
+            Err(_) => return self.fail(raw.span(), bad("is not a URL")),
+        };
+        let tls = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            Some(_) => {
+                return self.fail(
+                    raw.span(),
+                    bad("has an unsupported scheme (only http and https)"),
+                )
+            }
+            None => return self.fail(raw.span(), bad("has no scheme")),
+        };
+        let Some(authority) = uri.authority() else {
+            return self.fail(raw.span(), bad("has no host"));
+        };
+        if authority.as_str().contains('@') {
+            return self.fail(
+                raw.span(),
+                bad("carries credentials, which are not supported"),
+            );
+        }
+        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+            return self.fail(
+                raw.span(),
+                bad("has a path or query, which upstreams may not have"),
+            );
+        }
+        let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_ascii_lowercase();
+        let uri = Uri::builder()
+            .scheme(uri.scheme_str().unwrap_or("http"))
+            .authority(authority.as_str())
+            .path_and_query("/")
+            .build()
+            .ok()?;
+        Some(Upstream {
+            uri,
+            tls,
+            host,
+            port,
+        })
+    }
+
+    fn host(&mut self, env: &str, raw: &Spanned<String>) -> Option<String> {
+        let h = raw.get_ref().trim_end_matches('.').to_ascii_lowercase();
+        let valid = !h.is_empty()
+            && h.len() <= 253
+            && h.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'*');
+        if valid {
+            Some(h)
+        } else {
+            self.fail(
+                raw.span(),
+                format!("environments.{env}.hosts: \"{}\" is not a host name; write the name without scheme or port, e.g. \"api.example.com\"", raw.get_ref()),
+            )
+        }
+    }
+
+    fn rate_limit(&mut self, env: &str, raw: &RawRateLimit) -> Option<RateLimitConfig> {
+        let before = self.errors.len();
+        let per_key = raw
+            .per_key
+            .as_ref()
+            .and_then(|q| self.quota(&format!("environments.{env}.rate_limit.per_key"), q));
+        let total = raw
+            .total
+            .as_ref()
+            .and_then(|q| self.quota(&format!("environments.{env}.rate_limit.total"), q));
+        (self.errors.len() == before).then_some(RateLimitConfig { per_key, total })
+    }
+
+    fn quota(&mut self, path: &str, raw: &Spanned<RawQuota>) -> Option<QuotaConfig> {
+        let q = raw.get_ref();
+        let requests = self.positive(&format!("{path}.requests"), &q.requests, u32::MAX as i64);
+        let per = self.duration(&format!("{path}.per"), &q.per);
+        let burst = match &q.burst {
+            Some(b) => self.positive(&format!("{path}.burst"), b, u32::MAX as i64),
+            None => requests,
+        };
+        let (requests, per, burst) = (requests?, per?, burst?);
+        if per.as_nanos() / requests as u128 == 0 {
+            return self.fail(
+                q.per.span(),
+                format!("{path}: {requests} requests per \"{}\" is finer than one per nanosecond; use a longer `per`", q.per.get_ref()),
+            );
+        }
+        Some(QuotaConfig {
+            requests: NonZeroU32::new(requests as u32)?,
+            per,
+            burst: NonZeroU32::new(burst as u32)?,
+        })
+    }
+
+    fn policy(&mut self, env: &str, raw: &RawPolicy) -> Option<PolicyConfig> {
+        let before = self.errors.len();
+        let p = format!("environments.{env}.policy");
+        let methods = raw.methods.as_ref().map(|ms| {
+            ms.iter()
+                .filter_map(|m| self.method(&format!("{p}.methods"), m))
+                .collect::<Vec<_>>()
+        });
+        let allow_paths = match &raw.allow_paths {
+            Some(paths) => paths
+                .iter()
+                .filter_map(|s| self.path_prefix(&format!("{p}.allow_paths"), s))
+                .collect(),
+            None => vec!["/".to_owned()],
+        };
+        let deny_paths = raw
+            .deny_paths
+            .iter()
+            .filter_map(|s| self.path_prefix(&format!("{p}.deny_paths"), s))
+            .collect();
+        let allow_ips = raw.allow_ips.as_ref().map(|ips| {
+            ips.iter()
+                .filter_map(|c| self.cidr(&format!("{p}.allow_ips"), c))
+                .collect::<Vec<_>>()
+        });
+        let max_body = raw
+            .max_body
+            .as_ref()
+            .and_then(|s| self.size(&format!("{p}.max_body"), s));
+        let request_headers =
+            self.header_rules(&format!("{p}.request_headers"), &raw.request_headers);
+        let response_headers =
+            self.header_rules(&format!("{p}.response_headers"), &raw.response_headers);
+        if self.errors.len() != before {
+            return None;
+        }
+        Some(PolicyConfig {
+            methods,
+            allow_paths,
+            deny_paths,
+            allow_ips,
+            max_body,
+            request_headers: request_headers?,
+            response_headers: response_headers?,
+        })
+    }
+
+    fn method(&mut self, path: &str, raw: &Spanned<String>) -> Option<Method> {
+        let m = raw.get_ref().to_ascii_uppercase();
+        match Method::from_bytes(m.as_bytes()) {
+            Ok(method) if method != Method::CONNECT && method != Method::TRACE => Some(method),
+            Ok(_) => self.fail(
+                raw.span(),
+                format!("{path}: \"{m}\" is always refused by specter; remove it"),
+            ),
+            Err(_) => self.fail(
+                raw.span(),
+                format!(
+                    "{path}: \"{}\" is not an HTTP method; write e.g. \"GET\"",
+                    raw.get_ref()
+                ),
+            ),
+        }
+    }
+
+    fn path_prefix(&mut self, path: &str, raw: &Spanned<String>) -> Option<String> {
+        let s = raw.get_ref();
+        if !s.starts_with('/') {
+            return self.fail(
+                raw.span(),
+                format!("{path}: \"{s}\" must start with '/', e.g. \"/v1/\""),
+            );
+        }
+        match normalize_path(s) {
+            Ok(n) => Some(crate::policy::prefix_form(&n)),
+            Err(PathError::Encoded | PathError::Backslash) => self.fail(
+                raw.span(),
+                format!("{path}: \"{s}\" has an encoded '/', '\\' or NUL, which requests are refused for; write the plain path"),
+            ),
+        }
+    }
+
+    fn header_rules(&mut self, path: &str, raw: &RawHeaderRules) -> Option<HeaderRules> {
+        let before = self.errors.len();
+        let mut rules = HeaderRules::default();
+        for (name, value) in &raw.set {
+            let n = self.header_name(&format!("{path}.set"), name);
+            match HeaderValue::from_str(value.get_ref()) {
+                Ok(v) => {
+                    if let Some(n) = n {
+                        rules.set.push((n, v));
+                    }
+                }
+                Err(_) => {
+                    self.fail::<()>(
+                        value.span(),
+                        format!(
+                            "{path}.set.{}: \"{}\" is not a valid header value; use visible ASCII",
+                            name.get_ref(),
+                            value.get_ref()
+                        ),
+                    );
+                }
+            }
+        }
+        for name in &raw.remove {
+            if let Some(n) = self.header_name(&format!("{path}.remove"), name) {
+                rules.remove.push(n);
+            }
+        }
+        (self.errors.len() == before).then_some(rules)
+    }
+
+    fn header_name(&mut self, path: &str, raw: &Spanned<String>) -> Option<HeaderName> {
+        let lower = raw.get_ref().to_ascii_lowercase();
+        if RESERVED_HEADERS.contains(&lower.as_str()) {
+            return self.fail(
+                raw.span(),
+                format!("{path}: \"{}\" is managed by specter itself and cannot be changed by configuration; remove it", raw.get_ref()),
+            );
+        }
+        match HeaderName::from_bytes(lower.as_bytes()) {
+            Ok(n) => Some(n),
+            Err(_) => self.fail(
+                raw.span(),
+                format!(
+                    "{path}: \"{}\" is not a header name; write e.g. \"x-tenant\"",
+                    raw.get_ref()
+                ),
+            ),
+        }
+    }
+
+    fn key(&mut self, env: &str, i: usize, raw: &Spanned<RawKey>) -> Option<KeyConfig> {
+        let k = raw.get_ref();
+        let p = format!("environments.{env}.keys[{i}]");
+        let id = k.id.get_ref();
+        let id_ok = !id.is_empty()
+            && id.len() <= 128
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:@/".contains(&b));
+        if !id_ok {
+            self.fail::<()>(
+                k.id.span(),
+                format!("{p}.id: \"{id}\" is not a valid key id; use 1-128 letters, digits or -_.:@/ (it is sent upstream in x-specter-key-id)"),
+            );
+        }
+        let digest = parse_digest(k.sha256.get_ref());
+        if digest.is_none() {
+            let shown = redact_hash(k.sha256.get_ref());
+            self.fail::<()>(
+                k.sha256.span(),
+                format!("{p}.sha256: \"{shown}\" is not 64 hex characters; paste the block printed by `specter keys new` or `specter keys hash`"),
+            );
+        }
+        let not_before = k
+            .not_before
+            .as_ref()
+            .and_then(|d| self.datetime(&format!("{p}.not_before"), d));
+        let not_after = k
+            .not_after
+            .as_ref()
+            .and_then(|d| self.datetime(&format!("{p}.not_after"), d));
+        if let (Some(nb), Some(na)) = (not_before, not_after) {
+            if nb >= na {
+                self.fail::<()>(raw.span(), format!("{p}: not_before is not earlier than not_after; the key could never be used"));
+            }
+        }
+        if let (Some(na), Some(d)) = (not_after, &k.not_after) {
+            let now = self.options.now;
+            if na <= now {
+                self.warn(
+                    d.span(),
+                    format!("{p} (id \"{id}\") expired at {}; remove it", d.get_ref()),
+                );
+            } else if na <= now + self.options.expiry_warning {
+                self.warn(
+                    d.span(),
+                    format!(
+                        "{p} (id \"{id}\") expires at {}; rotate it soon",
+                        d.get_ref()
+                    ),
+                );
+            }
+        }
+        if !id_ok {
+            return None;
+        }
+        Some(KeyConfig {
+            id: id.clone(),
+            sha256: digest?,
+            not_before,
+            not_after,
+        })
+    }
+
+    fn datetime(&mut self, path: &str, raw: &Spanned<Datetime>) -> Option<SystemTime> {
+        let d = raw.get_ref();
+        let parsed = (d.date.is_some() && d.time.is_some() && d.offset.is_some())
+            .then(|| {
+                time::OffsetDateTime::parse(
+                    &d.to_string(),
+                    &time::format_description::well_known::Rfc3339,
+                )
+                .ok()
+            })
+            .flatten();
+        match parsed {
+            Some(t) => Some(SystemTime::from(t)),
+            None => self.fail(
+                raw.span(),
+                format!("{path}: {d} is not a full date-time with offset; write e.g. 2027-06-30T00:00:00Z"),
+            ),
+        }
+    }
+
+    /// A key hash may appear once across all environments; ids are unique within one
+    /// and only warned about across them (they show up in headers and logs).
+    fn check_key_uniqueness(&mut self, raw: &BTreeMap<Spanned<String>, Spanned<RawEnvironment>>) {
+        let mut by_hash: HashMap<KeyDigest, (&str, &str)> = HashMap::new();
+        let mut ids_seen: HashMap<&str, &str> = HashMap::new();
+        for (name, env) in raw {
+            let mut ids_here: HashSet<&str> = HashSet::new();
+            for (i, key) in env.get_ref().keys.iter().enumerate() {
+                let k = key.get_ref();
+                let (env_name, id) = (name.get_ref().as_str(), k.id.get_ref().as_str());
+                if let Some(digest) = parse_digest(k.sha256.get_ref()) {
+                    if let Some((other_env, other_id)) = by_hash.insert(digest, (env_name, id)) {
+                        self.fail::<()>(
+                            k.sha256.span(),
+                            format!(
+                                "environments.{env_name}.keys[{i}].sha256: the same key hash is already used by key \"{other_id}\" in environment \"{other_env}\"; a key belongs to exactly one environment, so generate a new key with `specter keys new --env {env_name}`"
+                            ),
+                        );
+                    }
+                }
+                if !ids_here.insert(id) {
+                    self.fail::<()>(
+                        k.id.span(),
+                        format!("environments.{env_name}.keys[{i}].id: \"{id}\" is used twice in this environment; give each key its own id"),
+                    );
+                } else if let Some(other) = ids_seen.insert(id, env_name) {
+                    if other != env_name {
+                        self.warn(
+                            k.id.span(),
+                            format!("key id \"{id}\" is used in both \"{other}\" and \"{env_name}\"; ids reach upstream headers and logs, so distinct ids avoid confusion"),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// The product's promise: one environment's keys can never reach another's backend.
+    fn check_shared_upstreams(
+        &mut self,
+        raw: &BTreeMap<Spanned<String>, Spanned<RawEnvironment>>,
+        envs: &[EnvironmentConfig],
+    ) {
+        let names: HashSet<&str> = envs.iter().map(|e| e.name.as_str()).collect();
+        for (name, env) in raw {
+            for s in &env.get_ref().shares_upstream_with {
+                let other = s.get_ref();
+                if other == name.get_ref() || !names.contains(other.as_str()) {
+                    self.fail::<()>(
+                        s.span(),
+                        format!("environments.{}.shares_upstream_with: \"{other}\" is not another configured environment; name one of: {}", name.get_ref(), sorted(&names)),
+                    );
+                }
+            }
+        }
+        let mut owners: HashMap<(String, u16), &EnvironmentConfig> = HashMap::new();
+        for env in envs {
+            for up in &env.upstreams {
+                let endpoint = (canonical_host(&up.host), up.port);
+                let Some(other) = owners.get(&endpoint).copied() else {
+                    owners.insert(endpoint, env);
+                    continue;
+                };
+                if other.name == env.name {
+                    continue;
+                }
+                let mutual = env.shares_upstream_with.contains(&other.name)
+                    && other.shares_upstream_with.contains(&env.name);
+                if !mutual {
+                    let span = raw
+                        .iter()
+                        .find(|(n, _)| n.get_ref() == &env.name)
+                        .map(|(_, e)| e.span())
+                        .unwrap_or_default();
+                    let (a, b) = (&other.name, &env.name);
+                    self.fail::<()>(
+                        span,
+                        format!(
+                            "environments.{b}.upstreams: \"{}\" is the same backend ({}:{}) as an upstream of environment \"{a}\"; environments must not share a backend. Give \"{b}\" its own, or if sharing is intended set shares_upstream_with = [\"{a}\"] in environments.{b} and shares_upstream_with = [\"{b}\"] in environments.{a}",
+                            up.uri, endpoint_host_display(&up.host), up.port
+                        ),
+                    );
+                }
+            }
+        }
+    }
+
+    fn store(&mut self, raw: &Spanned<RawStore>) -> Option<StoreConfig> {
+        let s = raw.get_ref();
+        let url = s.redis.get_ref();
+        if !(url.starts_with("redis://")
+            || url.starts_with("rediss://")
+            || url.starts_with("redis+unix://"))
+        {
+            return self.fail(
+                s.redis.span(),
+                format!("rate_limit_store.redis: \"{url}\" is not a Redis URL; write e.g. \"redis://127.0.0.1:6379/0\""),
+            );
+        }
+        let timeout = self.duration_or(
+            "rate_limit_store.timeout",
+            &s.timeout,
+            Duration::from_millis(20),
+        )?;
+        let on_error = match s.on_error.as_ref().map(|m| m.get_ref().as_str()) {
+            None | Some("local") => StoreErrorMode::Local,
+            Some("allow") => StoreErrorMode::Allow,
+            Some("deny") => StoreErrorMode::Deny,
+            Some(other) => {
+                let span = s.on_error.as_ref().map(|m| m.span()).unwrap_or_default();
+                return self.fail(span, format!("rate_limit_store.on_error: \"{other}\" is not a mode; use \"local\", \"allow\" or \"deny\""));
+            }
+        };
+        Some(StoreConfig {
+            redis: url.clone(),
+            timeout,
+            on_error,
+        })
+    }
+
+    // --- scalar helpers -----------------------------------------------------------
+
+    fn duration(&mut self, path: &str, raw: &Spanned<String>) -> Option<Duration> {
+        match humantime::parse_duration(raw.get_ref()) {
+            Ok(d) if !d.is_zero() => Some(d),
+            Ok(_) => self.fail(
+                raw.span(),
+                format!(
+                    "{path}: \"{}\" is zero; use a positive duration such as \"2s\"",
+                    raw.get_ref()
+                ),
+            ),
+            Err(_) => self.fail(
+                raw.span(),
+                format!(
+                    "{path}: \"{}\" is not a duration; write e.g. \"250ms\", \"30s\" or \"5m\"",
+                    raw.get_ref()
+                ),
+            ),
+        }
+    }
+
+    fn duration_or(
+        &mut self,
+        path: &str,
+        raw: &Option<Spanned<String>>,
+        default: Duration,
+    ) -> Option<Duration> {
+        match raw {
+            Some(d) => self.duration(path, d),
+            None => Some(default),
+        }
+    }
+
+    fn size(&mut self, path: &str, raw: &Spanned<String>) -> Option<u64> {
+        match raw.get_ref().trim().parse::<bytesize::ByteSize>() {
+            Ok(b) if b.as_u64() > 0 => Some(b.as_u64()),
+            _ => self.fail(
+                raw.span(),
+                format!(
+                    "{path}: \"{}\" is not a positive size; write e.g. \"64KiB\" or \"10MiB\"",
+                    raw.get_ref()
+                ),
+            ),
+        }
+    }
+
+    fn positive(&mut self, path: &str, raw: &Spanned<i64>, max: i64) -> Option<i64> {
+        let n = *raw.get_ref();
+        if (1..=max).contains(&n) {
+            Some(n)
+        } else {
+            self.fail(
+                raw.span(),
+                format!("{path}: {n} is out of range; use a number from 1 to {max}"),
+            )
+        }
+    }
+
+    fn socket_addr(&mut self, path: &str, raw: &Spanned<String>) -> Option<SocketAddr> {
+        match raw.get_ref().parse() {
+            Ok(a) => Some(a),
+            Err(_) => self.fail(
+                raw.span(),
+                format!("{path}: \"{}\" is not an address; write IP:port, e.g. \"127.0.0.1:8080\" or \"[::]:8443\"", raw.get_ref()),
+            ),
+        }
+    }
+
+    fn cidr(&mut self, path: &str, raw: &Spanned<String>) -> Option<IpNet> {
+        let s = raw.get_ref().trim();
+        if let Ok(net) = s.parse::<IpNet>() {
+            return Some(net.trunc());
+        }
+        if let Ok(ip) = s.parse::<IpAddr>() {
+            return Some(IpNet::from(ip));
+        }
+        self.fail(raw.span(), format!("{path}: \"{s}\" is not a CIDR; write e.g. \"10.0.0.0/8\", \"2001:db8::/32\" or a single address"))
+    }
+}
+
+fn parse_digest(s: &str) -> Option<KeyDigest> {
+    let s = s.trim();
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in s.as_bytes().chunks(2).enumerate() {
+        let hi = (pair[0] as char).to_digit(16)?;
+        let lo = (pair[1] as char).to_digit(16)?;
+        out[i] = (hi * 16 + lo) as u8;
+    }
+    Some(out)
+}
+
+/// Error messages show enough of a bad hash to find it, never a whole (maybe real) one:
+/// a user might paste the key itself into `sha256`.
+fn redact_hash(s: &str) -> String {
+    let head: String = s.chars().take(6).collect();
+    format!("{head}... ({} characters)", s.chars().count())
+}
+
+/// `localhost`, `127.0.0.1` and `::1` are one host when deciding whether two
+/// environments share a backend.
+fn canonical_host(host: &str) -> String {
+    match host {
+        "localhost" | "127.0.0.1" | "::1" | "localhost." => "loopback".to_owned(),
+        h => h.to_owned(),
+    }
+}
+
+fn endpoint_host_display(host: &str) -> &str {
+    if canonical_host(host) == "loopback" {
+        "loopback"
+    } else {
+        host
+    }
+}
+
+fn sorted(names: &HashSet<&str>) -> String {
+    let mut v: Vec<&str> = names.iter().copied().collect();
+    v.sort_unstable();
+    v.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digest_parsing_accepts_upper_and_lower_hex() {
+        let lower = "ab".repeat(32);
+        assert_eq!(parse_digest(&lower), Some([0xab; 32]));
+        assert_eq!(parse_digest(&lower.to_uppercase()), Some([0xab; 32]));
+        assert_eq!(parse_digest("abc"), None);
+        assert_eq!(parse_digest(&"zz".repeat(32)), None);
+    }
+
+    #[test]
+    fn loopback_names_are_one_host() {
+        assert_eq!(canonical_host("localhost"), canonical_host("127.0.0.1"));
+        assert_eq!(canonical_host("::1"), canonical_host("127.0.0.1"));
+        assert_ne!(canonical_host("10.0.0.1"), canonical_host("127.0.0.1"));
+    }
+}

@@ -1,0 +1,47 @@
+//! specter: an API gateway that keeps development, qa and production apart.
+//!
+//! Every request carries an API key; the key belongs to exactly one environment; the
+//! environment's policy and rate limits are enforced; the request streams to that
+//! environment's upstream and nowhere else.
+//!
+//! # Layout
+//!
+//! A request's path through the crate, in order:
+//!
+//! - [`server`]: listeners, accept loop, connection cap, TLS handshake, graceful drain
+//! - [`proxy`]: `handle()` (never fails) -> `inner()`: the checks, then forwarding;
+//!   [`proxy::forward`] rewrites headers, [`proxy::client`] pools upstream connections
+//! - [`auth`]: API key extraction and lookup by SHA-256 digest
+//! - [`policy`]: host / client IP / method / path / body size; [`policy::path`] is the
+//!   one path normal form
+//! - [`ratelimit`]: governor limiters per key and per environment; RateLimit headers
+//! - [`error`]: `GatewayError` -> status + JSON body
+//! - [`body`]: the body type and the streaming size limit
+//!
+//! Around it:
+//!
+//! - [`config`]: raw TOML types -> validated model, errors with `file:line:col`
+//! - [`state`]: the immutable snapshot behind one `ArcSwap`, built whole then swapped
+//! - [`reload`]: file watcher + SIGHUP -> load -> build -> swap; keeps the last good
+//! - [`tls`]: rustls server and client configs, SNI certificate choice
+//! - [`admin`]: health, readiness, metrics, redacted config, key usage
+//! - [`metrics`]: Prometheus registry
+//! - [`commands`]: `check`, `keys`, `demo`, `certs`: what the CLI runs
+
+pub mod admin;
+pub mod auth;
+pub mod body;
+pub mod commands;
+pub mod config;
+pub mod error;
+pub mod headers;
+pub mod metrics;
+pub mod policy;
+pub mod proxy;
+pub mod ratelimit;
+pub mod reload;
+pub mod server;
+pub mod state;
+pub mod tls;
+
+pub use server::Gateway;

@@ -1,0 +1,207 @@
+//! The `specter` command line: parse arguments, set up logging, call the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use specter::commands::{check, demo, keys};
+use specter::{config, reload, Gateway};
+
+#[derive(Parser)]
+#[command(
+    name = "specter",
+    version,
+    about = "An API gateway that keeps development, qa and production apart"
+)]
+struct Cli {
+    /// Log format on stderr; the level comes from RUST_LOG (default info).
+    #[arg(long, value_enum, default_value_t = LogFormat::Pretty, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve, reloading the config when it changes or on SIGHUP.
+    Run {
+        #[arg(long, default_value = "config/specter.toml")]
+        config: PathBuf,
+    },
+    /// Validate the config (certificates included) without serving.
+    Check {
+        #[arg(long, default_value = "config/specter.toml")]
+        config: PathBuf,
+        /// Print each environment's upstreams, hosts, key count and limits.
+        #[arg(long)]
+        explain: bool,
+        /// Warn about keys expiring within this window.
+        #[arg(long, default_value = "14d", value_parser = humantime::parse_duration)]
+        expiry_warning: Duration,
+    },
+    /// Three echo upstreams and a gateway in front of them, on loopback.
+    Demo {
+        /// Gateway port on 127.0.0.1 (0 picks a free one).
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+    },
+    /// Mint API keys and the TOML blocks that store their hashes.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Print a fresh key once, and its [[environments.NAME.keys]] block.
+    New {
+        #[arg(long)]
+        env: String,
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Read an existing key from stdin (not echoed) and print its TOML block.
+    Hash {
+        /// Defaults to the environment in a `spk_<env>_...` key.
+        #[arg(long)]
+        env: Option<String>,
+        #[arg(long)]
+        id: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let _log_guard = init_logging(cli.log_format);
+    match cli.command {
+        Command::Check {
+            config,
+            explain,
+            expiry_warning,
+        } => {
+            let code = check::run(
+                &config,
+                explain,
+                expiry_warning,
+                &mut std::io::stdout(),
+                &mut std::io::stderr(),
+            );
+            ExitCode::from(code as u8)
+        }
+        Command::Keys { command } => keys_command(command),
+        Command::Run { config } => runtime().block_on(run(config)),
+        Command::Demo { port } => runtime().block_on(run_demo(port)),
+    }
+}
+
+fn keys_command(command: KeysCommand) -> ExitCode {
+    let result = match command {
+        KeysCommand::New { env, id } => keys::new(&env, id.as_deref()),
+        KeysCommand::Hash { env, id } => keys::read_secret_line().and_then(|line| {
+            let env = env.or_else(|| infer_env(line.trim())).unwrap_or_default();
+            keys::hash(&env, id.as_deref(), &line)
+        }),
+    };
+    match result {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("specter keys: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `spk_<env>_<random>` names its environment.
+fn infer_env(key: &str) -> Option<String> {
+    let rest = key.strip_prefix("spk_")?;
+    let (env, _) = rest.rsplit_once('_')?;
+    keys::valid_environment(env).then(|| env.to_owned())
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("the tokio runtime starts")
+}
+
+async fn run(path: PathBuf) -> ExitCode {
+    let loaded = match config::load(&path) {
+        Ok(l) => l,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::FAILURE;
+        }
+    };
+    for w in &loaded.warnings {
+        tracing::warn!("{w}");
+    }
+    let gateway = match Gateway::start(loaded.config).await {
+        Ok(g) => g,
+        Err(e) => {
+            tracing::error!("cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Err(e) = reload::watch(gateway.shared().clone(), path.clone()) {
+        tracing::error!(
+            "cannot watch {} for changes (reload with SIGHUP still works after a restart): {e}",
+            path.display()
+        );
+        return ExitCode::FAILURE;
+    }
+    let state = gateway.shared().state.load();
+    tracing::info!(version = state.version, sha256 = %state.config.source.sha256, "specter running");
+    drop(state);
+    wait_for_stop().await;
+    gateway.shutdown().await;
+    ExitCode::SUCCESS
+}
+
+async fn run_demo(port: u16) -> ExitCode {
+    let gateway = match demo::start(port).await {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("specter demo: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("{}", demo::banner(&gateway));
+    wait_for_stop().await;
+    gateway.shutdown().await;
+    ExitCode::SUCCESS
+}
+
+async fn wait_for_stop() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: draining"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining"),
+    }
+}
+
+fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
+    use tracing_subscriber::EnvFilter;
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer);
+    match format {
+        LogFormat::Pretty => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+    guard
+}

@@ -1,0 +1,168 @@
+//! Header rewriting between client and upstream, in both directions.
+
+use std::net::IpAddr;
+
+use http::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, HOST};
+
+use crate::auth::KeySource;
+use crate::config::HeaderRules;
+use crate::headers::*;
+
+/// Drops hop-by-hop headers and every header the `Connection` header names. Runs before
+/// the gateway sets its own headers, so `Connection: x-specter-environment` can remove
+/// only the client's copy, never the gateway's.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// What the gateway knows about a request that the upstream must be told.
+pub struct Forwarded<'a> {
+    pub auth_header: &'a HeaderName,
+    pub key_source: KeySource,
+    pub client_ip: IpAddr,
+    /// The peer is a trusted proxy: extend its `X-Forwarded-For` instead of replacing it.
+    pub extend_forwarded_for: bool,
+    pub tls: bool,
+    /// Host (authority) the client addressed, before rewriting.
+    pub host: Option<HeaderValue>,
+    pub request_id: &'a HeaderValue,
+    pub environment: &'a HeaderValue,
+    pub key_id: &'a HeaderValue,
+    pub client_cert_subject: Option<&'a HeaderValue>,
+}
+
+pub fn rewrite_request(headers: &mut HeaderMap, f: &Forwarded<'_>, rules: &HeaderRules) {
+    strip_hop_by_hop(headers);
+    headers.remove(f.auth_header);
+    if f.key_source == KeySource::Bearer {
+        headers.remove(AUTHORIZATION);
+    }
+    let previous_xff = if f.extend_forwarded_for {
+        join_values(headers, &X_FORWARDED_FOR)
+    } else {
+        None
+    };
+    for name in [
+        X_FORWARDED_FOR,
+        X_FORWARDED_PROTO,
+        X_FORWARDED_HOST,
+        X_SPECTER_ENVIRONMENT,
+        X_SPECTER_KEY_ID,
+        X_SPECTER_CLIENT_CERT_SUBJECT,
+        HOST,
+    ] {
+        headers.remove(name);
+    }
+    for name in &rules.remove {
+        headers.remove(name);
+    }
+    for (name, value) in &rules.set {
+        headers.insert(name.clone(), value.clone());
+    }
+    let ip = f.client_ip.to_string();
+    let xff = match previous_xff {
+        Some(prev) => format!("{prev}, {ip}"),
+        None => ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+    headers.insert(
+        X_FORWARDED_PROTO,
+        HeaderValue::from_static(if f.tls { "https" } else { "http" }),
+    );
+    if let Some(host) = &f.host {
+        headers.insert(X_FORWARDED_HOST, host.clone());
+    }
+    headers.insert(X_REQUEST_ID, f.request_id.clone());
+    headers.insert(X_SPECTER_ENVIRONMENT, f.environment.clone());
+    headers.insert(X_SPECTER_KEY_ID, f.key_id.clone());
+    if let Some(subject) = f.client_cert_subject {
+        headers.insert(X_SPECTER_CLIENT_CERT_SUBJECT, subject.clone());
+    }
+}
+
+pub fn rewrite_response(headers: &mut HeaderMap, rules: &HeaderRules) {
+    strip_hop_by_hop(headers);
+    for name in &rules.remove {
+        headers.remove(name);
+    }
+    for (name, value) in &rules.set {
+        headers.insert(name.clone(), value.clone());
+    }
+}
+
+fn join_values(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
+    let mut out: Option<String> = None;
+    for v in headers.get_all(name) {
+        let v = v.to_str().ok()?;
+        match &mut out {
+            Some(s) => {
+                s.push_str(", ");
+                s.push_str(v);
+            }
+            None => out = Some(v.to_owned()),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_named_headers_go_but_gateway_headers_stay() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            CONNECTION,
+            "x-specter-environment, x-api-key, x-drop".parse().unwrap(),
+        );
+        h.insert("x-drop", "1".parse().unwrap());
+        h.insert("x-keep", "1".parse().unwrap());
+        h.insert(X_SPECTER_ENVIRONMENT, "production".parse().unwrap());
+        h.insert("x-api-key", "secret".parse().unwrap());
+        let auth = HeaderName::from_static("x-api-key");
+        let (rid, env, kid) = (
+            HeaderValue::from_static("r1"),
+            HeaderValue::from_static("development"),
+            HeaderValue::from_static("k1"),
+        );
+        let f = Forwarded {
+            auth_header: &auth,
+            key_source: KeySource::Header,
+            client_ip: "127.0.0.1".parse().unwrap(),
+            extend_forwarded_for: false,
+            tls: false,
+            host: None,
+            request_id: &rid,
+            environment: &env,
+            key_id: &kid,
+            client_cert_subject: None,
+        };
+        rewrite_request(&mut h, &f, &HeaderRules::default());
+        assert_eq!(h[X_SPECTER_ENVIRONMENT], "development");
+        assert_eq!(h[X_SPECTER_KEY_ID], "k1");
+        assert!(
+            h.get("x-drop").is_none()
+                && h.get("x-api-key").is_none()
+                && h.get(CONNECTION).is_none()
+        );
+        assert_eq!(h["x-keep"], "1");
+        assert_eq!(h[X_FORWARDED_FOR], "127.0.0.1");
+    }
+}

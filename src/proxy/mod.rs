@@ -1,0 +1,344 @@
+//! The request path: `handle` (never fails: maps errors, records metrics and the access
+//! log) around `inner` (key -> policy -> rate limits -> forward, with `?`).
+//!
+//! Nothing is sent upstream before every check passed.
+
+pub mod client;
+pub mod forward;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use http::header::{HeaderValue, CONTENT_LENGTH, HOST};
+use http::uri::{PathAndQuery, Uri};
+use http::{Method, Request, Response, Version};
+use http_body_util::BodyExt;
+use hyper::body::{Body as _, Incoming};
+
+use crate::body::{self, Body, BodyTooLarge, Limited};
+use crate::error::GatewayError;
+use crate::headers::{RATELIMIT, RATELIMIT_POLICY, X_REQUEST_ID};
+use crate::metrics::{EnvLabels, KindLabels, Label, RequestLabels, ScopeLabels};
+use crate::policy::{self, path::normalize_path};
+use crate::state::{Environment, Shared, State};
+
+/// Facts about the client connection a request arrived on.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub tls: bool,
+    /// Subject of a verified client certificate (mTLS), ready to forward.
+    pub client_cert_subject: Option<HeaderValue>,
+}
+
+/// What the access log and the response decoration need to know about a request.
+#[derive(Default)]
+struct Outcome {
+    environment: Option<usize>,
+    key_id: Option<Arc<str>>,
+    ratelimit: Option<HeaderValue>,
+    path: Option<String>,
+    upstream: Option<usize>,
+    upstream_status: Option<u16>,
+    client_ip: Option<std::net::IpAddr>,
+}
+
+pub async fn handle(
+    shared: Arc<Shared>,
+    conn: Arc<ConnInfo>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let started = Instant::now();
+    let state = shared.state.load_full();
+    let request_id = request_id(req.headers());
+    let method = req.method().clone();
+    let mut outcome = Outcome::default();
+    let result = inner(&shared, &state, &conn, req, &request_id, &mut outcome).await;
+    let env = outcome.environment.map(|i| &state.environments[i]);
+    let (mut response, error) = match result {
+        Ok(response) => (response, None),
+        Err(err) => {
+            if let GatewayError::RateLimited { scope, .. } = &err {
+                if let Some(env) = env {
+                    shared
+                        .metrics
+                        .rate_limited
+                        .get_or_create(&ScopeLabels {
+                            environment: env.label.clone(),
+                            scope,
+                        })
+                        .inc();
+                }
+            }
+            let code = err.code();
+            if err.status().is_server_error() {
+                tracing::warn!(request_id = request_id.to_str().unwrap_or(""), error = code, cause = %ErrorChain(&err), "gateway answered with an error");
+            }
+            (err.into_response(&request_id), Some(code))
+        }
+    };
+    decorate(&mut response, env, &outcome, &request_id);
+    let status = response.status().as_u16();
+    let label = env.map_or_else(Label::none, |e| e.label.clone());
+    let elapsed = started.elapsed();
+    shared
+        .metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            environment: label.clone(),
+            status,
+        })
+        .inc();
+    shared
+        .metrics
+        .duration
+        .get_or_create(&EnvLabels { environment: label })
+        .observe(elapsed.as_secs_f64());
+    tracing::info!(
+        target: "specter::access",
+        request_id = request_id.to_str().unwrap_or(""),
+        client_ip = %outcome.client_ip.unwrap_or_else(|| policy::canonical_ip(conn.peer.ip())),
+        method = %method,
+        path = outcome.path.as_deref().unwrap_or("-"),
+        status,
+        environment = env.map_or("-", |e| e.config.name.as_str()),
+        key_id = outcome.key_id.as_deref().unwrap_or("-"),
+        upstream = env.zip(outcome.upstream).map_or("-", |(e, i)| e.upstreams.slots[i].upstream.authority()),
+        upstream_status = outcome.upstream_status.unwrap_or(0),
+        duration_ms = elapsed.as_secs_f64() * 1000.0,
+        error = error.unwrap_or("-"),
+    );
+    Ok(response)
+}
+
+fn decorate(
+    response: &mut Response<Body>,
+    env: Option<&Environment>,
+    outcome: &Outcome,
+    request_id: &HeaderValue,
+) {
+    let headers = response.headers_mut();
+    if let Some(env) = env {
+        forward::rewrite_response(headers, &env.policy.config.response_headers);
+        if let Some(policy) = env.limiter.policy_header() {
+            headers.insert(RATELIMIT_POLICY, policy.clone());
+        }
+        if let Some(state) = &outcome.ratelimit {
+            headers.insert(RATELIMIT, state.clone());
+        }
+    }
+    headers.insert(X_REQUEST_ID, request_id.clone());
+}
+
+async fn inner(
+    shared: &Shared,
+    state: &State,
+    conn: &ConnInfo,
+    req: Request<Incoming>,
+    request_id: &HeaderValue,
+    outcome: &mut Outcome,
+) -> Result<Response<Body>, GatewayError> {
+    if shared.draining.load(Ordering::Relaxed) {
+        return Err(GatewayError::ShuttingDown);
+    }
+    if req.method() == Method::CONNECT || req.method() == Method::TRACE {
+        return Err(GatewayError::MethodNotAllowed {
+            allow: HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+        });
+    }
+    let path = normalize_path(req.uri().path()).map_err(GatewayError::BadPath)?;
+    outcome.path = Some(path.clone());
+
+    let (key, key_source) = crate::auth::extract(req.headers(), &state.config.auth.header)?;
+    let now = SystemTime::now();
+    let key = crate::auth::lookup(&state.keys, key, now)?;
+    let env = &state.environments[key.environment];
+    outcome.environment = Some(key.environment);
+    outcome.key_id = Some(key.id.clone());
+    key.usage.record(now);
+
+    let host = policy::request_host(req.uri(), req.headers());
+    if !policy::host_allowed(&env.config.hosts, host) {
+        return Err(GatewayError::WrongHost);
+    }
+    let trusted = &state.config.listen.trusted_proxies;
+    let client_ip = policy::client_ip(conn.peer.ip(), req.headers(), trusted);
+    outcome.client_ip = Some(client_ip);
+    env.policy.check_ip(client_ip)?;
+    env.policy.check_method(req.method())?;
+    env.policy.check_path(&path)?;
+    env.policy.check_declared_body(req.headers())?;
+
+    match env.limiter.check(&key.id) {
+        Ok(header) => outcome.ratelimit = header,
+        Err((err, header)) => {
+            outcome.ratelimit = Some(header);
+            return Err(err);
+        }
+    }
+
+    let (mut parts, incoming) = req.into_parts();
+    let original_host = parts
+        .uri
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        .or_else(|| parts.headers.get(HOST).cloned());
+    let peer_trusted = trusted
+        .iter()
+        .any(|n| n.contains(&policy::canonical_ip(conn.peer.ip())));
+    let forwarded = forward::Forwarded {
+        auth_header: &state.config.auth.header,
+        key_source,
+        client_ip,
+        extend_forwarded_for: peer_trusted,
+        tls: conn.tls,
+        host: original_host.clone(),
+        request_id,
+        environment: &env.name_header,
+        key_id: &key.id_header,
+        client_cert_subject: conn.client_cert_subject.as_ref(),
+    };
+    forward::rewrite_request(
+        &mut parts.headers,
+        &forwarded,
+        &env.policy.config.request_headers,
+    );
+    if env.config.preserve_host {
+        if let Some(host) = original_host {
+            parts.headers.insert(HOST, host);
+        }
+    }
+    let path_and_query = match parts.uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    let path_and_query = PathAndQuery::try_from(path_and_query)
+        .map_err(|_| GatewayError::BadRequest("the request target cannot be forwarded"))?;
+    parts.version = if env.config.http2 {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
+
+    let empty_body = incoming.is_end_stream()
+        || parts
+            .headers
+            .get(CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() == b"0");
+    let mut body = Some(match env.policy.config.max_body {
+        Some(limit) => Limited::new(incoming, limit).boxed(),
+        None => incoming.map_err(Into::into).boxed(),
+    });
+
+    let mut failed: Option<usize> = None;
+    loop {
+        let upstream = env
+            .upstreams
+            .pick(failed)
+            .ok_or(GatewayError::NoHealthyUpstream)?;
+        outcome.upstream = Some(upstream);
+        let target = &env.upstreams.slots[upstream].upstream;
+        let uri = Uri::builder()
+            .scheme(target.uri.scheme_str().unwrap_or("http"))
+            .authority(target.authority())
+            .path_and_query(path_and_query.clone())
+            .build()
+            .map_err(|_| GatewayError::BadRequest("the request target cannot be forwarded"))?;
+        let mut request = Request::from_parts(clone_parts(&parts, uri), body::empty());
+        *request.body_mut() = match (body.take(), empty_body) {
+            (Some(b), _) => b,
+            (None, true) => body::empty(),
+            (None, false) => unreachable!("a request with a body is never retried"),
+        };
+        let sent = tokio::time::timeout(
+            env.config.request_timeout,
+            env.upstreams.client.request(request),
+        )
+        .await;
+        let err = match sent {
+            Ok(Ok(response)) => {
+                env.upstreams.record_success(upstream);
+                outcome.upstream_status = Some(response.status().as_u16());
+                return Ok(response.map(|b| b.map_err(Into::into).boxed()));
+            }
+            Ok(Err(e)) => e,
+            Err(_) => {
+                upstream_error(shared, env, "timeout");
+                return Err(GatewayError::UpstreamTimeout(env.config.request_timeout));
+            }
+        };
+        if let Some(too_large) = body::find_cause::<BodyTooLarge>(&err) {
+            return Err(GatewayError::BodyTooLarge {
+                limit: too_large.limit,
+            });
+        }
+        if err.is_connect() {
+            upstream_error(shared, env, "connect");
+            if env.upstreams.record_connect_failure(upstream) {
+                tracing::warn!(environment = %env.config.name, upstream = %target.uri, "upstream ejected after repeated connect failures");
+            }
+            // A retry needs the body again: only bodiless requests (which covers nearly all
+            // idempotent ones) are retried; a streamed body is gone with the attempt.
+            if failed.is_none() && empty_body && env.upstreams.slots.len() > 1 {
+                failed = Some(upstream);
+                continue;
+            }
+        } else {
+            upstream_error(shared, env, "protocol");
+        }
+        return Err(GatewayError::UpstreamUnavailable(Box::new(err)));
+    }
+}
+
+fn upstream_error(shared: &Shared, env: &Environment, kind: &'static str) {
+    shared
+        .metrics
+        .upstream_errors
+        .get_or_create(&KindLabels {
+            environment: env.label.clone(),
+            kind,
+        })
+        .inc();
+}
+
+fn clone_parts(parts: &http::request::Parts, uri: Uri) -> http::request::Parts {
+    let (mut p, ()) = Request::new(()).into_parts();
+    p.method = parts.method.clone();
+    p.uri = uri;
+    p.version = parts.version;
+    p.headers = parts.headers.clone();
+    p
+}
+
+/// The client's `x-request-id` when it is sane (1-128 visible ASCII), else a new UUIDv7
+/// (time-ordered, so ids sort by arrival in logs).
+fn request_id(headers: &http::HeaderMap) -> HeaderValue {
+    if let Some(v) = headers.get(X_REQUEST_ID) {
+        let b = v.as_bytes();
+        if !b.is_empty() && b.len() <= 128 && b.iter().all(|c| (0x21..=0x7e).contains(c)) {
+            return v.clone();
+        }
+    }
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let id = uuid::Uuid::now_v7();
+    HeaderValue::from_bytes(id.hyphenated().encode_lower(&mut buf).as_bytes())
+        .expect("uuid is ASCII")
+}
+
+/// Displays an error with its whole source chain: "a: b: c".
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(s) = source {
+            write!(f, ": {s}")?;
+            source = s.source();
+        }
+        Ok(())
+    }
+}

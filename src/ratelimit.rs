@@ -1,0 +1,379 @@
+//! Per-environment rate limits (governor GCRA) and the IETF `RateLimit` header fields.
+//!
+//! Follows draft-ietf-httpapi-ratelimit-headers-09: `RateLimit-Policy` lists each policy
+//! as `"name";q=<quota>;w=<window seconds>` and `RateLimit` its current state as
+//! `"name";r=<remaining>;t=<seconds until the quota is whole again>`. A GCRA bucket of
+//! `burst` refilled at `requests/per` is announced as `q=burst` per the time the
+//! bucket takes to refill (`w = burst * per / requests`).
+//!
+//! Limiters outlive config snapshots: [`EnvLimiter::carry_over`] reuses the previous
+//! limiter when the quota is unchanged, so a reload neither resets counters nor hands
+//! out a fresh burst.
+
+use std::fmt::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::{StateInformationMiddleware, StateSnapshot};
+use governor::state::keyed::DefaultKeyedStateStore;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{NotUntil, Quota, RateLimiter};
+use http::HeaderValue;
+
+use crate::config::{QuotaConfig, RateLimitConfig};
+use crate::error::GatewayError;
+
+pub type DirectLimiter<C> = RateLimiter<NotKeyed, InMemoryState, C, StateInformationMiddleware>;
+pub type KeyedLimiter<C> =
+    RateLimiter<Arc<str>, DefaultKeyedStateStore<Arc<str>>, C, StateInformationMiddleware>;
+
+/// Which bucket refused a request, for `specter_rate_limited_total{scope}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    PerKey,
+    Total,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::PerKey => "per_key",
+            Scope::Total => "total",
+        }
+    }
+}
+
+pub fn quota(q: &QuotaConfig) -> Quota {
+    let interval = q.per / q.requests.get();
+    Quota::with_period(interval)
+        .expect("validation keeps the interval above zero")
+        .allow_burst(q.burst)
+}
+
+struct Limit<L> {
+    config: QuotaConfig,
+    limiter: Arc<L>,
+}
+
+/// One environment's limiters: per key (keyed by key id) and for the whole environment.
+pub struct EnvLimiter<C: Clock = DefaultClock> {
+    per_key: Option<Limit<KeyedLimiter<C>>>,
+    total: Option<Limit<DirectLimiter<C>>>,
+    /// `RateLimit-Policy`, built once per snapshot.
+    policy: Option<HeaderValue>,
+}
+
+impl<C: Clock + Clone> EnvLimiter<C> {
+    /// Builds the limiters for `config`, reusing those of `previous` whose quota did not
+    /// change (their counters carry over), and making new ones for changed quotas.
+    pub fn carry_over(
+        config: &RateLimitConfig,
+        previous: Option<&EnvLimiter<C>>,
+        clock: &C,
+    ) -> Self {
+        let per_key = config.per_key.map(|q| {
+            let reused = previous
+                .and_then(|p| p.per_key.as_ref())
+                .filter(|l| l.config == q)
+                .map(|l| l.limiter.clone());
+            Limit {
+                config: q,
+                limiter: reused.unwrap_or_else(|| {
+                    Arc::new(KeyedLimiter::new(
+                        quota(&q),
+                        DefaultKeyedStateStore::default(),
+                        clock.clone(),
+                    ))
+                }),
+            }
+        });
+        let total = config.total.map(|q| {
+            let reused = previous
+                .and_then(|p| p.total.as_ref())
+                .filter(|l| l.config == q)
+                .map(|l| l.limiter.clone());
+            Limit {
+                config: q,
+                limiter: reused.unwrap_or_else(|| {
+                    Arc::new(
+                        RateLimiter::direct_with_clock(quota(&q), clock.clone()).with_middleware(),
+                    )
+                }),
+            }
+        });
+        let policy = policy_header(config);
+        EnvLimiter {
+            per_key,
+            total,
+            policy,
+        }
+    }
+}
+
+impl<C: Clock> EnvLimiter<C> {
+    pub fn is_limited(&self) -> bool {
+        self.policy.is_some()
+    }
+
+    pub fn policy_header(&self) -> Option<&HeaderValue> {
+        self.policy.as_ref()
+    }
+
+    /// Per key first, then the environment total. `Ok` carries the `RateLimit` value;
+    /// `Err` is a 429 whose `RateLimit` value says which bucket is empty.
+    pub fn check(
+        &self,
+        key_id: &Arc<str>,
+    ) -> Result<Option<HeaderValue>, (GatewayError, HeaderValue)> {
+        if self.policy.is_none() {
+            return Ok(None);
+        }
+        let mut fields = String::with_capacity(48);
+        if let Some(l) = &self.per_key {
+            match l.limiter.check_key(key_id) {
+                Ok(snapshot) => push_state(&mut fields, Scope::PerKey, &l.config, &snapshot),
+                Err(not_until) => {
+                    return Err(self.limited(
+                        Scope::PerKey,
+                        &l.config,
+                        &not_until,
+                        l.limiter.clock(),
+                    ))
+                }
+            }
+        }
+        if let Some(l) = &self.total {
+            match l.limiter.check() {
+                Ok(snapshot) => push_state(&mut fields, Scope::Total, &l.config, &snapshot),
+                Err(not_until) => {
+                    return Err(self.limited(
+                        Scope::Total,
+                        &l.config,
+                        &not_until,
+                        l.limiter.clock(),
+                    ))
+                }
+            }
+        }
+        Ok(HeaderValue::from_str(&fields).ok())
+    }
+
+    fn limited(
+        &self,
+        scope: Scope,
+        _config: &QuotaConfig,
+        not_until: &NotUntil<C::Instant>,
+        clock: &C,
+    ) -> (GatewayError, HeaderValue) {
+        let retry_after = not_until.wait_time_from(clock.now());
+        let t = crate::error::retry_after_secs(retry_after);
+        let header =
+            HeaderValue::from_str(&format!("\"{}\";r=0;t={t}", scope.as_str())).expect("ASCII");
+        let err = GatewayError::RateLimited {
+            scope: scope.as_str(),
+            retry_after,
+        };
+        (err, header)
+    }
+
+    /// Drops per-key state that has fully refilled: idle keys cost no memory.
+    pub fn retain_recent(&self) {
+        if let Some(l) = &self.per_key {
+            l.limiter.retain_recent();
+            l.limiter.shrink_to_fit();
+        }
+    }
+
+    /// Number of keys with live per-key state (for tests and metrics).
+    pub fn tracked_keys(&self) -> usize {
+        self.per_key.as_ref().map_or(0, |l| l.limiter.len())
+    }
+
+    /// Whether two limiters share their counters (a reload carried them over).
+    pub fn shares_state_with(&self, other: &EnvLimiter<C>) -> (bool, bool) {
+        let pk = match (&self.per_key, &other.per_key) {
+            (Some(a), Some(b)) => Arc::ptr_eq(&a.limiter, &b.limiter),
+            _ => false,
+        };
+        let total = match (&self.total, &other.total) {
+            (Some(a), Some(b)) => Arc::ptr_eq(&a.limiter, &b.limiter),
+            _ => false,
+        };
+        (pk, total)
+    }
+}
+
+/// Whole seconds (rounded up) until `missing` cells are back in the bucket.
+fn refill_secs(q: &QuotaConfig, missing: u32) -> u64 {
+    if missing == 0 {
+        return 0;
+    }
+    crate::error::retry_after_secs(q.per / q.requests.get() * missing)
+}
+
+fn push_state(out: &mut String, scope: Scope, q: &QuotaConfig, s: &StateSnapshot) {
+    let remaining = s.remaining_burst_capacity();
+    let t = refill_secs(q, q.burst.get().saturating_sub(remaining));
+    if !out.is_empty() {
+        out.push_str(", ");
+    }
+    let _ = write!(out, "\"{}\";r={remaining};t={t}", scope.as_str());
+}
+
+fn policy_header(config: &RateLimitConfig) -> Option<HeaderValue> {
+    let mut out = String::new();
+    for (scope, q) in [
+        (Scope::PerKey, config.per_key),
+        (Scope::Total, config.total),
+    ] {
+        let Some(q) = q else { continue };
+        if !out.is_empty() {
+            out.push_str(", ");
+        }
+        let window: Duration = q.per / q.requests.get() * q.burst.get();
+        let w = crate::error::retry_after_secs(window);
+        let _ = write!(out, "\"{}\";q={};w={w}", scope.as_str(), q.burst);
+    }
+    (!out.is_empty()).then(|| HeaderValue::from_str(&out).expect("ASCII"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroU32;
+
+    use governor::clock::FakeRelativeClock;
+
+    use super::*;
+
+    fn q(requests: u32, per_ms: u64, burst: u32) -> QuotaConfig {
+        QuotaConfig {
+            requests: NonZeroU32::new(requests).unwrap(),
+            per: Duration::from_millis(per_ms),
+            burst: NonZeroU32::new(burst).unwrap(),
+        }
+    }
+
+    fn config(per_key: Option<QuotaConfig>, total: Option<QuotaConfig>) -> RateLimitConfig {
+        RateLimitConfig { per_key, total }
+    }
+
+    /// Offers `offered_per_sec` evenly spaced requests per second for `secs` seconds.
+    fn admitted(
+        l: &EnvLimiter<FakeRelativeClock>,
+        clock: &FakeRelativeClock,
+        key: &Arc<str>,
+        offered_per_sec: u64,
+        secs: u64,
+    ) -> u64 {
+        let step = Duration::from_nanos(1_000_000_000 / offered_per_sec);
+        let mut ok = 0;
+        for _ in 0..offered_per_sec * secs {
+            if l.check(key).is_ok() {
+                ok += 1;
+            }
+            clock.advance(step);
+        }
+        ok
+    }
+
+    #[test]
+    fn admits_rate_times_time_plus_burst_at_three_times_the_rate() {
+        let clock = FakeRelativeClock::default();
+        let l = EnvLimiter::carry_over(&config(Some(q(10, 1000, 20)), None), None, &clock);
+        let key: Arc<str> = "k".into();
+        // 60 s at 30 req/s: the first 20 use the burst, then exactly 10/s. The final
+        // request lands at t = 60 s - 1/30 s, before the 601st refill.
+        let ok = admitted(&l, &clock, &key, 30, 60);
+        assert_eq!(ok, 10 * 60 + 20 - 1 + 1);
+    }
+
+    #[test]
+    fn per_key_buckets_are_separate_but_share_the_total() {
+        let clock = FakeRelativeClock::default();
+        let l = EnvLimiter::carry_over(
+            &config(Some(q(5, 1000, 5)), Some(q(8, 1000, 8))),
+            None,
+            &clock,
+        );
+        let (hot, cold): (Arc<str>, Arc<str>) = ("hot".into(), "cold".into());
+        for _ in 0..5 {
+            assert!(l.check(&hot).is_ok());
+        }
+        let (err, header) = l.check(&hot).unwrap_err();
+        assert!(matches!(
+            err,
+            GatewayError::RateLimited {
+                scope: "per_key",
+                ..
+            }
+        ));
+        assert_eq!(header, "\"per_key\";r=0;t=1");
+        for _ in 0..3 {
+            assert!(
+                l.check(&cold).is_ok(),
+                "cold key has its own per-key bucket"
+            );
+        }
+        let (err, _) = l.check(&cold).unwrap_err();
+        assert!(
+            matches!(err, GatewayError::RateLimited { scope: "total", .. }),
+            "8 of the total used"
+        );
+    }
+
+    #[test]
+    fn headers_follow_the_draft() {
+        let clock = FakeRelativeClock::default();
+        let l = EnvLimiter::carry_over(
+            &config(Some(q(100, 1000, 200)), Some(q(2000, 1000, 4000))),
+            None,
+            &clock,
+        );
+        assert_eq!(
+            l.policy_header().unwrap(),
+            "\"per_key\";q=200;w=2, \"total\";q=4000;w=2"
+        );
+        let state = l.check(&"k".into()).unwrap().unwrap();
+        assert_eq!(state, "\"per_key\";r=199;t=1, \"total\";r=3999;t=1");
+    }
+
+    #[test]
+    fn state_survives_an_unchanged_quota_and_resets_on_a_changed_one() {
+        let clock = FakeRelativeClock::default();
+        let cfg = config(Some(q(1, 1000, 2)), Some(q(100, 1000, 100)));
+        let old = EnvLimiter::carry_over(&cfg, None, &clock);
+        let key: Arc<str> = "k".into();
+        assert!(old.check(&key).is_ok());
+        assert!(old.check(&key).is_ok());
+        assert!(old.check(&key).is_err());
+
+        let same = EnvLimiter::carry_over(&cfg, Some(&old), &clock);
+        assert_eq!(same.shares_state_with(&old), (true, true));
+        assert!(
+            same.check(&key).is_err(),
+            "counters carried over: still limited"
+        );
+
+        let changed =
+            EnvLimiter::carry_over(&config(Some(q(1, 1000, 3)), cfg.total), Some(&same), &clock);
+        assert_eq!(changed.shares_state_with(&same), (false, true));
+        assert!(
+            changed.check(&key).is_ok(),
+            "a new quota starts a fresh bucket"
+        );
+    }
+
+    #[test]
+    fn idle_keys_are_reclaimed() {
+        let clock = FakeRelativeClock::default();
+        let l = EnvLimiter::carry_over(&config(Some(q(10, 1000, 10)), None), None, &clock);
+        for i in 0..100 {
+            let _ = l.check(&Arc::from(format!("k{i}")));
+        }
+        assert_eq!(l.tracked_keys(), 100);
+        clock.advance(Duration::from_secs(2));
+        l.retain_recent();
+        assert_eq!(l.tracked_keys(), 0);
+    }
+}

@@ -1,0 +1,245 @@
+//! Hot reload: a watcher on the config's folder (and the certificate files' folders)
+//! plus SIGHUP, debounced, then one path: read -> parse -> validate -> build the whole
+//! new snapshot -> one `ArcSwap::store`. Any failure keeps the running snapshot.
+//!
+//! The folder, not the file, is watched: editors and `promote --apply` write a temp file
+//! and rename it over, and Kubernetes flips a `..data` symlink; a watch on the file
+//! itself goes silent after the first rename.
+
+use std::collections::{BTreeSet, HashSet};
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use notify::{EventKind, RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+
+use crate::config::{self, Config, ConfigErrors};
+use crate::state::{BuildError, ReloadFailure, Shared, State};
+
+/// A burst of file events closer together than this is one reload.
+pub const DEBOUNCE: Duration = Duration::from_millis(200);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("{0}")]
+    Invalid(#[from] ConfigErrors),
+    #[error("building the new config failed: {0}")]
+    Build(#[from] BuildError),
+}
+
+/// What a successful reload changed, for the log line.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ReloadSummary {
+    pub version: u64,
+    pub sha256: String,
+    pub environments_added: Vec<String>,
+    pub environments_removed: Vec<String>,
+    pub environments_changed: Vec<String>,
+    pub keys_added: usize,
+    pub keys_removed: usize,
+}
+
+impl std::fmt::Display for ReloadSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let list = |v: &[String]| {
+            if v.is_empty() {
+                "-".to_owned()
+            } else {
+                v.join(",")
+            }
+        };
+        write!(
+            f,
+            "environments added {} removed {} changed {}; keys +{} -{}",
+            list(&self.environments_added),
+            list(&self.environments_removed),
+            list(&self.environments_changed),
+            self.keys_added,
+            self.keys_removed
+        )
+    }
+}
+
+/// Reloads from `path` now. One writer at a time: callers serialise through
+/// [`watch`]'s single task (or tests call it directly).
+pub fn reload_now(shared: &Shared, path: &Path) -> Result<ReloadSummary, ReloadError> {
+    let result = config::load(path)
+        .map_err(ReloadError::from)
+        .and_then(|loaded| {
+            for w in &loaded.warnings {
+                tracing::warn!("{w}");
+            }
+            apply(shared, loaded.config)
+        });
+    match &result {
+        Ok(summary) => {
+            shared
+                .metrics
+                .reloads
+                .get_or_create(&crate::metrics::ResultLabels { result: "success" })
+                .inc();
+            *shared.last_reload_error.lock().expect("not poisoned") = None;
+            tracing::info!(version = summary.version, sha256 = %summary.sha256, "config reloaded: {summary}");
+        }
+        Err(e) => {
+            shared
+                .metrics
+                .reloads
+                .get_or_create(&crate::metrics::ResultLabels { result: "failure" })
+                .inc();
+            *shared.last_reload_error.lock().expect("not poisoned") = Some(ReloadFailure {
+                error: e.to_string(),
+                at: crate::admin::rfc3339(SystemTime::now()),
+            });
+            tracing::error!(
+                "config reload rejected, keeping version {}: {e}",
+                shared.state.load().version
+            );
+        }
+    }
+    result
+}
+
+/// Builds the new snapshot from `config` (taking over limiters and usage) and swaps it in.
+pub fn apply(shared: &Shared, config: Config) -> Result<ReloadSummary, ReloadError> {
+    let old = shared.state.load_full();
+    if config.listen != old.config.listen {
+        tracing::warn!("[listen] changed; listener addresses are read at start only: restart specter to apply them (the rest of the config is applied now)");
+    }
+    let summary = summarize(&old.config, &config, old.version + 1);
+    let new = State::build(config, Some(&old), old.version + 1)?;
+    shared.metrics.config_version.set(new.version as i64);
+    shared.state.store(Arc::new(new));
+    Ok(summary)
+}
+
+fn summarize(old: &Config, new: &Config, version: u64) -> ReloadSummary {
+    let names = |c: &Config| {
+        c.environments
+            .iter()
+            .map(|e| e.name.clone())
+            .collect::<BTreeSet<_>>()
+    };
+    let (before, after) = (names(old), names(new));
+    let keys = |c: &Config| {
+        c.environments
+            .iter()
+            .flat_map(|e| {
+                e.keys
+                    .iter()
+                    .map(move |k| (e.name.clone(), k.id.clone(), k.sha256))
+            })
+            .collect::<HashSet<_>>()
+    };
+    let (kb, ka) = (keys(old), keys(new));
+    ReloadSummary {
+        version,
+        sha256: new.source.sha256.clone(),
+        environments_added: after.difference(&before).cloned().collect(),
+        environments_removed: before.difference(&after).cloned().collect(),
+        environments_changed: new
+            .environments
+            .iter()
+            .filter(|e| old.environments.iter().any(|o| o.name == e.name && o != *e))
+            .map(|e| e.name.clone())
+            .collect(),
+        keys_added: ka.difference(&kb).count(),
+        keys_removed: kb.difference(&ka).count(),
+    }
+}
+
+/// Watches the config (and certificate) files and SIGHUP until the runtime ends.
+/// Returns once the watcher is in place, so a change made after it returns is seen.
+pub fn watch(shared: Arc<Shared>, path: PathBuf) -> notify::Result<tokio::task::JoinHandle<()>> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+    let watched_names = Arc::new(std::sync::Mutex::new(names_to_watch(
+        &shared.state.load().config,
+        &path,
+    )));
+    let names = watched_names.clone();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let Ok(event) = event else { return };
+        let relevant = matches!(
+            event.kind,
+            EventKind::Create(_)
+                | EventKind::Modify(notify::event::ModifyKind::Data(_))
+                | EventKind::Modify(notify::event::ModifyKind::Name(_))
+                | EventKind::Access(notify::event::AccessKind::Close(
+                    notify::event::AccessMode::Write
+                ))
+                | EventKind::Remove(_)
+        );
+        let names = names.lock().expect("not poisoned");
+        if relevant
+            && event.paths.iter().any(|p| {
+                p.file_name()
+                    .is_some_and(|n| names.contains(n) || n == "..data")
+            })
+        {
+            let _ = tx.send(());
+        }
+    })?;
+    for dir in folders_to_watch(&shared.state.load().config, &path) {
+        watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    }
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+    Ok(tokio::spawn(async move {
+        let _watcher = watcher; // lives as long as the task
+        let mut hup = hup.ok();
+        loop {
+            tokio::select! {
+                got = rx.recv() => {
+                    if got.is_none() { return; }
+                    // Debounce: wait for the burst to end, then reload once.
+                    loop {
+                        match tokio::time::timeout(DEBOUNCE, rx.recv()).await {
+                            Ok(Some(())) => continue,
+                            Ok(None) => return,
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                    tracing::info!("SIGHUP: reloading");
+                }
+            }
+            let (s, p) = (shared.clone(), path.clone());
+            let _ = tokio::task::spawn_blocking(move || reload_now(&s, &p)).await;
+            *watched_names.lock().expect("not poisoned") =
+                names_to_watch(&shared.state.load().config, &path);
+        }
+    }))
+}
+
+fn names_to_watch(config: &Config, path: &Path) -> HashSet<OsString> {
+    cert_files(config)
+        .chain(std::iter::once(path.to_path_buf()))
+        .filter_map(|p| p.file_name().map(|n| n.to_owned()))
+        .collect()
+}
+
+fn folders_to_watch(config: &Config, path: &Path) -> BTreeSet<PathBuf> {
+    cert_files(config)
+        .chain(std::iter::once(path.to_path_buf()))
+        .map(|p| match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        })
+        .collect()
+}
+
+fn cert_files(config: &Config) -> impl Iterator<Item = PathBuf> + '_ {
+    let tls = config.tls.iter().flat_map(|t| {
+        t.certificates
+            .iter()
+            .flat_map(|c| [c.cert_path.clone(), c.key_path.clone()])
+            .chain(t.client_ca.clone())
+    });
+    let upstream_cas = config
+        .environments
+        .iter()
+        .filter_map(|e| e.upstream_ca.clone());
+    tls.chain(upstream_cas)
+}

@@ -1,0 +1,321 @@
+//! Listeners, the accept loop, the connection cap, and graceful drain.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::config::{Config, LimitsConfig};
+use crate::metrics::ListenerLabels;
+use crate::proxy::{self, ConnInfo};
+use crate::state::{BuildError, Shared, State};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr} ({listener}): {source}")]
+    Bind {
+        listener: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Build(#[from] BuildError),
+}
+
+/// A running gateway. Dropping it does not stop it; call [`Gateway::shutdown`].
+pub struct Gateway {
+    shared: Arc<Shared>,
+    http: Option<SocketAddr>,
+    https: Option<SocketAddr>,
+    admin: Option<SocketAddr>,
+    stop_accepting: watch::Sender<bool>,
+    accept_loops: Vec<JoinHandle<()>>,
+    connections: Arc<GracefulShutdown>,
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Http,
+    Https,
+}
+
+impl Kind {
+    fn label(self) -> &'static str {
+        match self {
+            Kind::Http => "http",
+            Kind::Https => "https",
+        }
+    }
+}
+
+impl Gateway {
+    /// Builds the first snapshot, binds every configured listener and starts serving.
+    pub async fn start(config: Config) -> Result<Gateway, StartError> {
+        let limits = config.limits.clone();
+        let listen = config.listen.clone();
+        let shared = Arc::new(Shared::new(State::build(config, None, 1)?));
+        let (stop_accepting, stop_rx) = watch::channel(false);
+        let connections = Arc::new(GracefulShutdown::new());
+        let semaphore = Arc::new(Semaphore::new(limits.max_connections));
+        let builder = Arc::new(connection_builder(&limits));
+        let mut accept_loops = Vec::new();
+        let mut bound =
+            |kind: Kind, addr: Option<SocketAddr>| -> Result<Option<SocketAddr>, StartError> {
+                let Some(addr) = addr else { return Ok(None) };
+                let listener = bind(kind.label(), addr)?;
+                let local = listener.local_addr().map_err(|source| StartError::Bind {
+                    listener: kind.label(),
+                    addr,
+                    source,
+                })?;
+                let acceptor = Acceptor {
+                    kind,
+                    shared: shared.clone(),
+                    semaphore: semaphore.clone(),
+                    builder: builder.clone(),
+                    connections: connections.clone(),
+                    handshake_timeout: limits.header_read_timeout,
+                };
+                accept_loops.push(tokio::spawn(acceptor.run(listener, stop_rx.clone())));
+                tracing::info!(listener = kind.label(), address = %local, "listening");
+                Ok(Some(local))
+            };
+        let http = bound(Kind::Http, listen.http)?;
+        let https = bound(Kind::Https, listen.https)?;
+        let admin = match listen.admin {
+            Some(addr) => {
+                let listener = bind("admin", addr)?;
+                let local = listener.local_addr().map_err(|source| StartError::Bind {
+                    listener: "admin",
+                    addr,
+                    source,
+                })?;
+                accept_loops.push(tokio::spawn(crate::admin::serve(
+                    listener,
+                    shared.clone(),
+                    stop_rx.clone(),
+                )));
+                tracing::info!(listener = "admin", address = %local, "listening");
+                Some(local)
+            }
+            None => None,
+        };
+        Ok(Gateway {
+            shared,
+            http,
+            https,
+            admin,
+            stop_accepting,
+            accept_loops,
+            connections,
+        })
+    }
+
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http
+    }
+
+    pub fn https_addr(&self) -> Option<SocketAddr> {
+        self.https
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Stops accepting, lets in-flight requests finish (HTTP/1 connections close after
+    /// their current response, HTTP/2 ones get GOAWAY), and returns once every
+    /// connection is gone or `shutdown_grace` passed. Returns whether all drained.
+    pub async fn shutdown(self) -> bool {
+        let grace = self.shared.state.load().config.limits.shutdown_grace;
+        self.shared.draining.store(true, Ordering::SeqCst);
+        let _ = self.stop_accepting.send(true);
+        for task in self.accept_loops {
+            let _ = task.await;
+        }
+        let open = self.connections.count();
+        tracing::info!(open_connections = open, grace = ?grace, "draining");
+        // The accept loops are gone, so this is the last handle.
+        let connections = Arc::try_unwrap(self.connections).expect("accept loops ended");
+        let drained = tokio::time::timeout(grace, connections.shutdown())
+            .await
+            .is_ok();
+        if !drained {
+            tracing::warn!("shutdown grace elapsed with connections still open; closing them");
+        }
+        drained
+    }
+}
+
+fn bind(listener: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    let std = std::net::TcpListener::bind(addr)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .map_err(|source| StartError::Bind {
+            listener,
+            addr,
+            source,
+        })?;
+    TcpListener::from_std(std).map_err(|source| StartError::Bind {
+        listener,
+        addr,
+        source,
+    })
+}
+
+fn connection_builder(limits: &LimitsConfig) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes)
+        .max_headers(limits.max_headers)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(100)
+        .max_header_list_size(limits.max_header_bytes as u32)
+        .max_pending_accept_reset_streams(50)
+        .max_local_error_reset_streams(256)
+        .initial_stream_window_size(256 * 1024)
+        .initial_connection_window_size(1024 * 1024)
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    builder
+}
+
+struct Acceptor {
+    kind: Kind,
+    shared: Arc<Shared>,
+    semaphore: Arc<Semaphore>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    connections: Arc<GracefulShutdown>,
+    handshake_timeout: Duration,
+}
+
+impl Acceptor {
+    /// Accepts until told to stop. An accept error (EMFILE, ECONNABORTED...) backs off
+    /// and continues; it never ends the loop. At `max_connections` the loop waits for a
+    /// slot, leaving new connections in the kernel backlog.
+    async fn run(self, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            let permit = tokio::select! {
+                permit = self.semaphore.clone().acquire_owned() => permit.expect("never closed"),
+                _ = stop.changed() => return,
+            };
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => {
+                        backoff = Duration::from_millis(5);
+                        accepted
+                    }
+                    Err(e) => {
+                        tracing::warn!(listener = self.kind.label(), error = %e, "accept failed; backing off");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                        continue;
+                    }
+                },
+                _ = stop.changed() => return,
+            };
+            let _ = stream.set_nodelay(true);
+            let shared = self.shared.clone();
+            let builder = self.builder.clone();
+            let watcher = self.connections.watcher();
+            let (kind, handshake_timeout) = (self.kind, self.handshake_timeout);
+            tokio::spawn(async move {
+                let gauge = shared
+                    .metrics
+                    .active_connections
+                    .get_or_create(&ListenerLabels {
+                        listener: kind.label(),
+                    })
+                    .clone();
+                gauge.inc();
+                match kind {
+                    Kind::Http => {
+                        let conn = Arc::new(ConnInfo {
+                            peer,
+                            tls: false,
+                            client_cert_subject: None,
+                        });
+                        serve(stream, conn, shared, &builder, watcher).await;
+                    }
+                    Kind::Https => {
+                        serve_tls(stream, peer, shared, &builder, watcher, handshake_timeout).await
+                    }
+                }
+                gauge.dec();
+                drop(permit);
+            });
+        }
+    }
+}
+
+async fn serve_tls(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: Watcher,
+    handshake_timeout: Duration,
+) {
+    let Some(config) = shared.state.load().tls.clone() else {
+        return;
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            shared.metrics.tls_handshake_failures.inc();
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            shared.metrics.tls_handshake_failures.inc();
+            tracing::debug!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let conn = Arc::new(ConnInfo {
+        peer,
+        tls: true,
+        client_cert_subject: None,
+    });
+    serve(tls, conn, shared, builder, watcher).await;
+}
+
+async fn serve<I>(
+    io: I,
+    conn: Arc<ConnInfo>,
+    shared: Arc<Shared>,
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: Watcher,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let peer = conn.peer;
+    let service = service_fn(move |req| proxy::handle(shared.clone(), conn.clone(), req));
+    let connection = builder
+        .serve_connection_with_upgrades(TokioIo::new(io), service)
+        .into_owned();
+    if let Err(e) = watcher.watch(connection).await {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}

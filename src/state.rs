@@ -1,0 +1,164 @@
+//! The one immutable snapshot a request works on: keys, environments with their policy,
+//! limiters and upstream clients, TLS config. Built whole from a validated [`Config`]
+//! (taking over what must survive from the previous snapshot), then swapped in with a
+//! single `ArcSwap::store`; a request loads it once and keeps it to the end.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use http::HeaderValue;
+
+use crate::auth::{KeyEntry, KeyMap, KeyUsage};
+use crate::config::{Config, EnvironmentConfig};
+use crate::metrics::Label;
+use crate::policy::Policy;
+use crate::proxy::client::UpstreamPool;
+use crate::ratelimit::EnvLimiter;
+use crate::tls::{self, TlsError};
+
+pub struct Environment {
+    pub config: EnvironmentConfig,
+    pub label: Label,
+    /// `x-specter-environment`, built once.
+    pub name_header: HeaderValue,
+    pub policy: Policy,
+    pub limiter: EnvLimiter,
+    pub upstreams: UpstreamPool,
+}
+
+pub struct State {
+    pub config: Arc<Config>,
+    pub keys: KeyMap,
+    pub environments: Vec<Environment>,
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Increases by one with every applied config.
+    pub version: u64,
+    pub loaded_at: SystemTime,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("environment {environment}: upstream TLS: {source}")]
+    UpstreamTls {
+        environment: String,
+        #[source]
+        source: TlsError,
+    },
+    #[error("listener TLS: {0}")]
+    ServerTls(#[source] TlsError),
+}
+
+impl State {
+    /// Builds a snapshot for `config`. From `previous` it takes over the limiters whose
+    /// quota is unchanged and the usage counters of keys that remain.
+    pub fn build(
+        config: Config,
+        previous: Option<&State>,
+        version: u64,
+    ) -> Result<State, BuildError> {
+        let clock = governor::clock::DefaultClock::default();
+        let mut environments = Vec::with_capacity(config.environments.len());
+        for env in &config.environments {
+            let old = previous.and_then(|p| p.environment(&env.name));
+            let upstreams = UpstreamPool::new(env).map_err(|source| BuildError::UpstreamTls {
+                environment: env.name.clone(),
+                source,
+            })?;
+            environments.push(Environment {
+                label: Label(Arc::from(env.name.as_str())),
+                name_header: HeaderValue::from_str(&env.name).expect("validated name"),
+                policy: Policy::new(env.policy.clone()),
+                limiter: EnvLimiter::carry_over(&env.rate_limit, old.map(|o| &o.limiter), &clock),
+                upstreams,
+                config: env.clone(),
+            });
+        }
+        let keys = build_keys(&config, previous);
+        let tls = match &config.tls {
+            Some(t) if config.listen.https.is_some() => {
+                Some(tls::server_config(t).map_err(BuildError::ServerTls)?)
+            }
+            _ => None,
+        };
+        Ok(State {
+            config: Arc::new(config),
+            keys,
+            environments,
+            tls,
+            version,
+            loaded_at: SystemTime::now(),
+        })
+    }
+
+    pub fn environment(&self, name: &str) -> Option<&Environment> {
+        self.environments.iter().find(|e| e.config.name == name)
+    }
+}
+
+fn build_keys(config: &Config, previous: Option<&State>) -> KeyMap {
+    let old_usage: HashMap<(&str, &str), &Arc<KeyUsage>> = previous
+        .map(|p| {
+            p.keys
+                .values()
+                .map(|k| {
+                    (
+                        (p.environments[k.environment].config.name.as_str(), &*k.id),
+                        &k.usage,
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let count = config.environments.iter().map(|e| e.keys.len()).sum();
+    let mut keys = KeyMap::with_capacity_and_hasher(count, Default::default());
+    for (i, env) in config.environments.iter().enumerate() {
+        for key in &env.keys {
+            let usage = old_usage
+                .get(&(env.name.as_str(), key.id.as_str()))
+                .map(|u| Arc::clone(u))
+                .unwrap_or_default();
+            keys.insert(
+                key.sha256,
+                KeyEntry {
+                    environment: i,
+                    id: Arc::from(key.id.as_str()),
+                    id_header: HeaderValue::from_str(&key.id).expect("validated id"),
+                    not_before: key.not_before,
+                    not_after: key.not_after,
+                    usage,
+                },
+            );
+        }
+    }
+    keys
+}
+
+/// What lives for the whole process: the current snapshot and what must outlive it.
+pub struct Shared {
+    pub state: arc_swap::ArcSwap<State>,
+    pub metrics: crate::metrics::Metrics,
+    /// Set on SIGTERM/SIGINT: new requests get 503 `shutting_down`, `/readyz` 503.
+    pub draining: std::sync::atomic::AtomicBool,
+    /// The last rejected reload, for `/config`; cleared by the next good one.
+    pub last_reload_error: std::sync::Mutex<Option<ReloadFailure>>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReloadFailure {
+    pub error: String,
+    pub at: String,
+}
+
+impl Shared {
+    pub fn new(state: State) -> Shared {
+        let metrics = crate::metrics::Metrics::new();
+        metrics.config_version.set(state.version as i64);
+        Shared {
+            state: arc_swap::ArcSwap::from_pointee(state),
+            metrics,
+            draining: Default::default(),
+            last_reload_error: Default::default(),
+        }
+    }
+}

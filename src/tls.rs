@@ -1,0 +1,182 @@
+//! rustls, server and client side: certificate loading, SNI selection, ALPN, mTLS,
+//! and the client config for `https://` upstreams. Always the `ring` provider, passed
+//! explicitly so a second provider pulled in by another crate can never change it.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+use crate::config::{TlsConfig, TlsVersion};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("{path} holds no PEM certificate; expected -----BEGIN CERTIFICATE-----")]
+    NoCertificate { path: PathBuf },
+    #[error("the key {key} does not belong to the certificate {cert} ({source}); pair each certificate with its own key")]
+    Mismatch {
+        cert: PathBuf,
+        key: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("{path}: {source}")]
+    Rustls {
+        path: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("client certificate verification: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+}
+
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn certs_from(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|source| TlsError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate {
+            path: path.to_owned(),
+        });
+    }
+    Ok(certs)
+}
+
+/// Loads a PEM chain and its key (PKCS#8, PKCS#1 RSA or SEC1 EC) and checks they match.
+pub fn load_certified_key(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, TlsError> {
+    let chain = certs_from(cert)?;
+    let der = PrivateKeyDer::from_pem_file(key).map_err(|source| TlsError::Read {
+        path: key.to_owned(),
+        source,
+    })?;
+    CertifiedKey::from_der(chain, der, &provider())
+        .map(Arc::new)
+        .map_err(|source| TlsError::Mismatch {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            source,
+        })
+}
+
+pub fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in certs_from(path)? {
+        roots.add(cert).map_err(|source| TlsError::Rustls {
+            path: path.to_owned(),
+            source,
+        })?;
+    }
+    Ok(roots)
+}
+
+/// Picks the certificate whose DNS names (exact or `*.` wildcard) cover the client's
+/// SNI; the first certificate answers clients without SNI or with an unknown name.
+pub struct SniResolver {
+    certs: Vec<Arc<CertifiedKey>>,
+}
+
+impl fmt::Debug for SniResolver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SniResolver({} certificates)", self.certs.len())
+    }
+}
+
+impl SniResolver {
+    pub fn new(certs: Vec<Arc<CertifiedKey>>) -> Self {
+        assert!(!certs.is_empty(), "validation requires one certificate");
+        SniResolver { certs }
+    }
+
+    fn pick(&self, sni: Option<&str>) -> Arc<CertifiedKey> {
+        let name = sni.and_then(|s| ServerName::try_from(s).ok());
+        if let (Some(name), true) = (name, self.certs.len() > 1) {
+            for ck in &self.certs {
+                let Some(leaf) = ck.cert.first() else {
+                    continue;
+                };
+                let Ok(parsed) = webpki::EndEntityCert::try_from(leaf) else {
+                    continue;
+                };
+                if parsed.verify_is_valid_for_subject_name(&name).is_ok() {
+                    return ck.clone();
+                }
+            }
+        }
+        self.certs[0].clone()
+    }
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.pick(hello.server_name()))
+    }
+}
+
+/// The https listener's config: the given certificates, TLS >= `min_version`, ALPN
+/// h2 then http/1.1, and client certificates when `client_ca` is set.
+pub fn server_config(config: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
+    let mut certs = Vec::new();
+    for c in &config.certificates {
+        certs.push(load_certified_key(&c.cert_path, &c.key_path)?);
+    }
+    let versions: &[&rustls::SupportedProtocolVersion] = match config.min_version {
+        TlsVersion::V1_2 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+        TlsVersion::V1_3 => &[&rustls::version::TLS13],
+    };
+    let builder = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(versions)
+        .map_err(|source| TlsError::Rustls {
+            path: PathBuf::new(),
+            source,
+        })?;
+    let builder = match &config.client_ca {
+        Some(ca) => {
+            let roots = Arc::new(load_roots(ca)?);
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(roots, provider()).build()?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut server = builder.with_cert_resolver(Arc::new(SniResolver::new(certs)));
+    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(server))
+}
+
+/// TLS towards `https://` upstreams: public web roots, or only `upstream_ca`.
+pub fn client_config(upstream_ca: Option<&Path>) -> Result<ClientConfig, TlsError> {
+    let roots = match upstream_ca {
+        Some(path) => load_roots(path)?,
+        None => RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        },
+    };
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|source| TlsError::Rustls {
+            path: PathBuf::new(),
+            source,
+        })?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(config)
+}
