@@ -1,0 +1,260 @@
+//! Shared test harness: real upstreams on 127.0.0.1:0 that record what they received,
+//! a real gateway started from TOML text, and real clients (hyper, raw TCP).
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use specter::config::{hex, sha256};
+use specter::Gateway;
+
+/// One request as an upstream saw it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    /// Path and query exactly as received.
+    pub target: String,
+    pub headers: HeaderMap,
+    pub body_len: u64,
+}
+
+/// How a recording upstream answers.
+#[derive(Clone, Copy, Debug)]
+pub enum Behaviour {
+    /// 200 with body "<name>".
+    Ok,
+    /// Waits this long before answering.
+    Delay(Duration),
+    /// Streams a response body of this many bytes.
+    LargeBody(u64),
+}
+
+#[derive(Clone)]
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub name: &'static str,
+    pub received: Arc<Mutex<Vec<Recorded>>>,
+}
+
+impl Upstream {
+    pub async fn start(name: &'static str) -> Upstream {
+        Upstream::start_with(name, Behaviour::Ok).await
+    }
+
+    pub async fn start_with(name: &'static str, behaviour: Behaviour) -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let rec = received.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let rec = rec.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| answer(name, behaviour, rec.clone(), req));
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Upstream {
+            addr,
+            name,
+            received,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.received.lock().unwrap().clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.received.lock().unwrap().len()
+    }
+}
+
+async fn answer(
+    name: &'static str,
+    behaviour: Behaviour,
+    rec: Arc<Mutex<Vec<Recorded>>>,
+    req: Request<Incoming>,
+) -> Result<Response<specter::body::Body>, std::convert::Infallible> {
+    let (parts, mut body) = req.into_parts();
+    let mut body_len = 0u64;
+    while let Some(Ok(frame)) = body.frame().await {
+        body_len += frame.data_ref().map_or(0, |d| d.len() as u64);
+    }
+    rec.lock().unwrap().push(Recorded {
+        method: parts.method.to_string(),
+        target: parts
+            .uri
+            .path_and_query()
+            .map_or("/".into(), |p| p.to_string()),
+        headers: parts.headers.clone(),
+        body_len,
+    });
+    let body = match behaviour {
+        Behaviour::Ok => specter::body::full(Bytes::from_static(name.as_bytes())),
+        Behaviour::Delay(d) => {
+            tokio::time::sleep(d).await;
+            specter::body::full(Bytes::from_static(name.as_bytes()))
+        }
+        Behaviour::LargeBody(n) => stream_zeros(n),
+    };
+    Ok(Response::new(body))
+}
+
+/// A body of `n` zero bytes produced in 64 KiB chunks, never held whole.
+pub fn stream_zeros(n: u64) -> specter::body::Body {
+    let chunk = Bytes::from(vec![0u8; 64 * 1024]);
+    let stream = futures_util::stream::unfold(n, move |left| {
+        let chunk = chunk.clone();
+        async move {
+            if left == 0 {
+                return None;
+            }
+            let take = left.min(chunk.len() as u64);
+            let frame = hyper::body::Frame::data(chunk.slice(..take as usize));
+            Some((Ok::<_, specter::body::BoxError>(frame), left - take))
+        }
+    });
+    http_body_util::StreamBody::new(stream).boxed()
+}
+
+pub fn key_block(env: &str, id: &str, key: &str) -> String {
+    format!(
+        "[[environments.{env}.keys]]\nid = \"{id}\"\nsha256 = \"{}\"\n",
+        hex(&sha256(key.as_bytes()))
+    )
+}
+
+pub struct TestGateway {
+    pub gateway: Gateway,
+    pub http: SocketAddr,
+    pub admin: Option<SocketAddr>,
+}
+
+impl TestGateway {
+    /// Starts a gateway from config text. `[listen]` is prepended unless the text has one.
+    pub async fn start(toml: &str) -> TestGateway {
+        let text = if toml.contains("[listen]") {
+            toml.to_owned()
+        } else {
+            format!("[listen]\nhttp = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\n{toml}")
+        };
+        let loaded = specter::config::parse(&text, Path::new("test.toml"))
+            .unwrap_or_else(|e| panic!("test config invalid:\n{e}\n---\n{text}"));
+        let gateway = Gateway::start(loaded.config).await.expect("gateway starts");
+        TestGateway {
+            http: gateway.http_addr().unwrap(),
+            admin: gateway.admin_addr(),
+            gateway,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http)
+    }
+}
+
+pub type TestClient = Client<HttpConnector, Full<Bytes>>;
+
+pub fn client() -> TestClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub fn h2_client() -> TestClient {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    /// Asserts a gateway error answer: status, JSON `error` code, request id present.
+    pub fn assert_error(&self, status: u16, code: &str) {
+        assert_eq!(self.status.as_u16(), status, "body: {}", self.text());
+        assert_eq!(self.headers["content-type"], "application/json");
+        let json = self.json();
+        assert_eq!(json["error"], code, "{json}");
+        assert!(!json["message"].as_str().unwrap().is_empty());
+        let id = json["request_id"].as_str().unwrap();
+        assert_eq!(self.headers["x-request-id"], id);
+    }
+}
+
+pub async fn send(client: &TestClient, req: Request<Full<Bytes>>) -> Answer {
+    let response = client.request(req).await.expect("gateway answers");
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// GET `url` with the given headers.
+pub async fn get(client: &TestClient, url: &str, headers: &[(&str, &str)]) -> Answer {
+    let mut req = Request::get(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    send(client, req.body(Full::new(Bytes::new())).unwrap()).await
+}
+
+/// Writes raw bytes on a fresh connection and reads until the server closes it or
+/// `timeout` passes. Returns what was read.
+pub async fn raw(addr: SocketAddr, bytes: &[u8], timeout: Duration) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(timeout, stream.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Path of the built `specter` binary (integration tests only).
+pub fn specter_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_specter")
+}
+
+/// A spawned `specter` process, killed when dropped so a failing test never leaves it
+/// holding the test harness's pipes.
+pub struct Child(pub std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
