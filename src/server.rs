@@ -293,10 +293,19 @@ async fn serve_tls(
             return;
         }
     };
+    let client_cert_subject = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(crate::tls::subject_header);
+    if let Some(subject) = &client_cert_subject {
+        tracing::info!(%peer, subject = subject.to_str().unwrap_or(""), "client certificate verified");
+    }
     let conn = Arc::new(ConnInfo {
         peer,
         tls: true,
-        client_cert_subject: None,
+        client_cert_subject,
     });
     serve(tls, conn, shared, builder, watcher).await;
 }

@@ -180,3 +180,10 @@ pub fn client_config(upstream_ca: Option<&Path>) -> Result<ClientConfig, TlsErro
         .with_no_client_auth();
     Ok(config)
 }
+
+/// The subject of a verified client certificate as a header value (RFC 4514 style,
+/// e.g. `CN=billing,O=Acme`), or `None` when it cannot be expressed as one.
+pub fn subject_header(leaf: &CertificateDer<'_>) -> Option<http::HeaderValue> {
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    http::HeaderValue::from_str(&cert.subject().to_string()).ok()
+}

@@ -83,13 +83,28 @@ pub enum DemoError {
     Config(#[from] config::ConfigErrors),
     #[error(transparent)]
     Start(#[from] StartError),
+    #[error(transparent)]
+    Certificate(#[from] crate::commands::certs::CertsError),
 }
 
-/// Starts the echo upstreams and the gateway; the gateway listens on `127.0.0.1:port`.
-pub async fn start(port: u16) -> Result<Gateway, DemoError> {
+/// Starts the echo upstreams and the gateway; the gateway listens on `127.0.0.1:port`,
+/// with `tls` over https using a fresh self-signed certificate for localhost.
+pub async fn start(port: u16, tls: bool) -> Result<Gateway, DemoError> {
+    let listen = if tls { "https" } else { "http" };
     let mut text = TEMPLATE
-        .replace("@HTTP@", &format!("127.0.0.1:{port}"))
+        .replace("@LISTEN@", &format!("{listen} = \"127.0.0.1:{port}\""))
         .replace("@ADMIN@", "127.0.0.1:0");
+    if tls {
+        // rustls loads certificates from files: the demo's live in a private temp folder.
+        let dir = std::env::temp_dir().join(format!("specter-demo-{}", std::process::id()));
+        let (cert, key) = crate::commands::certs::self_signed()?;
+        let (cert, key) = crate::commands::certs::write_pair(&dir, "demo", &cert, &key)?;
+        text.push_str(&format!(
+            "\n[tls]\n[[tls.certificates]]\ncert = {:?}\nkey = {:?}\n",
+            cert.display().to_string(),
+            key.display().to_string()
+        ));
+    }
     for env in ENVIRONMENTS {
         let addr = echo_upstream(env).await?;
         let upper = env.to_ascii_uppercase();
@@ -106,8 +121,16 @@ pub async fn start(port: u16) -> Result<Gateway, DemoError> {
 
 /// What the demo prints: where it listens, the keys, and curl lines to paste.
 pub fn banner(gateway: &Gateway) -> String {
-    let http = gateway.http_addr().expect("demo listens on http");
-    let mut s = format!("specter demo: gateway on http://{http}");
+    let (scheme, addr, insecure) = match (gateway.http_addr(), gateway.https_addr()) {
+        (Some(a), _) => ("http", a, ""),
+        (None, Some(a)) => ("https", a, "-k "),
+        (None, None) => unreachable!("the demo always listens"),
+    };
+    let http = format!("{scheme}://{addr}");
+    let mut s = format!("specter demo: gateway on {http}");
+    if !insecure.is_empty() {
+        s.push_str(" (self-signed certificate: curl needs -k)");
+    }
     if let Some(admin) = gateway.admin_addr() {
         s.push_str(&format!(", admin on http://{admin}"));
     }
@@ -123,15 +146,15 @@ pub fn banner(gateway: &Gateway) -> String {
             "/hello"
         };
         s.push_str(&format!(
-            "  curl -s -H 'x-api-key: {}' http://{http}{path}\n",
+            "  curl -s {insecure}-H 'x-api-key: {}' {http}{path}\n",
             demo_key(env)
         ));
     }
     s.push_str(&format!(
-        "  curl -s -i http://{http}/hello                      # no key: 401\n"
+        "  curl -s {insecure}-i {http}/hello                      # no key: 401\n"
     ));
     s.push_str(&format!(
-        "  curl -s -i -H 'x-api-key: {}' http://{http}/admin   # production policy: 403\n",
+        "  curl -s {insecure}-i -H 'x-api-key: {}' {http}/admin   # production policy: 403\n",
         demo_key("production")
     ));
     if let Some(admin) = gateway.admin_addr() {
