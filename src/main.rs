@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use specter::commands::{check, demo, keys};
+use specter::commands::{certs, check, demo, keys};
 use specter::{config, reload, Gateway};
 
 #[derive(Parser)]
@@ -51,11 +51,28 @@ enum Command {
         /// Gateway port on 127.0.0.1 (0 picks a free one).
         #[arg(long, default_value_t = 8080)]
         port: u16,
+        /// Serve https with a fresh self-signed certificate for localhost.
+        #[arg(long)]
+        tls: bool,
+    },
+    /// Certificates for local TLS.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
     },
     /// Mint API keys and the TOML blocks that store their hashes.
     Keys {
         #[command(subcommand)]
         command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Write a self-signed certificate for localhost, 127.0.0.1 and ::1 (key mode 0600).
+    Dev {
+        #[arg(long, default_value = "certs")]
+        out: PathBuf,
     },
 }
 
@@ -98,7 +115,19 @@ fn main() -> ExitCode {
         }
         Command::Keys { command } => keys_command(command),
         Command::Run { config } => runtime().block_on(run(config)),
-        Command::Demo { port } => runtime().block_on(run_demo(port)),
+        Command::Demo { port, tls } => runtime().block_on(run_demo(port, tls)),
+        Command::Certs {
+            command: CertsCommand::Dev { out },
+        } => match certs::dev(&out) {
+            Ok((cert, key)) => {
+                println!("wrote {} and {} (mode 0600)", cert.display(), key.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("specter certs: {e}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 
@@ -169,8 +198,8 @@ async fn run(path: PathBuf) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-async fn run_demo(port: u16) -> ExitCode {
-    let gateway = match demo::start(port).await {
+async fn run_demo(port: u16, tls: bool) -> ExitCode {
+    let gateway = match demo::start(port, tls).await {
         Ok(g) => g,
         Err(e) => {
             eprintln!("specter demo: {e}");
@@ -198,6 +227,7 @@ fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuar
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(writer);
     match format {
         LogFormat::Pretty => builder.init(),
