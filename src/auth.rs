@@ -100,7 +100,7 @@ pub fn extract<'h>(
     }
     match found {
         None => Err(GatewayError::MissingApiKey),
-        Some((key, _)) if key.is_empty() => Err(GatewayError::InvalidApiKey),
+        Some((b"", _)) => Err(GatewayError::InvalidApiKey),
         Some(found) => Ok(found),
     }
 }

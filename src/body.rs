@@ -1,8 +1,10 @@
 //! The one body type the gateway passes around, and the guards wrapped around client
-//! request bodies (size limit) before they stream upstream.
+//! request bodies (size limit, read timeout) before they stream upstream.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
@@ -29,29 +31,40 @@ pub struct BodyTooLarge {
     pub limit: u64,
 }
 
+/// The client sent no body bytes for `body_read_timeout`.
+#[derive(Debug, thiserror::Error)]
+#[error("the client sent no request body data for {0:?}")]
+pub struct BodyReadTimeout(pub Duration);
+
 pin_project_lite::pin_project! {
-    /// Streams a body through, failing it once more than `limit` bytes passed. The
-    /// failure aborts the upstream request, so the upstream never sees a complete
-    /// oversized request.
-    pub struct Limited<B> {
+    /// Streams a client's request body upstream, failing it once more than `limit`
+    /// bytes passed or when no data arrived for `timeout`. The failure aborts the
+    /// upstream request, so the upstream never sees a complete oversized or stalled
+    /// request.
+    pub struct Guarded<B> {
         #[pin]
         inner: B,
         seen: u64,
-        limit: u64,
+        limit: Option<u64>,
+        timeout: Duration,
+        #[pin]
+        deadline: tokio::time::Sleep,
     }
 }
 
-impl<B> Limited<B> {
-    pub fn new(inner: B, limit: u64) -> Self {
-        Limited {
+impl<B> Guarded<B> {
+    pub fn new(inner: B, limit: Option<u64>, timeout: Duration) -> Self {
+        Guarded {
             inner,
             seen: 0,
             limit,
+            timeout,
+            deadline: tokio::time::sleep(timeout),
         }
     }
 }
 
-impl<B> HttpBody for Limited<B>
+impl<B> HttpBody for Guarded<B>
 where
     B: HttpBody<Data = Bytes>,
     B::Error: Into<BoxError>,
@@ -63,18 +76,25 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        let frame = match ready!(this.inner.poll_frame(cx)) {
-            Some(Ok(frame)) => frame,
-            Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
-            None => return Poll::Ready(None),
+        let mut this = self.project();
+        let frame = match this.inner.poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => frame,
+            Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => {
+                ready!(this.deadline.as_mut().poll(cx));
+                return Poll::Ready(Some(Err(Box::new(BodyReadTimeout(*this.timeout)))));
+            }
         };
         if let Some(data) = frame.data_ref() {
             *this.seen += data.len() as u64;
-            if *this.seen > *this.limit {
-                let limit = *this.limit;
-                return Poll::Ready(Some(Err(Box::new(BodyTooLarge { limit }))));
+            if let Some(limit) = *this.limit {
+                if *this.seen > limit {
+                    return Poll::Ready(Some(Err(Box::new(BodyTooLarge { limit }))));
+                }
             }
+            let next = tokio::time::Instant::now() + *this.timeout;
+            this.deadline.as_mut().reset(next);
         }
         Poll::Ready(Some(Ok(frame)))
     }

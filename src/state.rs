@@ -43,10 +43,10 @@ pub enum BuildError {
     UpstreamTls {
         environment: String,
         #[source]
-        source: TlsError,
+        source: Box<TlsError>,
     },
     #[error("listener TLS: {0}")]
-    ServerTls(#[source] TlsError),
+    ServerTls(#[source] Box<TlsError>),
 }
 
 impl State {
@@ -63,7 +63,7 @@ impl State {
             let old = previous.and_then(|p| p.environment(&env.name));
             let upstreams = UpstreamPool::new(env).map_err(|source| BuildError::UpstreamTls {
                 environment: env.name.clone(),
-                source,
+                source: Box::new(source),
             })?;
             environments.push(Environment {
                 label: Label(Arc::from(env.name.as_str())),
@@ -77,7 +77,7 @@ impl State {
         let keys = build_keys(&config, previous);
         let tls = match &config.tls {
             Some(t) if config.listen.https.is_some() => {
-                Some(tls::server_config(t).map_err(BuildError::ServerTls)?)
+                Some(tls::server_config(t).map_err(|e| BuildError::ServerTls(Box::new(e)))?)
             }
             _ => None,
         };

@@ -93,6 +93,17 @@ impl SourceMap<'_> {
         format!("{}:{line}:{col}", self.file.display())
     }
 
+    /// The `key = value` written on the line holding `offset`, if that line is one.
+    pub fn assignment_at(&self, offset: usize) -> Option<(&str, &str)> {
+        let start = floor_char_boundary(self.text, offset.min(self.text.len()));
+        let line_start = self.text[..start].rfind('\n').map_or(0, |i| i + 1);
+        let line = self.text[line_start..].lines().next()?;
+        let (key, value) = line.split_once('=')?;
+        let (key, value) = (key.trim(), value.split('#').next()?.trim());
+        let plain_key = !key.is_empty() && !key.starts_with('[') && !key.contains(['{', '"', ' ']);
+        plain_key.then_some((key, value))
+    }
+
     /// The `[table]` header in force at `offset`, for errors that toml reports without
     /// a key path (unknown fields, wrong types).
     pub fn enclosing_table(&self, offset: usize) -> Option<&str> {

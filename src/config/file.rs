@@ -42,6 +42,7 @@ pub struct RawLimits {
     pub max_header_bytes: Option<Spanned<String>>,
     pub max_headers: Option<Spanned<i64>>,
     pub shutdown_grace: Option<Spanned<String>>,
+    pub body_read_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -56,6 +56,8 @@ pub struct LimitsConfig {
     pub max_header_bytes: usize,
     pub max_headers: usize,
     pub shutdown_grace: Duration,
+    /// Longest pause between two pieces of a client's request body (408 when exceeded).
+    pub body_read_timeout: Duration,
 }
 
 impl Default for LimitsConfig {
@@ -67,6 +69,7 @@ impl Default for LimitsConfig {
             max_header_bytes: 64 * 1024,
             max_headers: 100,
             shutdown_grace: Duration::from_secs(30),
+            body_read_timeout: Duration::from_secs(30),
         }
     }
 }

@@ -48,11 +48,17 @@ pub fn parse_and_validate(
     let raw: RawConfig = toml::from_str(text).map_err(|e| {
         let span = e.span().unwrap_or(0..0);
         let mut message = e.message().trim_end().to_owned();
+        // toml names neither the key nor the value; the source line does.
+        if let Some((key, value)) = map.assignment_at(span.start) {
+            message = format!("{key} = {value}: {message}");
+        }
         if let Some(table) = map.enclosing_table(span.start) {
             message = format!("in [{table}]: {message}");
         }
         if message.contains("unknown field") {
             message.push_str("; remove it or check its spelling");
+        } else if message.contains("expected a string") || message.contains("must be quoted") {
+            message.push_str("; write the value as a quoted string (durations like \"30s\", sizes like \"10MiB\")");
         }
         ConfigErrors(vec![map.error(span, message)])
     })?;
@@ -184,6 +190,9 @@ impl Validator<'_> {
         }
         if let Some(d) = &raw.shutdown_grace {
             limits.shutdown_grace = self.duration("limits.shutdown_grace", d)?;
+        }
+        if let Some(d) = &raw.body_read_timeout {
+            limits.body_read_timeout = self.duration("limits.body_read_timeout", d)?;
         }
         (self.errors.len() == before).then_some(limits)
     }
@@ -364,9 +373,11 @@ impl Validator<'_> {
 
     fn upstreams(&mut self, env: &str, raw: &Spanned<RawEnvironment>) -> Option<Vec<Upstream>> {
         let e = raw.get_ref();
-        let list: Vec<&Spanned<String>> = match (&e.upstream, &e.upstreams) {
-            (Some(one), None) => vec![one],
-            (None, Some(many)) if !many.get_ref().is_empty() => many.get_ref().iter().collect(),
+        let (key, list): (&str, Vec<&Spanned<String>>) = match (&e.upstream, &e.upstreams) {
+            (Some(one), None) => ("upstream", vec![one]),
+            (None, Some(many)) if !many.get_ref().is_empty() => {
+                ("upstreams", many.get_ref().iter().collect())
+            }
             (Some(one), Some(_)) => {
                 return self.fail(
                     one.span(),
@@ -383,16 +394,16 @@ impl Validator<'_> {
         let before = self.errors.len();
         let ups: Vec<Upstream> = list
             .into_iter()
-            .filter_map(|u| self.upstream(env, u))
+            .filter_map(|u| self.upstream(&format!("environments.{env}.{key}"), u))
             .collect();
         (self.errors.len() == before).then_some(ups)
     }
 
-    fn upstream(&mut self, env: &str, raw: &Spanned<String>) -> Option<Upstream> {
+    fn upstream(&mut self, path: &str, raw: &Spanned<String>) -> Option<Upstream> {
         let s = raw.get_ref();
         let bad = |why: &str| {
             format!(
-                "environments.{env}.upstreams: \"{s}\" {why}; write e.g. \"http://10.0.0.5:8000\" or \"https://backend.internal\""
+                "{path}: \"{s}\" {why}; write e.g. \"http://10.0.0.5:8000\" or \"https://backend.internal\""
             )
         };
         let uri: Uri = match s.parse() {
@@ -425,7 +436,18 @@ impl Validator<'_> {
                 bad("has a path or query, which upstreams may not have"),
             );
         }
-        let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        let explicit_port = authority.as_str()[authority.host().len()..].strip_prefix(':');
+        let port = match explicit_port.map(str::parse::<u16>) {
+            None => {
+                if tls {
+                    443
+                } else {
+                    80
+                }
+            }
+            Some(Ok(port)) if port > 0 => port,
+            Some(_) => return self.fail(raw.span(), bad("has a port outside 1-65535")),
+        };
         let host = authority
             .host()
             .trim_start_matches('[')
@@ -728,7 +750,8 @@ impl Validator<'_> {
                         self.fail::<()>(
                             k.sha256.span(),
                             format!(
-                                "environments.{env_name}.keys[{i}].sha256: the same key hash is already used by key \"{other_id}\" in environment \"{other_env}\"; a key belongs to exactly one environment, so generate a new key with `specter keys new --env {env_name}`"
+                                "environments.{env_name}.keys[{i}].sha256: \"{}\" is already the hash of key \"{other_id}\" in environment \"{other_env}\"; a key belongs to exactly one environment, so generate a new key with `specter keys new --env {env_name}`",
+                                redact_hash(k.sha256.get_ref())
                             ),
                         );
                     }
@@ -770,7 +793,12 @@ impl Validator<'_> {
         }
         let mut owners: HashMap<(String, u16), &EnvironmentConfig> = HashMap::new();
         for env in envs {
-            for up in &env.upstreams {
+            let (key, spans) = raw
+                .iter()
+                .find(|(n, _)| n.get_ref() == &env.name)
+                .map(|(_, e)| upstream_spans(e.get_ref()))
+                .unwrap_or_default();
+            for (i, up) in env.upstreams.iter().enumerate() {
                 let endpoint = (canonical_host(&up.host), up.port);
                 let Some(other) = owners.get(&endpoint).copied() else {
                     owners.insert(endpoint, env);
@@ -782,17 +810,15 @@ impl Validator<'_> {
                 let mutual = env.shares_upstream_with.contains(&other.name)
                     && other.shares_upstream_with.contains(&env.name);
                 if !mutual {
-                    let span = raw
-                        .iter()
-                        .find(|(n, _)| n.get_ref() == &env.name)
-                        .map(|(_, e)| e.span())
-                        .unwrap_or_default();
+                    let span = spans.get(i).cloned().unwrap_or_default();
                     let (a, b) = (&other.name, &env.name);
                     self.fail::<()>(
                         span,
                         format!(
-                            "environments.{b}.upstreams: \"{}\" is the same backend ({}:{}) as an upstream of environment \"{a}\"; environments must not share a backend. Give \"{b}\" its own, or if sharing is intended set shares_upstream_with = [\"{a}\"] in environments.{b} and shares_upstream_with = [\"{b}\"] in environments.{a}",
-                            up.uri, endpoint_host_display(&up.host), up.port
+                            "environments.{b}.{key}: \"{}\" is the same backend ({}:{}) as an upstream of environment \"{a}\"; environments must not share a backend. Give \"{b}\" its own, or if sharing is intended set shares_upstream_with = [\"{a}\"] in environments.{b} and shares_upstream_with = [\"{b}\"] in environments.{a}",
+                            up.uri.to_string().trim_end_matches('/'),
+                            endpoint_host_display(&up.host),
+                            up.port
                         ),
                     );
                 }
@@ -911,6 +937,18 @@ impl Validator<'_> {
             return Some(IpNet::from(ip));
         }
         self.fail(raw.span(), format!("{path}: \"{s}\" is not a CIDR; write e.g. \"10.0.0.0/8\", \"2001:db8::/32\" or a single address"))
+    }
+}
+
+/// The key an environment's upstreams are written under, and each one's span.
+fn upstream_spans(e: &RawEnvironment) -> (&'static str, Vec<Range<usize>>) {
+    match (&e.upstream, &e.upstreams) {
+        (Some(one), _) => ("upstream", vec![one.span()]),
+        (None, Some(many)) => (
+            "upstreams",
+            many.get_ref().iter().map(|u| u.span()).collect(),
+        ),
+        (None, None) => ("upstreams", Vec::new()),
     }
 }
 

@@ -34,7 +34,10 @@ pub struct Forwarded<'a> {
     pub auth_header: &'a HeaderName,
     pub key_source: KeySource,
     pub client_ip: IpAddr,
-    /// The peer is a trusted proxy: extend its `X-Forwarded-For` instead of replacing it.
+    /// The address that connected to the gateway.
+    pub peer_ip: IpAddr,
+    /// The peer is a trusted proxy: extend its `X-Forwarded-For` with the peer's address
+    /// instead of replacing it with the client's.
     pub extend_forwarded_for: bool,
     pub tls: bool,
     /// Host (authority) the client addressed, before rewriting.
@@ -73,10 +76,9 @@ pub fn rewrite_request(headers: &mut HeaderMap, f: &Forwarded<'_>, rules: &Heade
     for (name, value) in &rules.set {
         headers.insert(name.clone(), value.clone());
     }
-    let ip = f.client_ip.to_string();
     let xff = match previous_xff {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip,
+        Some(prev) => format!("{prev}, {}", f.peer_ip),
+        None => f.client_ip.to_string(),
     };
     if let Ok(v) = HeaderValue::from_str(&xff) {
         headers.insert(X_FORWARDED_FOR, v);
@@ -146,6 +148,7 @@ mod tests {
             auth_header: &auth,
             key_source: KeySource::Header,
             client_ip: "127.0.0.1".parse().unwrap(),
+            peer_ip: "127.0.0.1".parse().unwrap(),
             extend_forwarded_for: false,
             tls: false,
             host: None,

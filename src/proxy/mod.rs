@@ -18,7 +18,7 @@ use http::{Method, Request, Response, Version};
 use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
 
-use crate::body::{self, Body, BodyTooLarge, Limited};
+use crate::body::{self, Body, BodyReadTimeout, BodyTooLarge, Guarded};
 use crate::error::GatewayError;
 use crate::headers::{RATELIMIT, RATELIMIT_POLICY, X_REQUEST_ID};
 use crate::metrics::{EnvLabels, KindLabels, Label, RequestLabels, ScopeLabels};
@@ -186,14 +186,13 @@ async fn inner(
         .authority()
         .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         .or_else(|| parts.headers.get(HOST).cloned());
-    let peer_trusted = trusted
-        .iter()
-        .any(|n| n.contains(&policy::canonical_ip(conn.peer.ip())));
+    let peer_ip = policy::canonical_ip(conn.peer.ip());
     let forwarded = forward::Forwarded {
         auth_header: &state.config.auth.header,
         key_source,
         client_ip,
-        extend_forwarded_for: peer_trusted,
+        peer_ip,
+        extend_forwarded_for: trusted.iter().any(|n| n.contains(&peer_ip)),
         tls: conn.tls,
         host: original_host.clone(),
         request_id,
@@ -228,10 +227,12 @@ async fn inner(
             .headers
             .get(CONTENT_LENGTH)
             .is_some_and(|v| v.as_bytes() == b"0");
-    let mut body = Some(match env.policy.config.max_body {
-        Some(limit) => Limited::new(incoming, limit).boxed(),
-        None => incoming.map_err(Into::into).boxed(),
-    });
+    let guarded = Guarded::new(
+        incoming,
+        env.policy.config.max_body,
+        state.config.limits.body_read_timeout,
+    );
+    let mut body = Some(guarded.boxed());
 
     let mut failed: Option<usize> = None;
     loop {
@@ -274,6 +275,9 @@ async fn inner(
             return Err(GatewayError::BodyTooLarge {
                 limit: too_large.limit,
             });
+        }
+        if body::find_cause::<BodyReadTimeout>(&err).is_some() {
+            return Err(GatewayError::RequestTimeout);
         }
         if err.is_connect() {
             upstream_error(shared, env, "connect");
