@@ -16,7 +16,8 @@
 //!   one path normal form
 //! - [`ratelimit`]: governor limiters per key and per environment; RateLimit headers
 //! - [`error`]: `GatewayError` -> status + JSON body
-//! - [`body`]: the body type and the streaming size limit
+//! - [`body`]: the body type and the streaming size limit and read timeout
+//! - [`framing`]: HTTP/1 framing strictness (smuggling forms refused)
 //!
 //! Around it:
 //!
@@ -34,6 +35,7 @@ pub mod body;
 pub mod commands;
 pub mod config;
 pub mod error;
+pub mod framing;
 pub mod headers;
 pub mod metrics;
 pub mod policy;

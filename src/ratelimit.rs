@@ -258,34 +258,40 @@ mod tests {
         RateLimitConfig { per_key, total }
     }
 
-    /// Offers `offered_per_sec` evenly spaced requests per second for `secs` seconds.
+    /// Offers one request every `step` over the closed interval `[0, span]`.
     fn admitted(
         l: &EnvLimiter<FakeRelativeClock>,
         clock: &FakeRelativeClock,
         key: &Arc<str>,
-        offered_per_sec: u64,
-        secs: u64,
+        step: Duration,
+        span: Duration,
     ) -> u64 {
-        let step = Duration::from_nanos(1_000_000_000 / offered_per_sec);
         let mut ok = 0;
-        for _ in 0..offered_per_sec * secs {
-            if l.check(key).is_ok() {
-                ok += 1;
+        for i in 0..=(span.as_nanos() / step.as_nanos()) {
+            if i > 0 {
+                clock.advance(step);
             }
-            clock.advance(step);
+            ok += u64::from(l.check(key).is_ok());
         }
         ok
     }
 
     #[test]
     fn admits_rate_times_time_plus_burst_at_three_times_the_rate() {
+        // 10 requests per 3 s (one every 300 ms), burst 20; offered: one every 100 ms
+        // (3x the rate, on exact nanosecond steps) for 60 s on a fake clock.
         let clock = FakeRelativeClock::default();
-        let l = EnvLimiter::carry_over(&config(Some(q(10, 1000, 20)), None), None, &clock);
+        let l = EnvLimiter::carry_over(&config(Some(q(10, 3000, 20)), None), None, &clock);
         let key: Arc<str> = "k".into();
-        // 60 s at 30 req/s: the first 20 use the burst, then exactly 10/s. The final
-        // request lands at t = 60 s - 1/30 s, before the 601st refill.
-        let ok = admitted(&l, &clock, &key, 30, 60);
-        assert_eq!(ok, 10 * 60 + 20 - 1 + 1);
+        let ok = admitted(
+            &l,
+            &clock,
+            &key,
+            Duration::from_millis(100),
+            Duration::from_secs(60),
+        );
+        let rate_times_time = 60_000 / 300;
+        assert_eq!(ok, rate_times_time + 20);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod forward;
+pub mod upgrade;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -32,6 +33,8 @@ pub struct ConnInfo {
     pub tls: bool,
     /// Subject of a verified client certificate (mTLS), ready to forward.
     pub client_cert_subject: Option<HeaderValue>,
+    /// What the connection's IO wrapper noticed (bare LF, activity).
+    pub signals: Arc<crate::server::io::ConnSignals>,
 }
 
 /// What the access log and the response decoration need to know about a request.
@@ -54,6 +57,7 @@ pub async fn handle(
     let started = Instant::now();
     let state = shared.state.load_full();
     let request_id = request_id(req.headers());
+    let version = req.version();
     let method = req.method().clone();
     let mut outcome = Outcome::default();
     let result = inner(&shared, &state, &conn, req, &request_id, &mut outcome).await;
@@ -77,7 +81,15 @@ pub async fn handle(
             if err.status().is_server_error() {
                 tracing::warn!(request_id = request_id.to_str().unwrap_or(""), error = code, cause = %ErrorChain(&err), "gateway answered with an error");
             }
-            (err.into_response(&request_id), Some(code))
+            let close = err.status() == http::StatusCode::BAD_REQUEST && version < Version::HTTP_2;
+            let mut response = err.into_response(&request_id);
+            if close {
+                // A malformed request leaves the connection's framing in doubt.
+                response
+                    .headers_mut()
+                    .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            (response, Some(code))
         }
     };
     decorate(&mut response, env, &outcome, &request_id);
@@ -120,9 +132,16 @@ fn decorate(
     outcome: &Outcome,
     request_id: &HeaderValue,
 ) {
+    let switching = response.status() == http::StatusCode::SWITCHING_PROTOCOLS;
     let headers = response.headers_mut();
+    let upgrade_to = switching
+        .then(|| headers.get(http::header::UPGRADE).cloned())
+        .flatten();
     if let Some(env) = env {
         forward::rewrite_response(headers, &env.policy.config.response_headers);
+        if let Some(protocol) = upgrade_to {
+            upgrade::mark(headers, protocol);
+        }
         if let Some(policy) = env.limiter.policy_header() {
             headers.insert(RATELIMIT_POLICY, policy.clone());
         }
@@ -137,10 +156,11 @@ async fn inner(
     shared: &Shared,
     state: &State,
     conn: &ConnInfo,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     request_id: &HeaderValue,
     outcome: &mut Outcome,
 ) -> Result<Response<Body>, GatewayError> {
+    crate::framing::check_request(req.version(), req.headers(), &conn.signals)?;
     if shared.draining.load(Ordering::Relaxed) {
         return Err(GatewayError::ShuttingDown);
     }
@@ -180,6 +200,7 @@ async fn inner(
         }
     }
 
+    let upgrade = upgrade::requested(&req).map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
     let (mut parts, incoming) = req.into_parts();
     let original_host = parts
         .uri
@@ -205,6 +226,10 @@ async fn inner(
         &forwarded,
         &env.policy.config.request_headers,
     );
+    let mut client_upgrade = upgrade.map(|(protocol, on_upgrade)| {
+        upgrade::mark(&mut parts.headers, protocol);
+        on_upgrade
+    });
     if env.config.preserve_host {
         if let Some(host) = original_host {
             parts.headers.insert(HOST, host);
@@ -260,9 +285,12 @@ async fn inner(
         )
         .await;
         let err = match sent {
-            Ok(Ok(response)) => {
+            Ok(Ok(mut response)) => {
                 env.upstreams.record_success(upstream);
                 outcome.upstream_status = Some(response.status().as_u16());
+                if let Some(client) = client_upgrade.take() {
+                    upgrade::tunnel(client, &mut response);
+                }
                 return Ok(response.map(|b| b.map_err(Into::into).boxed()));
             }
             Ok(Err(e)) => e,

@@ -1,4 +1,6 @@
-//! Listeners, the accept loop, the connection cap, and graceful drain.
+//! Listeners, the accept loop, the connection cap, idle connections, and graceful drain.
+
+pub mod io;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -18,6 +20,7 @@ use crate::config::{Config, LimitsConfig};
 use crate::metrics::ListenerLabels;
 use crate::proxy::{self, ConnInfo};
 use crate::state::{BuildError, Shared, State};
+use io::{ClientIo, ConnSignals};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -84,7 +87,7 @@ impl Gateway {
                     semaphore: semaphore.clone(),
                     builder: builder.clone(),
                     connections: connections.clone(),
-                    handshake_timeout: limits.header_read_timeout,
+                    limits: limits.clone(),
                 };
                 accept_loops.push(tokio::spawn(acceptor.run(listener, stop_rx.clone())));
                 tracing::info!(listener = kind.label(), address = %local, "listening");
@@ -193,9 +196,9 @@ fn connection_builder(limits: &LimitsConfig) -> auto::Builder<TokioExecutor> {
         .max_pending_accept_reset_streams(50)
         .max_local_error_reset_streams(256)
         .initial_stream_window_size(256 * 1024)
-        .initial_connection_window_size(1024 * 1024)
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(20));
+        .initial_connection_window_size(1024 * 1024);
+    // No HTTP/2 keep-alive pings: their traffic would keep an idle connection alive
+    // forever; the idle watchdog in `Connection::serve` closes dead peers too.
     builder
 }
 
@@ -205,7 +208,7 @@ struct Acceptor {
     semaphore: Arc<Semaphore>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     connections: Arc<GracefulShutdown>,
-    handshake_timeout: Duration,
+    limits: LimitsConfig,
 }
 
 impl Acceptor {
@@ -235,31 +238,28 @@ impl Acceptor {
                 _ = stop.changed() => return,
             };
             let _ = stream.set_nodelay(true);
-            let shared = self.shared.clone();
-            let builder = self.builder.clone();
-            let watcher = self.connections.watcher();
-            let (kind, handshake_timeout) = (self.kind, self.handshake_timeout);
+            let conn = Connection {
+                peer,
+                shared: self.shared.clone(),
+                builder: self.builder.clone(),
+                watcher: self.connections.watcher(),
+                idle_timeout: self.limits.idle_timeout,
+            };
+            let (kind, handshake_timeout) = (self.kind, self.limits.header_read_timeout);
             tokio::spawn(async move {
-                let gauge = shared
+                let labels = ListenerLabels {
+                    listener: kind.label(),
+                };
+                let gauge = conn
+                    .shared
                     .metrics
                     .active_connections
-                    .get_or_create(&ListenerLabels {
-                        listener: kind.label(),
-                    })
+                    .get_or_create(&labels)
                     .clone();
                 gauge.inc();
                 match kind {
-                    Kind::Http => {
-                        let conn = Arc::new(ConnInfo {
-                            peer,
-                            tls: false,
-                            client_cert_subject: None,
-                        });
-                        serve(stream, conn, shared, &builder, watcher).await;
-                    }
-                    Kind::Https => {
-                        serve_tls(stream, peer, shared, &builder, watcher, handshake_timeout).await
-                    }
+                    Kind::Http => conn.serve(stream, false, None).await,
+                    Kind::Https => conn.serve_tls(stream, handshake_timeout).await,
                 }
                 gauge.dec();
                 drop(permit);
@@ -268,63 +268,100 @@ impl Acceptor {
     }
 }
 
-async fn serve_tls(
-    stream: TcpStream,
+/// One accepted client connection and what serving it needs.
+struct Connection {
     peer: SocketAddr,
     shared: Arc<Shared>,
-    builder: &auto::Builder<TokioExecutor>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
     watcher: Watcher,
-    handshake_timeout: Duration,
-) {
-    let Some(config) = shared.state.load().tls.clone() else {
-        return;
-    };
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            shared.metrics.tls_handshake_failures.inc();
-            tracing::debug!(%peer, error = %e, "TLS handshake failed");
-            return;
-        }
-        Err(_) => {
-            shared.metrics.tls_handshake_failures.inc();
-            tracing::debug!(%peer, "TLS handshake timed out");
-            return;
-        }
-    };
-    let client_cert_subject = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|chain| chain.first())
-        .and_then(crate::tls::subject_header);
-    if let Some(subject) = &client_cert_subject {
-        tracing::info!(%peer, subject = subject.to_str().unwrap_or(""), "client certificate verified");
-    }
-    let conn = Arc::new(ConnInfo {
-        peer,
-        tls: true,
-        client_cert_subject,
-    });
-    serve(tls, conn, shared, builder, watcher).await;
+    idle_timeout: Duration,
 }
 
-async fn serve<I>(
-    io: I,
-    conn: Arc<ConnInfo>,
-    shared: Arc<Shared>,
-    builder: &auto::Builder<TokioExecutor>,
-    watcher: Watcher,
-) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let peer = conn.peer;
-    let service = service_fn(move |req| proxy::handle(shared.clone(), conn.clone(), req));
-    let connection = builder
-        .serve_connection_with_upgrades(TokioIo::new(io), service)
-        .into_owned();
-    if let Err(e) = watcher.watch(connection).await {
-        tracing::debug!(%peer, error = %e, "connection ended with an error");
+impl Connection {
+    async fn serve_tls(self, stream: TcpStream, handshake_timeout: Duration) {
+        let Some(config) = self.shared.state.load().tls.clone() else {
+            return;
+        };
+        let peer = self.peer;
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                self.shared.metrics.tls_handshake_failures.inc();
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                self.shared.metrics.tls_handshake_failures.inc();
+                tracing::debug!(%peer, "TLS handshake timed out");
+                return;
+            }
+        };
+        let subject = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .and_then(crate::tls::subject_header);
+        if let Some(subject) = &subject {
+            tracing::info!(%peer, subject = subject.to_str().unwrap_or(""), "client certificate verified");
+        }
+        self.serve(tls, true, subject).await;
+    }
+
+    /// Serves HTTP/1.1 or HTTP/2 until the client leaves, the connection has been idle
+    /// (no bytes either way and no request in progress) for `idle_timeout`, or a drain
+    /// closes it.
+    async fn serve<I>(self, io: I, tls: bool, client_cert_subject: Option<http::HeaderValue>)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let signals = Arc::new(ConnSignals::default());
+        let info = Arc::new(ConnInfo {
+            peer: self.peer,
+            tls,
+            client_cert_subject,
+            signals: signals.clone(),
+        });
+        let shared = self.shared;
+        let service = service_fn(move |req| {
+            let (shared, info) = (shared.clone(), info.clone());
+            async move {
+                info.signals.in_flight.fetch_add(1, Ordering::Relaxed);
+                let response = proxy::handle(shared, info.clone(), req).await;
+                info.signals.in_flight.fetch_sub(1, Ordering::Relaxed);
+                response
+            }
+        });
+        let io = TokioIo::new(ClientIo::new(io, signals.clone()));
+        let connection = self
+            .builder
+            .serve_connection_with_upgrades(io, service)
+            .into_owned();
+        let connection = self.watcher.watch(connection);
+        tokio::pin!(connection);
+        // Idle watchdog: four quiet ticks of a quarter of the timeout each.
+        let tick = self.idle_timeout / 4;
+        let (mut last_seen, mut quiet) = (signals.activity.load(Ordering::Relaxed), 0);
+        loop {
+            tokio::select! {
+                result = &mut connection => {
+                    if let Err(e) = result {
+                        tracing::debug!(peer = %self.peer, error = %e, "connection ended with an error");
+                    }
+                    return;
+                }
+                _ = tokio::time::sleep(tick) => {
+                    let now = signals.activity.load(Ordering::Relaxed);
+                    let busy = signals.in_flight.load(Ordering::Relaxed) > 0;
+                    quiet = if now == last_seen && !busy { quiet + 1 } else { 0 };
+                    last_seen = now;
+                    if quiet >= 4 {
+                        tracing::debug!(peer = %self.peer, "closing idle connection");
+                        return;
+                    }
+                }
+            }
+        }
     }
 }

@@ -1,0 +1,93 @@
+//! HTTP/1 framing strictness: requests whose framing two parsers could read differently
+//! (the raw material of request smuggling) are refused with 400 and a closed connection.
+//!
+//! hyper already refuses duplicate differing `Content-Length`, obs-fold and unknown
+//! transfer codings. Two forms it accepts are refused here: `Content-Length` together
+//! with `Transfer-Encoding` (RFC 9112 §6.3 lets a server reject it, and a proxy should),
+//! and a `Transfer-Encoding` other than one single `chunked`. Bare-LF line endings are
+//! caught in the first request head of a connection by the connection's IO wrapper
+//! ([`crate::server::io::ClientIo`]), which sees the bytes before hyper parses them. (Later heads on a keep-alive connection are
+//! parsed by hyper's lenient parser, but specter re-frames every request with CRLF, so
+//! no such difference can reach an upstream.)
+
+use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::{HeaderMap, Version};
+
+use std::sync::atomic::Ordering;
+
+use crate::error::GatewayError;
+use crate::server::io::ConnSignals;
+
+/// `signals` carries what the connection's IO wrapper saw in the raw first head.
+pub fn check_request(
+    version: Version,
+    headers: &HeaderMap,
+    signals: &ConnSignals,
+) -> Result<(), GatewayError> {
+    if version >= Version::HTTP_2 {
+        return Ok(()); // binary framing: none of this applies
+    }
+    if signals.bare_lf.load(Ordering::Relaxed) {
+        return Err(GatewayError::BadRequest(
+            "a header line ends in a bare LF; use CRLF",
+        ));
+    }
+    if signals.length_and_chunked.load(Ordering::Relaxed) {
+        return Err(GatewayError::BadRequest(
+            "both Content-Length and Transfer-Encoding are set",
+        ));
+    }
+    let mut codings = headers.get_all(TRANSFER_ENCODING).iter();
+    if let Some(first) = codings.next() {
+        if headers.contains_key(CONTENT_LENGTH) {
+            return Err(GatewayError::BadRequest(
+                "both Content-Length and Transfer-Encoding are set",
+            ));
+        }
+        if codings.next().is_some() || !first.as_bytes().eq_ignore_ascii_case(b"chunked") {
+            return Err(GatewayError::BadRequest(
+                "Transfer-Encoding must be exactly `chunked`",
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                http::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn ambiguous_framing_is_refused() {
+        let v = Version::HTTP_11;
+        let ok = ConnSignals::default();
+        assert!(check_request(v, &headers(&[("content-length", "5")]), &ok).is_ok());
+        assert!(check_request(v, &headers(&[("transfer-encoding", "chunked")]), &ok).is_ok());
+        assert!(check_request(v, &headers(&[("transfer-encoding", "Chunked")]), &ok).is_ok());
+        for bad in [
+            &[("content-length", "5"), ("transfer-encoding", "chunked")][..],
+            &[
+                ("transfer-encoding", "chunked"),
+                ("transfer-encoding", "chunked"),
+            ][..],
+            &[("transfer-encoding", "gzip, chunked")][..],
+        ] {
+            assert!(check_request(v, &headers(bad), &ok).is_err(), "{bad:?}");
+        }
+        let bare_lf = ConnSignals::default();
+        bare_lf.bare_lf.store(true, Ordering::Relaxed);
+        assert!(check_request(v, &HeaderMap::new(), &bare_lf).is_err());
+        assert!(check_request(Version::HTTP_2, &HeaderMap::new(), &bare_lf).is_ok());
+    }
+}

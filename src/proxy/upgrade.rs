@@ -1,0 +1,51 @@
+//! HTTP/1.1 Upgrade (WebSocket) pass-through. The upgrade is requested upstream only
+//! after every check passed, and bytes are tunnelled only once the upstream answered
+//! 101; any other answer is an ordinary response and the client connection stays HTTP.
+
+use http::header::{HeaderMap, HeaderValue, CONNECTION, UPGRADE};
+use http::{Request, Response, StatusCode, Version};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+
+/// The `Upgrade` protocol a request asks for, when it is a well-formed HTTP/1.1 upgrade.
+pub fn requested<B>(req: &Request<B>) -> Option<HeaderValue> {
+    if req.version() != Version::HTTP_11 {
+        return None;
+    }
+    let wants = req
+        .headers()
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    wants.then(|| req.headers().get(UPGRADE).cloned()).flatten()
+}
+
+/// Restores the upgrade headers that hop-by-hop stripping removed.
+pub fn mark(headers: &mut HeaderMap, protocol: HeaderValue) {
+    headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(UPGRADE, protocol);
+}
+
+/// When the upstream switched protocols, joins the two upgraded connections and copies
+/// bytes both ways until either side closes.
+pub fn tunnel<B>(client: OnUpgrade, upstream: &mut Response<B>) {
+    if upstream.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return;
+    }
+    let upstream = hyper::upgrade::on(upstream);
+    tokio::spawn(async move {
+        let (client, upstream) = match tokio::join!(client, upstream) {
+            (Ok(c), Ok(u)) => (c, u),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::debug!(error = %e, "upgrade failed");
+                return;
+            }
+        };
+        let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+            tracing::debug!(error = %e, "upgraded connection ended with an error");
+        }
+    });
+}

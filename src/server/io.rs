@@ -1,0 +1,179 @@
+//! The client connection's IO wrapper: it sees every byte before hyper does, which is
+//! where two things are cheapest to notice.
+//!
+//! - Framing hyper tolerates but specter refuses (see [`crate::framing`]), in the
+//!   connection's first request head: bare-LF line endings, and `Content-Length`
+//!   together with `Transfer-Encoding` (hyper drops the former before a handler sees it).
+//! - Activity, for the idle timeout: each read or write bumps a counter (no clock read
+//!   on the hot path); the connection's watchdog compares it between ticks.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// What the wrapper reports to the rest of the connection.
+#[derive(Debug, Default)]
+pub struct ConnSignals {
+    pub bare_lf: AtomicBool,
+    pub length_and_chunked: AtomicBool,
+    pub activity: AtomicU64,
+    /// Requests being handled (not counting response bodies still streaming, which
+    /// show up as activity).
+    pub in_flight: AtomicU64,
+}
+
+pin_project_lite::pin_project! {
+    pub struct ClientIo<I> {
+        #[pin]
+        inner: I,
+        signals: Arc<ConnSignals>,
+        prev: u8,
+        // Consecutive line endings seen; 2 ends the first head and the scan.
+        newlines: u8,
+        head_done: bool,
+        // The start of the current line, lower-cased, to spot two header names.
+        line: [u8; 18],
+        line_len: usize,
+        content_length: bool,
+        transfer_encoding: bool,
+    }
+}
+
+impl<I> ClientIo<I> {
+    pub fn new(inner: I, signals: Arc<ConnSignals>) -> Self {
+        ClientIo {
+            inner,
+            signals,
+            prev: 0,
+            newlines: 0,
+            head_done: false,
+            line: [0; 18],
+            line_len: 0,
+            content_length: false,
+            transfer_encoding: false,
+        }
+    }
+}
+
+impl<I: AsyncRead> AsyncRead for ClientIo<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let result = this.inner.poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.signals.activity.fetch_add(1, Ordering::Relaxed);
+        }
+        if !*this.head_done {
+            for &b in &buf.filled()[before..] {
+                match b {
+                    b'\n' => {
+                        if *this.prev != b'\r' {
+                            this.signals.bare_lf.store(true, Ordering::Relaxed);
+                        }
+                        let name = &this.line[..*this.line_len];
+                        *this.content_length |= name.starts_with(b"content-length:");
+                        *this.transfer_encoding |= name.starts_with(b"transfer-encoding:");
+                        *this.line_len = 0;
+                        *this.newlines += 1;
+                        if *this.newlines == 2 {
+                            *this.head_done = true;
+                            if *this.content_length && *this.transfer_encoding {
+                                this.signals
+                                    .length_and_chunked
+                                    .store(true, Ordering::Relaxed);
+                            }
+                            break;
+                        }
+                    }
+                    b'\r' => {}
+                    _ => {
+                        *this.newlines = 0;
+                        if *this.line_len < this.line.len() {
+                            this.line[*this.line_len] = b.to_ascii_lowercase();
+                            *this.line_len += 1;
+                        }
+                    }
+                }
+                *this.prev = b;
+            }
+        }
+        result
+    }
+}
+
+impl<I: AsyncWrite> AsyncWrite for ClientIo<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        this.signals.activity.fetch_add(1, Ordering::Relaxed);
+        this.inner.poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        this.signals.activity.fetch_add(1, Ordering::Relaxed);
+        this.inner.poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    async fn signals(bytes: &'static [u8]) -> Arc<ConnSignals> {
+        let signals = Arc::new(ConnSignals::default());
+        let mut io = ClientIo::new(bytes, signals.clone());
+        let mut out = Vec::new();
+        io.read_to_end(&mut out).await.unwrap();
+        signals
+    }
+
+    async fn scan(bytes: &'static [u8]) -> bool {
+        signals(bytes).await.bare_lf.load(Ordering::Relaxed)
+    }
+
+    #[tokio::test]
+    async fn length_with_chunked_in_the_first_head_is_noticed() {
+        let both =
+            signals(b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n")
+                .await;
+        assert!(both.length_and_chunked.load(Ordering::Relaxed));
+        let one =
+            signals(b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\ntransfer-encoding: x\r\n").await;
+        assert!(
+            !one.length_and_chunked.load(Ordering::Relaxed),
+            "body bytes are not headers"
+        );
+    }
+
+    #[tokio::test]
+    async fn bare_lf_in_the_first_head_is_noticed() {
+        assert!(!scan(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nbody\nwith\nlf").await);
+        assert!(scan(b"GET / HTTP/1.1\nHost: a\n\n").await);
+        assert!(scan(b"GET / HTTP/1.1\r\nHost: a\nX: b\r\n\r\n").await);
+    }
+}
