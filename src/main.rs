@@ -1,11 +1,12 @@
 //! The `specter` command line: parse arguments, set up logging, call the library.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use specter::commands::{certs, check, demo, keys};
+use specter::commands::{certs, check, demo, keys, promote};
 use specter::{config, reload, Gateway};
 
 #[derive(Parser)]
@@ -65,6 +66,32 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Lay FROM's rate_limit, policy and timeouts onto TO (never keys, upstreams or
+    /// hosts). Prints a diff of the config file; exit 0 when TO already matches, 2 when
+    /// there are changes. --apply writes the file atomically, keeping its comments.
+    Promote {
+        /// The environment whose settings are copied, e.g. qa.
+        from: String,
+        /// The environment that receives them, e.g. production.
+        to: String,
+        #[arg(long, default_value = "config/specter.toml")]
+        config: PathBuf,
+        /// Write the change (after validating it like `specter check`).
+        #[arg(long)]
+        apply: bool,
+        /// Promote only these groups: rate_limit, policy, timeouts (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<promote::Group>,
+    },
+    /// The promotable settings of two environments side by side; writes nothing.
+    Diff {
+        /// The environment shown in the left column.
+        a: String,
+        /// The environment shown in the right column.
+        b: String,
+        #[arg(long, default_value = "config/specter.toml")]
+        config: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -96,7 +123,7 @@ enum KeysCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = parse_args();
     let _log_guard = init_logging(cli.log_format);
     match cli.command {
         Command::Check {
@@ -114,6 +141,29 @@ fn main() -> ExitCode {
             ExitCode::from(code as u8)
         }
         Command::Keys { command } => keys_command(command),
+        Command::Promote {
+            from,
+            to,
+            config,
+            apply,
+            only,
+        } => promote_command(&promote::PromoteRequest {
+            config: &config,
+            from: &from,
+            to: &to,
+            only: &only,
+            apply,
+            colour: std::io::stdout().is_terminal(),
+        }),
+        Command::Diff { a, b, config } => {
+            match promote::run_diff(&config, &a, &b, &mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("specter diff: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Run { config } => runtime().block_on(run(config)),
         Command::Demo { port, tls } => runtime().block_on(run_demo(port, tls)),
         Command::Certs {
@@ -146,6 +196,25 @@ fn keys_command(command: KeysCommand) -> ExitCode {
         }
         Err(e) => {
             eprintln!("specter keys: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Usage errors exit 1 (not clap's 2): `specter promote` reserves 2 for "there are
+/// changes", which a script must not read into a mistyped option.
+fn parse_args() -> Cli {
+    Cli::try_parse().unwrap_or_else(|e| {
+        let _ = e.print();
+        std::process::exit(if e.use_stderr() { 1 } else { 0 })
+    })
+}
+
+fn promote_command(request: &promote::PromoteRequest<'_>) -> ExitCode {
+    match promote::run(request, &mut std::io::stdout()) {
+        Ok(outcome) => ExitCode::from(outcome.exit_code()),
+        Err(e) => {
+            eprintln!("specter promote: {e}");
             ExitCode::FAILURE
         }
     }

@@ -4,3 +4,4 @@ pub mod certs;
 pub mod check;
 pub mod demo;
 pub mod keys;
+pub mod promote;

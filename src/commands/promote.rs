@@ -1,0 +1,368 @@
+//! `specter promote` and `specter diff`: lay one environment's promotable settings
+//! (`rate_limit`, `policy`, timeouts) onto another, never its keys, upstreams or hosts.
+//!
+//! The edit is made with `toml_edit` on the file's own text, so everything outside the
+//! promoted keys of `[environments.TO]` survives byte for byte, comments included. The
+//! result goes through the same validation as `specter check` before anything is
+//! written, and the write is atomic (temp file + rename) so a running gateway's watcher
+//! only ever sees the old file or the whole new one.
+//!
+//! - [`document`]: parsing that keeps the layout; finding environments however they
+//!   are written; settings as comparable leaves; the edit itself
+//! - [`render`]: unified diff, summary line, side-by-side table
+//! - [`write`]: the atomic replace that refuses when the file changed underneath
+
+mod document;
+mod render;
+mod write;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use toml_edit::DocumentMut;
+
+use crate::config::{self, hex, sha256, ConfigErrors, KeyDigest};
+
+pub use write::write_atomically;
+
+/// A group of settings that promotion carries from one environment to another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Group {
+    Timeouts,
+    RateLimit,
+    Policy,
+}
+
+impl Group {
+    pub const ALL: [Group; 3] = [Group::Timeouts, Group::RateLimit, Group::Policy];
+
+    /// The keys of an environment table that belong to this group.
+    fn keys(self) -> &'static [&'static str] {
+        match self {
+            Group::Timeouts => &["connect_timeout", "request_timeout"],
+            Group::RateLimit => &["rate_limit"],
+            Group::Policy => &["policy"],
+        }
+    }
+}
+
+impl fmt::Display for Group {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Group::Timeouts => "timeouts",
+            Group::RateLimit => "rate_limit",
+            Group::Policy => "policy",
+        })
+    }
+}
+
+impl FromStr for Group {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "timeouts" => Ok(Group::Timeouts),
+            "rate_limit" => Ok(Group::RateLimit),
+            "policy" => Ok(Group::Policy),
+            other => Err(format!(
+                "\"{other}\" is not a promotable group; use rate_limit, policy or timeouts"
+            )),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PromoteError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: the file is not UTF-8 ({source}); save it as UTF-8", path.display())]
+    NotUtf8 {
+        path: PathBuf,
+        #[source]
+        source: std::string::FromUtf8Error,
+    },
+    #[error("{}:{line}:{col}: not valid TOML: {}", path.display(), source.message().trim_end())]
+    Unparsable {
+        path: PathBuf,
+        line: usize,
+        col: usize,
+        #[source]
+        source: Box<toml_edit::TomlError>,
+    },
+    #[error("{}:{line}: this line would be rewritten even without any change, so the file's layout could not be kept (dotted keys of one table split by other keys?); group them and run again", path.display())]
+    Layout { path: PathBuf, line: usize },
+    #[error("unknown environment \"{name}\"; {} has: {known}", path.display())]
+    UnknownEnvironment {
+        name: String,
+        path: PathBuf,
+        known: String,
+    },
+    #[error("\"{0}\" is both FROM and TO; name two different environments")]
+    SameEnvironment(String),
+    #[error(
+        "promoting {from} onto {to} would leave an invalid config{}, so nothing was written; \
+         line:col below refer to the file as it would be after promotion:\n{source}",
+        if *already_invalid { " (the current file fails `specter check` too)" } else { "" }
+    )]
+    Invalid {
+        from: String,
+        to: String,
+        already_invalid: bool,
+        #[source]
+        source: ConfigErrors,
+    },
+    #[error("the config changed while promoting; run again ({} was left as it is)", path.display())]
+    Changed { path: PathBuf },
+    #[error("cannot write {}: {source}; the file was left as it was", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// One promotable setting (a leaf such as `rate_limit.per_key.burst`) in two
+/// environments; `None` where an environment does not set it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Setting {
+    pub path: String,
+    pub left: Option<toml::Value>,
+    pub right: Option<toml::Value>,
+}
+
+impl Setting {
+    pub fn differs(&self) -> bool {
+        self.left != self.right
+    }
+}
+
+/// What promoting FROM onto TO does to the file, computed without touching it.
+#[derive(Debug, Clone)]
+pub struct Promotion {
+    pub from: String,
+    pub to: String,
+    /// Settings that differ: `left` is TO now, `right` is FROM (TO afterwards).
+    pub changes: Vec<Setting>,
+    pub old_text: String,
+    pub new_text: String,
+}
+
+impl Promotion {
+    /// One line, e.g. `3 settings change, 1 removed; keys, upstreams, hosts untouched`.
+    pub fn summary(&self) -> String {
+        render::summary(&self.changes)
+    }
+
+    /// Line-based unified diff of the config file, old against new.
+    pub fn unified_diff(&self, path: &Path, colour: bool) -> String {
+        let label = format!("(after promoting {} onto {})", self.from, self.to);
+        render::unified_diff(&self.old_text, &self.new_text, path, &label, colour)
+    }
+}
+
+/// Promotes `groups` of environment `from` onto `to` in config `text` (read from
+/// `path`, which names it in errors). The new text has passed `specter check`'s
+/// validation whenever it differs from the old.
+pub fn plan(
+    text: &str,
+    path: &Path,
+    from: &str,
+    to: &str,
+    groups: &[Group],
+) -> Result<Promotion, PromoteError> {
+    if from == to {
+        return Err(PromoteError::SameEnvironment(from.to_owned()));
+    }
+    let (mut doc, ends) = document::parse(text, path)?;
+    let source = environment(&doc, from, path)?.clone();
+    let changes: Vec<Setting> =
+        document::compare(environment(&doc, to, path)?, &source, &keys(groups))
+            .into_iter()
+            .filter(Setting::differs)
+            .collect();
+    let target = document::environment_mut(&mut doc, to).expect("looked up above");
+    for key in keys(groups) {
+        document::sync(target, &source, key);
+    }
+    let new_text = if changes.is_empty() {
+        text.to_owned()
+    } else {
+        ends.render(&doc)
+    };
+    if new_text != text {
+        validate(&new_text, text, path, from, to)?;
+    }
+    Ok(Promotion {
+        from: from.to_owned(),
+        to: to.to_owned(),
+        changes,
+        old_text: text.to_owned(),
+        new_text,
+    })
+}
+
+/// Every promotable setting of `a` (left) and `b` (right), in group order.
+pub fn compare(text: &str, path: &Path, a: &str, b: &str) -> Result<Vec<Setting>, PromoteError> {
+    let (doc, _) = document::parse(text, path)?;
+    let (left, right) = (environment(&doc, a, path)?, environment(&doc, b, path)?);
+    Ok(document::compare(left, right, &keys(&Group::ALL)))
+}
+
+/// The side-by-side table printed by `specter diff`.
+pub fn side_by_side(settings: &[Setting], a: &str, b: &str) -> String {
+    render::side_by_side(settings, a, b)
+}
+
+/// How a `specter promote` run ended (errors aside).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// TO already matches FROM; nothing written.
+    InSync,
+    /// Dry run: the diff was printed, nothing written.
+    WouldChange,
+    /// The new file was written.
+    Applied,
+}
+
+impl Outcome {
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Outcome::InSync | Outcome::Applied => 0,
+            Outcome::WouldChange => 2,
+        }
+    }
+}
+
+/// What `specter promote` was asked to do.
+#[derive(Debug, Clone)]
+pub struct PromoteRequest<'a> {
+    pub config: &'a Path,
+    pub from: &'a str,
+    pub to: &'a str,
+    /// Empty means every group.
+    pub only: &'a [Group],
+    pub apply: bool,
+    /// ANSI colours in the diff (only when stdout is a terminal).
+    pub colour: bool,
+}
+
+/// `specter promote`: prints the diff (dry run) or writes the file (`apply`).
+pub fn run(
+    req: &PromoteRequest<'_>,
+    out: &mut dyn std::io::Write,
+) -> Result<Outcome, PromoteError> {
+    let (text, digest) = read_config(req.config)?;
+    let groups = if req.only.is_empty() {
+        &Group::ALL[..]
+    } else {
+        req.only
+    };
+    let p = plan(&text, req.config, req.from, req.to, groups)?;
+    if p.changes.is_empty() {
+        let names: Vec<String> = groups.iter().map(Group::to_string).collect();
+        let _ = writeln!(
+            out,
+            "{} already matches {} ({}); nothing to change",
+            p.to,
+            p.from,
+            names.join(", ")
+        );
+        return Ok(Outcome::InSync);
+    }
+    if !req.apply {
+        let _ = write!(out, "{}", p.unified_diff(req.config, req.colour));
+        let _ = writeln!(out, "{}", p.summary());
+        let _ = writeln!(out, "dry run: nothing written; add --apply to write it");
+        return Ok(Outcome::WouldChange);
+    }
+    let written = write_atomically(req.config, p.new_text.as_bytes(), &digest)?;
+    let _ = writeln!(
+        out,
+        "promoted {} onto {} in {}: {}",
+        p.from,
+        p.to,
+        req.config.display(),
+        p.summary()
+    );
+    let _ = writeln!(out, "sha256 {}", hex(&written));
+    Ok(Outcome::Applied)
+}
+
+/// `specter diff`: the promotable settings of two environments side by side.
+pub fn run_diff(
+    config: &Path,
+    a: &str,
+    b: &str,
+    out: &mut dyn std::io::Write,
+) -> Result<(), PromoteError> {
+    let (text, _) = read_config(config)?;
+    let settings = compare(&text, config, a, b)?;
+    let _ = write!(out, "{}", side_by_side(&settings, a, b));
+    Ok(())
+}
+
+/// The file's text and the SHA-256 of its bytes as read.
+pub fn read_config(path: &Path) -> Result<(String, KeyDigest), PromoteError> {
+    let bytes = std::fs::read(path).map_err(|source| PromoteError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let digest = sha256(&bytes);
+    let text = String::from_utf8(bytes).map_err(|source| PromoteError::NotUtf8 {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok((text, digest))
+}
+
+fn keys(groups: &[Group]) -> Vec<&'static str> {
+    let mut groups = groups.to_vec();
+    groups.sort();
+    groups.dedup();
+    groups
+        .iter()
+        .flat_map(|g| g.keys().iter().copied())
+        .collect()
+}
+
+fn environment<'d>(
+    doc: &'d DocumentMut,
+    name: &str,
+    path: &Path,
+) -> Result<&'d toml_edit::Item, PromoteError> {
+    document::environment(doc, name).ok_or_else(|| {
+        let known = document::environment_names(doc);
+        PromoteError::UnknownEnvironment {
+            name: name.to_owned(),
+            path: path.to_path_buf(),
+            known: if known.is_empty() {
+                "no environments".to_owned()
+            } else {
+                known.join(", ")
+            },
+        }
+    })
+}
+
+fn validate(
+    new_text: &str,
+    old_text: &str,
+    path: &Path,
+    from: &str,
+    to: &str,
+) -> Result<(), PromoteError> {
+    match config::parse(new_text, path) {
+        Ok(_) => Ok(()),
+        Err(source) => Err(PromoteError::Invalid {
+            from: from.to_owned(),
+            to: to.to_owned(),
+            already_invalid: config::parse(old_text, path).is_err(),
+            source,
+        }),
+    }
+}

@@ -1,0 +1,120 @@
+//! What promotion prints: a unified diff of the file, a one-line summary, and the
+//! side-by-side table of `specter diff`.
+
+use std::path::Path;
+
+use similar::{ChangeTag, TextDiff};
+
+use super::Setting;
+
+const RED: &str = "\x1b[31m";
+const GREEN: &str = "\x1b[32m";
+const CYAN: &str = "\x1b[36m";
+const BOLD: &str = "\x1b[1m";
+const RESET: &str = "\x1b[0m";
+
+/// `--- path` / `+++ path` and hunks with three lines of context, like `diff -u`.
+pub(super) fn unified_diff(old: &str, new: &str, path: &Path, label: &str, colour: bool) -> String {
+    let paint = |style: &str, line: &str| {
+        if colour {
+            format!("{style}{line}{RESET}\n")
+        } else {
+            format!("{line}\n")
+        }
+    };
+    let diff = TextDiff::from_lines(old, new);
+    let mut s = paint(BOLD, &format!("--- {}\t(current)", path.display()));
+    s.push_str(&paint(BOLD, &format!("+++ {}\t{label}", path.display())));
+    for hunk in diff.unified_diff().context_radius(3).iter_hunks() {
+        s.push_str(&paint(CYAN, &hunk.header().to_string()));
+        for change in hunk.iter_changes() {
+            let (sign, style) = match change.tag() {
+                ChangeTag::Delete => ('-', RED),
+                ChangeTag::Insert => ('+', GREEN),
+                ChangeTag::Equal => (' ', ""),
+            };
+            let text = change.value().trim_end_matches(['\n', '\r']);
+            let line = format!("{sign}{text}");
+            s.push_str(&if style.is_empty() {
+                format!("{line}\n")
+            } else {
+                paint(style, &line)
+            });
+            if change.missing_newline() {
+                s.push_str("\\ No newline at end of file\n");
+            }
+        }
+    }
+    s
+}
+
+/// e.g. `3 settings change, 1 removed; keys, upstreams, hosts untouched`.
+pub(super) fn summary(changes: &[Setting]) -> String {
+    let removed = changes.iter().filter(|c| c.right.is_none()).count();
+    let changed = changes.len() - removed;
+    let mut parts = Vec::new();
+    if changed > 0 {
+        let noun = if changed == 1 {
+            "setting changes"
+        } else {
+            "settings change"
+        };
+        parts.push(format!("{changed} {noun}"));
+    }
+    if removed > 0 {
+        let noun = if changed > 0 {
+            ""
+        } else if removed == 1 {
+            " setting"
+        } else {
+            " settings"
+        };
+        parts.push(format!("{removed}{noun} removed"));
+    }
+    if parts.is_empty() {
+        parts.push("nothing changes".to_owned());
+    }
+    format!("{}; keys, upstreams, hosts untouched", parts.join(", "))
+}
+
+/// A two-column table, setting | A | B, with `*` in front of the rows that differ.
+pub(super) fn side_by_side(settings: &[Setting], a: &str, b: &str) -> String {
+    if settings.is_empty() {
+        return format!(
+            "neither {a} nor {b} sets any promotable setting (rate_limit, policy, timeouts)\n"
+        );
+    }
+    let cell = |v: &Option<toml::Value>| v.as_ref().map_or("(unset)".to_owned(), |v| v.to_string());
+    let rows: Vec<(bool, &str, String, String)> = settings
+        .iter()
+        .map(|s| (s.differs(), s.path.as_str(), cell(&s.left), cell(&s.right)))
+        .collect();
+    let w_path = rows
+        .iter()
+        .map(|r| r.1.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max("setting".len());
+    let w_a = rows
+        .iter()
+        .map(|r| r.2.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(a.chars().count());
+    let line = |mark: &str, path: &str, l: &str, r: &str| {
+        format!("{mark} {path:<w_path$} | {l:<w_a$} | {r}")
+            .trim_end()
+            .to_owned()
+            + "\n"
+    };
+    let mut s = line(" ", "setting", a, b);
+    for (differs, path, l, r) in &rows {
+        s.push_str(&line(if *differs { "*" } else { " " }, path, l, r));
+    }
+    let differing = rows.iter().filter(|r| r.0).count();
+    s.push_str(&format!(
+        "\n{differing} of {} settings differ (marked *); keys, upstreams and hosts are never promoted and not shown\n",
+        rows.len()
+    ));
+    s
+}
