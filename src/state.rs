@@ -32,6 +32,9 @@ pub struct State {
     pub keys: KeyMap,
     pub environments: Vec<Environment>,
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Fleet mode: shared rate-limit counters (kept across reloads while unchanged).
+    #[cfg(feature = "redis")]
+    pub store: Option<Arc<crate::ratelimit::redis::RedisStore>>,
     /// Increases by one with every applied config.
     pub version: u64,
     pub loaded_at: SystemTime,
@@ -47,6 +50,8 @@ pub enum BuildError {
     },
     #[error("listener TLS: {0}")]
     ServerTls(#[source] Box<TlsError>),
+    #[error("rate-limit store: {0}")]
+    Store(#[source] crate::body::BoxError),
 }
 
 impl State {
@@ -81,7 +86,15 @@ impl State {
             }
             _ => None,
         };
+        #[cfg(feature = "redis")]
+        let store = crate::ratelimit::redis::carry_over(
+            config.rate_limit_store.as_ref(),
+            previous.and_then(|p| p.store.as_ref()),
+        )
+        .map_err(BuildError::Store)?;
         Ok(State {
+            #[cfg(feature = "redis")]
+            store,
             config: Arc::new(config),
             keys,
             environments,

@@ -12,7 +12,9 @@ const RANDOM_CHARS: usize = 32;
 pub enum KeysError {
     #[error("environment name {0:?} is not valid; use lower-case letters, digits, '_' and '-'")]
     BadEnvironment(String),
-    #[error("key id {0:?} is not valid; use 1-128 letters, digits or -_.:@/")]
+    #[error(
+        "key id {0:?} is not valid; use 1-128 letters, digits or -_.:@/, not starting with '_'"
+    )]
     BadId(String),
     #[error("no key on standard input")]
     Empty,
@@ -29,6 +31,7 @@ pub fn valid_environment(name: &str) -> bool {
 
 fn valid_id(id: &str) -> bool {
     !id.is_empty()
+        && !id.starts_with('_')
         && id.len() <= 128
         && id
             .bytes()

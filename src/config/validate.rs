@@ -656,6 +656,7 @@ impl Validator<'_> {
         let p = format!("environments.{env}.keys[{i}]");
         let id = k.id.get_ref();
         let id_ok = !id.is_empty()
+            && !id.starts_with('_')
             && id.len() <= 128
             && id
                 .bytes()
@@ -663,7 +664,7 @@ impl Validator<'_> {
         if !id_ok {
             self.fail::<()>(
                 k.id.span(),
-                format!("{p}.id: \"{id}\" is not a valid key id; use 1-128 letters, digits or -_.:@/ (it is sent upstream in x-specter-key-id)"),
+                format!("{p}.id: \"{id}\" is not a valid key id; use 1-128 letters, digits or -_.:@/, not starting with '_' (reserved) (it is sent upstream in x-specter-key-id)"),
             );
         }
         let digest = parse_digest(k.sha256.get_ref());

@@ -192,10 +192,10 @@ async fn inner(
     env.policy.check_path(&path)?;
     env.policy.check_declared_body(req.headers())?;
 
-    match env.limiter.check(&key.id) {
+    match check_limits(shared, state, env, &key.id).await {
         Ok(header) => outcome.ratelimit = header,
         Err((err, header)) => {
-            outcome.ratelimit = Some(header);
+            outcome.ratelimit = header;
             return Err(err);
         }
     }
@@ -323,6 +323,39 @@ async fn inner(
         }
         return Err(GatewayError::UpstreamUnavailable(Box::new(err)));
     }
+}
+
+/// Rate limits: this instance's limiters, or the fleet's shared counters in Redis
+/// with `on_error` deciding when the store fails.
+async fn check_limits(
+    shared: &Shared,
+    state: &State,
+    env: &Environment,
+    key_id: &Arc<str>,
+) -> Result<Option<HeaderValue>, (GatewayError, Option<HeaderValue>)> {
+    #[cfg(feature = "redis")]
+    if let (Some(store), true) = (&state.store, env.limiter.is_limited()) {
+        use crate::config::StoreErrorMode;
+        match store
+            .check(&env.config.name, key_id, &env.config.rate_limit)
+            .await
+        {
+            Ok(verdict) => return verdict.map_err(|(e, h)| (e, Some(h))),
+            Err(e) => {
+                shared.metrics.rate_limit_store_errors.inc();
+                store.report(&e);
+                match store.on_error() {
+                    StoreErrorMode::Local => {}
+                    StoreErrorMode::Allow => return Ok(None),
+                    StoreErrorMode::Deny => {
+                        return Err((GatewayError::RateLimitStoreUnavailable(Box::new(e)), None))
+                    }
+                }
+            }
+        }
+    }
+    let _ = (shared, state);
+    env.limiter.check(key_id).map_err(|(e, h)| (e, Some(h)))
 }
 
 fn upstream_error(shared: &Shared, env: &Environment, kind: &'static str) {

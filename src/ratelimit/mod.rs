@@ -10,6 +10,9 @@
 //! limiter when the quota is unchanged, so a reload neither resets counters nor hands
 //! out a fresh burst.
 
+#[cfg(feature = "redis")]
+pub mod redis;
+
 use std::fmt::Write;
 use std::sync::Arc;
 use std::time::Duration;
@@ -132,27 +135,21 @@ impl<C: Clock> EnvLimiter<C> {
         let mut fields = String::with_capacity(48);
         if let Some(l) = &self.per_key {
             match l.limiter.check_key(key_id) {
-                Ok(snapshot) => push_state(&mut fields, Scope::PerKey, &l.config, &snapshot),
+                Ok(snapshot) => {
+                    push_state(&mut fields, Scope::PerKey, &l.config, remaining(&snapshot))
+                }
                 Err(not_until) => {
-                    return Err(self.limited(
-                        Scope::PerKey,
-                        &l.config,
-                        &not_until,
-                        l.limiter.clock(),
-                    ))
+                    return Err(self.limited(Scope::PerKey, &not_until, l.limiter.clock()))
                 }
             }
         }
         if let Some(l) = &self.total {
             match l.limiter.check() {
-                Ok(snapshot) => push_state(&mut fields, Scope::Total, &l.config, &snapshot),
+                Ok(snapshot) => {
+                    push_state(&mut fields, Scope::Total, &l.config, remaining(&snapshot))
+                }
                 Err(not_until) => {
-                    return Err(self.limited(
-                        Scope::Total,
-                        &l.config,
-                        &not_until,
-                        l.limiter.clock(),
-                    ))
+                    return Err(self.limited(Scope::Total, &not_until, l.limiter.clock()))
                 }
             }
         }
@@ -162,19 +159,10 @@ impl<C: Clock> EnvLimiter<C> {
     fn limited(
         &self,
         scope: Scope,
-        _config: &QuotaConfig,
         not_until: &NotUntil<C::Instant>,
         clock: &C,
     ) -> (GatewayError, HeaderValue) {
-        let retry_after = not_until.wait_time_from(clock.now());
-        let t = crate::error::retry_after_secs(retry_after);
-        let header =
-            HeaderValue::from_str(&format!("\"{}\";r=0;t={t}", scope.as_str())).expect("ASCII");
-        let err = GatewayError::RateLimited {
-            scope: scope.as_str(),
-            retry_after,
-        };
-        (err, header)
+        limited(scope, not_until.wait_time_from(clock.now()))
     }
 
     /// Drops per-key state that has fully refilled: idle keys cost no memory.
@@ -212,8 +200,24 @@ fn refill_secs(q: &QuotaConfig, missing: u32) -> u64 {
     crate::error::retry_after_secs(q.per / q.requests.get() * missing)
 }
 
-fn push_state(out: &mut String, scope: Scope, q: &QuotaConfig, s: &StateSnapshot) {
-    let remaining = s.remaining_burst_capacity();
+fn remaining(s: &StateSnapshot) -> u32 {
+    s.remaining_burst_capacity()
+}
+
+/// A 429 for `scope`, and the `RateLimit` field that says which bucket is empty.
+pub fn limited(scope: Scope, retry_after: Duration) -> (GatewayError, HeaderValue) {
+    let t = crate::error::retry_after_secs(retry_after);
+    let header =
+        HeaderValue::from_str(&format!("\"{}\";r=0;t={t}", scope.as_str())).expect("ASCII");
+    let err = GatewayError::RateLimited {
+        scope: scope.as_str(),
+        retry_after,
+    };
+    (err, header)
+}
+
+/// Appends one policy's state to a `RateLimit` field value.
+pub fn push_state(out: &mut String, scope: Scope, q: &QuotaConfig, remaining: u32) {
     let t = refill_secs(q, q.burst.get().saturating_sub(remaining));
     if !out.is_empty() {
         out.push_str(", ");

@@ -1,0 +1,322 @@
+//! Fleet mode: two real gateways sharing one real redis-server.
+
+mod common;
+
+use std::net::TcpListener as StdListener;
+use std::num::NonZeroU32;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use governor::clock::FakeRelativeClock;
+use specter::config::{QuotaConfig, RateLimitConfig, StoreConfig, StoreErrorMode};
+use specter::ratelimit::redis::RedisStore;
+use specter::ratelimit::EnvLimiter;
+
+/// A redis-server on a free loopback port, without persistence, killed on drop.
+struct Redis {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Redis {
+    fn free_port() -> u16 {
+        StdListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    async fn start() -> Redis {
+        let mut redis = Redis {
+            port: Redis::free_port(),
+            child: None,
+        };
+        redis.restart().await;
+        redis
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    async fn restart(&mut self) {
+        let port = self.port.to_string();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port,
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (.ci/run installs it)");
+        self.child = Some(Child(child));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(mut conn) = self.connection().await {
+                if redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .is_ok()
+                {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "redis-server did not come up");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn stop(&mut self) {
+        self.child = None; // Child's Drop kills and reaps it
+    }
+
+    async fn connection(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        redis::Client::open(self.url())?
+            .get_multiplexed_async_connection()
+            .await
+    }
+}
+
+fn quota(requests: u32, per: Duration, burst: u32) -> QuotaConfig {
+    QuotaConfig {
+        requests: NonZeroU32::new(requests).unwrap(),
+        per,
+        burst: NonZeroU32::new(burst).unwrap(),
+    }
+}
+
+fn fleet_config(upstream: &Upstream, redis: Option<&Redis>, on_error: &str, limit: &str) -> String {
+    let store = redis.map_or(String::new(), |r| {
+        format!("[rate_limit_store]\nredis = \"{}\"\ntimeout = \"200ms\"\non_error = \"{on_error}\"\n\n", r.url())
+    });
+    format!(
+        "{store}[environments.qa]\nupstream = \"{}\"\n[environments.qa.rate_limit]\nper_key = {limit}\n{}",
+        upstream.url(),
+        key_block("qa", "shared-key", "spk_qa_shared")
+    )
+}
+
+/// Sends `per_sec` requests a second for `span`, alternating between the gateways.
+/// Returns (admitted, elapsed).
+async fn offer(gateways: &[&TestGateway], per_sec: u64, span: Duration) -> (u64, Duration) {
+    let c = client();
+    let started = Instant::now();
+    let step = Duration::from_secs(1) / per_sec as u32;
+    let total = (span.as_secs_f64() * per_sec as f64) as u64;
+    let mut admitted = 0;
+    for i in 0..total {
+        let due = started + step * i as u32;
+        tokio::time::sleep_until(due.into()).await;
+        let gw = gateways[i as usize % gateways.len()];
+        let answer = get(&c, &gw.url("/"), &[("x-api-key", "spk_qa_shared")]).await;
+        match answer.status.as_u16() {
+            200 => admitted += 1,
+            429 => {}
+            other => panic!("unexpected {other}: {}", answer.text()),
+        }
+    }
+    (admitted, started.elapsed())
+}
+
+/// Same key, traffic split over two gateways at 3x the rate: the shared limit holds
+/// for the fleet, where local limits admit about twice as much.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_share_one_limit() {
+    let redis = Redis::start().await;
+    let up = Upstream::start("qa").await;
+    let limit = "{ requests = 20, per = \"1s\", burst = 10 }";
+    let a = TestGateway::start(&fleet_config(&up, Some(&redis), "deny", limit)).await;
+    let b = TestGateway::start(&fleet_config(&up, Some(&redis), "deny", limit)).await;
+    let (shared, elapsed) = offer(&[&a, &b], 60, Duration::from_secs(3)).await;
+    // GCRA admits at most burst + rate x elapsed; +1 for the cell that refills exactly
+    // at the end of the window.
+    let bound = 10.0 + 20.0 * elapsed.as_secs_f64() + 1.0;
+    assert!(
+        shared as f64 <= bound,
+        "admitted {shared} > {bound:.1} in {elapsed:?}"
+    );
+    assert!(
+        shared as f64 >= 0.8 * (10.0 + 20.0 * 3.0),
+        "admitted only {shared}"
+    );
+
+    let c = TestGateway::start(&fleet_config(&up, None, "local", limit)).await;
+    let d = TestGateway::start(&fleet_config(&up, None, "local", limit)).await;
+    let (local, _) = offer(&[&c, &d], 60, Duration::from_secs(3)).await;
+    assert!(
+        local as f64 > 1.6 * shared as f64,
+        "local limits admitted {local}, shared {shared}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_failure_follows_on_error_and_recovery_needs_no_restart() {
+    let mut redis = Redis::start().await;
+    let up = Upstream::start("qa").await;
+    let limit = "{ requests = 1, per = \"1m\", burst = 3 }";
+    let local = TestGateway::start(&fleet_config(&up, Some(&redis), "local", limit)).await;
+    let deny = TestGateway::start(&fleet_config(&up, Some(&redis), "deny", limit)).await;
+    let allow = TestGateway::start(&fleet_config(&up, Some(&redis), "allow", limit)).await;
+    let c = client();
+    let key = [("x-api-key", "spk_qa_shared")];
+
+    // Shared: three admitted in total across the fleet, whichever gateway answers.
+    for gw in [&local, &deny, &allow] {
+        assert_eq!(get(&c, &gw.url("/"), &key).await.status, 200);
+    }
+    for gw in [&local, &deny, &allow] {
+        let answer = get(&c, &gw.url("/"), &key).await;
+        answer.assert_error(429, "rate_limited");
+    }
+
+    redis.stop();
+    // local: this instance's own bucket (fresh: burst 3), then 429 from it.
+    for _ in 0..3 {
+        assert_eq!(get(&c, &local.url("/"), &key).await.status, 200);
+    }
+    get(&c, &local.url("/"), &key)
+        .await
+        .assert_error(429, "rate_limited");
+    // deny: 503; allow: through.
+    get(&c, &deny.url("/"), &key)
+        .await
+        .assert_error(503, "rate_limit_store_unavailable");
+    assert_eq!(get(&c, &allow.url("/"), &key).await.status, 200);
+    let metrics = get(&c, &format!("http://{}/metrics", deny.admin.unwrap()), &[])
+        .await
+        .text();
+    assert!(
+        metrics.contains("specter_rate_limit_store_errors_total 1"),
+        "{metrics}"
+    );
+
+    // Redis back (empty): shared limits resume without restarting the gateways.
+    redis.restart().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = get(&c, &deny.url("/"), &key).await;
+        if answer.status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "store never recovered: {}",
+            answer.text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // One cell spent through `deny`; two more anywhere, then the fleet is limited.
+    assert_eq!(get(&c, &allow.url("/"), &key).await.status, 200);
+    assert_eq!(get(&c, &local.url("/"), &key).await.status, 200);
+    get(&c, &allow.url("/"), &key)
+        .await
+        .assert_error(429, "rate_limited");
+}
+
+#[tokio::test]
+async fn idle_keys_expire_from_redis() {
+    let redis = Redis::start().await;
+    let store = RedisStore::new(&StoreConfig {
+        redis: redis.url(),
+        timeout: Duration::from_secs(1),
+        on_error: StoreErrorMode::Deny,
+    })
+    .unwrap();
+    let limits = RateLimitConfig {
+        per_key: Some(quota(10, Duration::from_secs(1), 2)),
+        total: Some(quota(100, Duration::from_secs(1), 5)),
+    };
+    store.check("qa", "k1", &limits).await.unwrap().unwrap();
+    let mut conn = redis.connection().await.unwrap();
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg("specter:rl:qa:k1")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!((1..=1100).contains(&ttl), "per-key TTL {ttl} ms");
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg("specter:rl:qa:_total")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!((1..=1010).contains(&ttl), "total TTL {ttl} ms");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("specter:rl:*")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if keys.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "keys never expired: {keys:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The Redis script and governor make the same decision for every arrival, on a table
+/// of (rate, burst, arrival times); the script's clock is fixed per call.
+#[tokio::test]
+async fn script_decides_like_the_local_limiter() {
+    let redis = Redis::start().await;
+    let store = RedisStore::new(&StoreConfig {
+        redis: redis.url(),
+        timeout: Duration::from_secs(1),
+        on_error: StoreErrorMode::Deny,
+    })
+    .unwrap();
+    let ms = Duration::from_millis;
+    let cases: Vec<(QuotaConfig, Vec<u64>)> = vec![
+        (
+            quota(10, ms(1000), 1),
+            vec![0, 50, 100, 150, 210, 300, 301, 500],
+        ),
+        (quota(10, ms(1000), 5), (0..20).map(|i| i * 20).collect()),
+        (
+            quota(2, ms(1000), 3),
+            vec![
+                0, 0, 0, 0, 499, 500, 501, 999, 1000, 1500, 3000, 3000, 3000, 3000,
+            ],
+        ),
+        (quota(100, ms(1000), 1), (0..50).map(|i| i * 7).collect()),
+        (
+            quota(1, ms(60_000), 2),
+            vec![0, 1, 2, 30_000, 59_999, 60_000, 90_000, 120_000],
+        ),
+    ];
+    let base_us: u64 = 1_900_000_000_000_000;
+    for (n, (q, arrivals)) in cases.into_iter().enumerate() {
+        let limits = RateLimitConfig {
+            per_key: Some(q),
+            total: None,
+        };
+        let clock = FakeRelativeClock::default();
+        let local = EnvLimiter::carry_over(&limits, None, &clock);
+        let key: std::sync::Arc<str> = format!("case{n}").into();
+        let mut at = 0;
+        for (i, t) in arrivals.into_iter().enumerate() {
+            clock.advance(ms(t - at));
+            at = t;
+            let local_ok = local.check(&key).is_ok();
+            let remote = store
+                .check_at("table", &key, &limits, Some(base_us + t * 1000))
+                .await
+                .unwrap();
+            assert_eq!(
+                remote.is_ok(),
+                local_ok,
+                "case {n} ({q:?}), arrival {i} at {t} ms"
+            );
+        }
+    }
+}
