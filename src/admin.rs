@@ -148,6 +148,7 @@ fn keys_view(state: &State) -> Value {
                 "not_after": k.not_after.map(rfc3339),
                 "requests": k.usage.requests.load(Ordering::Relaxed),
                 "last_seen": (last_seen > 0).then(|| rfc3339(UNIX_EPOCH + Duration::from_millis(last_seen))),
+                "last_ip": k.usage.last_ip.load().as_deref().map(|ip| ip.to_string()),
             })
         })
         .collect();

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -25,15 +26,21 @@ pub struct KeyUsage {
     pub requests: AtomicU64,
     /// Milliseconds since the Unix epoch; 0 = never.
     pub last_seen_ms: AtomicU64,
+    /// Replaced only when the client address changes, so the usual request (same
+    /// client as last time) costs a load and a compare, no allocation.
+    pub last_ip: arc_swap::ArcSwapOption<IpAddr>,
 }
 
 impl KeyUsage {
-    pub fn record(&self, now: SystemTime) {
+    pub fn record(&self, now: SystemTime, ip: IpAddr) {
         self.requests.fetch_add(1, Ordering::Relaxed);
         let ms = now
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
         self.last_seen_ms.fetch_max(ms, Ordering::Relaxed);
+        if self.last_ip.load().as_deref() != Some(&ip) {
+            self.last_ip.store(Some(Arc::new(ip)));
+        }
     }
 }
 

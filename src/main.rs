@@ -112,6 +112,12 @@ enum KeysCommand {
         #[arg(long)]
         id: Option<String>,
     },
+    /// Per-key request counts and last-seen times from a running gateway.
+    Usage {
+        /// The gateway's admin listener.
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: String,
+    },
     /// Read an existing key from stdin (not echoed) and print its TOML block.
     Hash {
         /// Defaults to the environment in a `spk_<env>_...` key.
@@ -182,12 +188,15 @@ fn main() -> ExitCode {
 }
 
 fn keys_command(command: KeysCommand) -> ExitCode {
-    let result = match command {
-        KeysCommand::New { env, id } => keys::new(&env, id.as_deref()),
-        KeysCommand::Hash { env, id } => keys::read_secret_line().and_then(|line| {
-            let env = env.or_else(|| infer_env(line.trim())).unwrap_or_default();
-            keys::hash(&env, id.as_deref(), &line)
-        }),
+    let result: Result<String, Box<dyn std::error::Error>> = match command {
+        KeysCommand::New { env, id } => keys::new(&env, id.as_deref()).map_err(Into::into),
+        KeysCommand::Usage { admin } => runtime().block_on(keys::usage(&admin)).map_err(Into::into),
+        KeysCommand::Hash { env, id } => keys::read_secret_line()
+            .and_then(|line| {
+                let env = env.or_else(|| infer_env(line.trim())).unwrap_or_default();
+                keys::hash(&env, id.as_deref(), &line)
+            })
+            .map_err(Into::into),
     };
     match result {
         Ok(text) => {

@@ -96,6 +96,57 @@ pub fn hash(env: &str, id: Option<&str>, input: &str) -> Result<String, KeysErro
     Ok(toml_block(env, &id, key))
 }
 
+/// `keys usage`: per-key request counts and last-seen times from a running gateway's
+/// admin `/keys`, as a table.
+pub async fn usage(admin: &str) -> Result<String, UsageError> {
+    use http_body_util::BodyExt;
+    let stream = tokio::net::TcpStream::connect(admin)
+        .await
+        .map_err(UsageError::Connect)?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let request = http::Request::get("/keys")
+        .header(http::header::HOST, admin)
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .expect("static request");
+    let response = sender.send_request(request).await?;
+    if !response.status().is_success() {
+        return Err(UsageError::Status(response.status()));
+    }
+    let body = response.into_body().collect().await?.to_bytes();
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&body)?;
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_owned();
+    let mut out = format!(
+        "{:<14} {:<24} {:>10}  {:<22} {:<16} {}\n",
+        "ENVIRONMENT", "KEY ID", "REQUESTS", "LAST SEEN", "LAST IP", "NOT AFTER"
+    );
+    for r in &rows {
+        out.push_str(&format!(
+            "{:<14} {:<24} {:>10}  {:<22} {:<16} {}\n",
+            text(&r["environment"]),
+            text(&r["key_id"]),
+            r["requests"].as_u64().unwrap_or(0),
+            text(&r["last_seen"]),
+            text(&r["last_ip"]),
+            text(&r["not_after"]),
+        ));
+    }
+    Ok(out)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UsageError {
+    #[error("cannot reach the admin listener: {0}")]
+    Connect(#[source] std::io::Error),
+    #[error("admin request failed: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("the admin listener answered {0}")]
+    Status(http::StatusCode),
+    #[error("the admin listener sent something other than the /keys JSON: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
 /// Reads one line from stdin without echoing it when stdin is a terminal.
 pub fn read_secret_line() -> Result<String, KeysError> {
     use std::io::{BufRead, IsTerminal};

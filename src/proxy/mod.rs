@@ -178,15 +178,15 @@ async fn inner(
     let env = &state.environments[key.environment];
     outcome.environment = Some(key.environment);
     outcome.key_id = Some(key.id.clone());
-    key.usage.record(now);
+    let trusted = &state.config.listen.trusted_proxies;
+    let client_ip = policy::client_ip(conn.peer.ip(), req.headers(), trusted);
+    outcome.client_ip = Some(client_ip);
+    key.usage.record(now, client_ip);
 
     let host = policy::request_host(req.uri(), req.headers());
     if !policy::host_allowed(&env.config.hosts, host) {
         return Err(GatewayError::WrongHost);
     }
-    let trusted = &state.config.listen.trusted_proxies;
-    let client_ip = policy::client_ip(conn.peer.ip(), req.headers(), trusted);
-    outcome.client_ip = Some(client_ip);
     env.policy.check_ip(client_ip)?;
     env.policy.check_method(req.method())?;
     env.policy.check_path(&path)?;
