@@ -1,7 +1,8 @@
 //! Per-environment rate limits (governor GCRA) and the IETF `RateLimit` header fields.
 //!
-//! Follows draft-ietf-httpapi-ratelimit-headers-09: `RateLimit-Policy` lists each policy
-//! as `"name";q=<quota>;w=<window seconds>` and `RateLimit` its current state as
+//! Follows draft-ietf-httpapi-ratelimit-headers-08 (the structured-field syntax kept by
+//! later revisions): `RateLimit-Policy` lists each policy as
+//! `"name";q=<quota>;w=<window seconds>` and `RateLimit` its current state as
 //! `"name";r=<remaining>;t=<seconds until the quota is whole again>`. A GCRA bucket of
 //! `burst` refilled at `requests/per` is announced as `q=burst` per the time the
 //! bucket takes to refill (`w = burst * per / requests`).
