@@ -67,6 +67,7 @@ fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {
             }
         }
         "/metrics" => {
+            record_upstream_health(shared);
             let mut r = Response::new(body::full(Bytes::from(shared.metrics.encode())));
             r.headers_mut().insert(
                 CONTENT_TYPE,
@@ -82,6 +83,25 @@ fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {
             StatusCode::NOT_FOUND,
             json!({"error": "not_found", "message": "Try /healthz, /readyz, /metrics, /config or /keys."}),
         ),
+    }
+}
+
+/// Upstream health is read off the live snapshot at scrape time, so upstreams removed
+/// by a reload disappear from the metrics too.
+fn record_upstream_health(shared: &Shared) {
+    let state = shared.state.load();
+    let gauges = &shared.metrics.upstream_healthy;
+    gauges.clear();
+    for env in &state.environments {
+        for (i, slot) in env.upstreams.slots.iter().enumerate() {
+            let labels = crate::metrics::UpstreamLabels {
+                environment: env.label.clone(),
+                upstream: slot.upstream.authority().to_owned(),
+            };
+            gauges
+                .get_or_create(&labels)
+                .set(i64::from(env.upstreams.is_healthy(i)));
+        }
     }
 }
 

@@ -130,6 +130,10 @@ impl Metrics {
             rate_limited.clone(),
         );
         let reloads = Family::<ResultLabels, Counter>::default();
+        // Series exist from the start, so `increase()` sees the first failure.
+        for result in ["success", "failure"] {
+            let _ = reloads.get_or_create(&ResultLabels { result });
+        }
         registry.register(
             "specter_config_reloads",
             "Config reload attempts, by result (success, failure)",

@@ -1,0 +1,452 @@
+#!/usr/bin/env python3
+"""Whole-gateway load benchmark: specter against nginx and haproxy on this machine.
+
+Layout (2 cores): the proxy under test alone on CPU 1, the load generator and the
+upstream (nginx answering 200 "ok") on CPU 0. Every proxy gets the same request bytes
+(the API key header is sent to all). Targets alternate within each round; ratios are
+computed per round and the median is reported, because the machine is shared and noisy.
+
+A round counts only when the proxy under test was busy >= 95% of the wall time (it was
+the bottleneck) and other processes took < 10% of the machine; otherwise it is redone
+(up to twice) and then reported as noisy.
+
+Run through run.sh, which installs the peers and builds specter in release.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.abspath(os.path.join(HERE, "..", ".."))
+KEY = "spk_bench_0123456789abcdefghijklmnopqrstu"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, timeout=30.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def render(template, values):
+    text = open(os.path.join(HERE, template)).read()
+    for k, v in values.items():
+        text = text.replace(f"@{k}@", str(v))
+    return text
+
+
+def cpu_times():
+    """Per-CPU (busy, total) jiffies from /proc/stat."""
+    out = {}
+    for line in open("/proc/stat"):
+        m = re.match(r"cpu(\d+) (.*)", line)
+        if m:
+            f = [int(x) for x in m.group(2).split()]
+            idle = f[3] + f[4]
+            out[int(m.group(1))] = (sum(f) - idle, sum(f))
+    return out
+
+
+def proc_cpu(pids):
+    """utime+stime (seconds) summed over processes and their children threads."""
+    total = 0
+    for pid in pids:
+        try:
+            f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+            total += int(f[11]) + int(f[12])
+        except OSError:
+            pass
+    return total / CLK_TCK
+
+
+def vm(pid, field):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])  # KiB
+    return 0
+
+
+def children(pid):
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+class Stack:
+    """The upstream and the three proxies, started once for the whole run."""
+
+    def __init__(self, work, specter_bin):
+        self.work = work
+        self.procs = {}
+        p = {name: free_port() for name in [
+            "UPSTREAM_PORT", "UPSTREAM_H2C_PORT", "NGINX_PORT", "NGINX_H2C_PORT", "NGINX_TLS_PORT",
+            "HAPROXY_PORT", "HAPROXY_H2C_PORT", "HAPROXY_TLS_PORT", "SPECTER_PORT",
+            "SPECTER_TLS_PORT", "SPECTER_ADMIN_PORT"]}
+        p["WORK"] = work
+        p["KEY_SHA256"] = hashlib.sha256(KEY.encode()).hexdigest()
+        self.ports = p
+        self.bin = specter_bin
+        subprocess.run([specter_bin, "certs", "dev", "--out", work], check=True, capture_output=True)
+        with open(os.path.join(work, "localhost-combined.pem"), "w") as f:
+            f.write(open(os.path.join(work, "localhost.pem")).read())
+            f.write(open(os.path.join(work, "localhost.key")).read())
+        for d in ["upstream-body", "nginx-body", "nginx-proxy"]:
+            os.makedirs(os.path.join(work, d), exist_ok=True)
+        for name in ["nginx-upstream.conf", "nginx-proxy.conf", "haproxy.cfg", "specter.toml"]:
+            with open(os.path.join(work, name), "w") as f:
+                f.write(render(name, p))
+        self.start("upstream", ["taskset", "-c", "0", "nginx", "-p", work, "-c", f"{work}/nginx-upstream.conf"])
+        self.start("nginx", ["taskset", "-c", "1", "nginx", "-p", work, "-c", f"{work}/nginx-proxy.conf"])
+        self.start("haproxy", ["taskset", "-c", "1", "haproxy", "-db", "-f", f"{work}/haproxy.cfg"])
+        self.start_specter(f"{work}/specter.toml")
+        for port in ["UPSTREAM_PORT", "NGINX_PORT", "HAPROXY_PORT", "SPECTER_PORT"]:
+            wait_port(p[port])
+
+    def start(self, name, cmd, env=None):
+        log = open(os.path.join(self.work, f"{name}.log"), "w")
+        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, start_new_session=True)
+
+    def start_specter(self, config):
+        env = dict(os.environ, TOKIO_WORKER_THREADS="1", RUST_LOG="warn")
+        self.start("specter", ["taskset", "-c", "1", self.bin, "run", "--config", config], env=env)
+        wait_port(self.ports["SPECTER_ADMIN_PORT"])
+
+    def restart_specter(self, config):
+        self.stop("specter")
+        self.start_specter(config)
+        wait_port(self.ports["SPECTER_PORT"])
+
+    def pids(self, name):
+        """The processes doing the work: nginx's worker(s), else the process itself."""
+        pid = self.procs[name].pid
+        if name in ("nginx", "upstream"):
+            return children(pid) or [pid]
+        if name in ("haproxy",):
+            return [pid] + children(pid)
+        return [pid]
+
+    def stop(self, name):
+        proc = self.procs.pop(name, None)
+        if proc and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+    def stop_all(self):
+        for name in list(self.procs):
+            self.stop(name)
+
+
+def wrk(url, conns, duration, script=None, headers=()):
+    cmd = ["taskset", "-c", "0", "wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--latency", "-H", f"x-api-key: {KEY}"]
+    for h in headers:
+        cmd += ["-H", h]
+    if script:
+        cmd += ["-s", script]
+    out = subprocess.run(cmd + [url], capture_output=True, text=True, timeout=duration + 60).stdout
+
+    def latency(label):
+        m = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)", out, re.M)
+        if not m:
+            return float("nan")
+        return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: (.*)", out)
+    return {
+        "rps": float(rps.group(1)) if rps else 0.0,
+        "p50": latency("50"),
+        "p99": latency("99"),
+        "non2xx": int(errors.group(1)) if errors else 0,
+        "socket_errors": socket_errors.group(1) if socket_errors else "",
+    }
+
+
+def h2load(url, duration, conns=16, streams=16):
+    cmd = ["taskset", "-c", "0", "h2load", "-D", str(duration), "-c", str(conns), "-m", str(streams),
+           "-t", "1", "-H", f"x-api-key: {KEY}", url]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60).stdout
+    rps = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out)
+    lat = re.search(r"time for request:\s+([\d.]+)(us|ms|s)\s+([\d.]+)(us|ms|s)\s+([\d.]+)(us|ms|s)", out)
+    status = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+    unit = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+    mean = float(lat.group(5)) * unit[lat.group(6)] if lat else float("nan")
+    return {
+        "rps": float(rps.group(1)) if rps else 0.0,
+        "p50": mean,  # h2load reports min/max/mean, not percentiles: mean shown as p50
+        "p99": float(lat.group(3)) * unit[lat.group(4)] if lat else float("nan"),  # max
+        "non2xx": sum(int(status.group(i)) for i in (2, 3, 4)) if status else 0,
+        "socket_errors": "",
+    }
+
+
+def measure(stack, target, run):
+    """Runs one load test against `target` and samples CPU around it."""
+    proxy = None if target == "direct" else target
+    pids = stack.pids(proxy) if proxy else []
+    ours = stack.pids("upstream") + pids
+    cpu0 = cpu_times()
+    proc0 = proc_cpu(pids)
+    ours0 = proc_cpu(ours)
+    start = time.time()
+    result = run()
+    wall = time.time() - start
+    cpu1 = cpu_times()
+    proxy_cpu = proc_cpu(pids) - proc0
+    busy = {c: (cpu1[c][0] - cpu0[c][0]) / max(1, cpu1[c][1] - cpu0[c][1]) for c in cpu1}
+    machine_busy = sum(cpu1[c][0] - cpu0[c][0] for c in cpu1) / CLK_TCK
+    # wrk's own CPU is not sampled; it runs on CPU 0, so CPU 0's busy time covers it.
+    others = machine_busy - (proc_cpu(ours) - ours0) - busy.get(0, 0) * wall
+    result.update({
+        "target": target,
+        "wall": wall,
+        "proxy_cpu": proxy_cpu / wall if proxy else None,
+        "cpu0_busy": busy.get(0, 0.0),
+        "cpu1_busy": busy.get(1, 0.0),
+        "others": max(0.0, others) / (wall * len(cpu1)),
+        "req_per_cpu_s": result["rps"] * wall / proxy_cpu if proxy and proxy_cpu > 0 else None,
+    })
+    return result
+
+
+def valid(r):
+    if r["proxy_cpu"] is not None and r["proxy_cpu"] < 0.95:
+        return False
+    return r["others"] < 0.10
+
+
+def scenarios(stack, work):
+    p = stack.ports
+    post = os.path.join(work, "post64k.lua")
+    with open(post, "w") as f:
+        f.write('wrk.method = "POST"\nwrk.body = string.rep("a", 65536)\n'
+                'wrk.headers["Content-Type"] = "application/octet-stream"\n')
+    plain = {"direct": p["UPSTREAM_PORT"], "nginx": p["NGINX_PORT"], "haproxy": p["HAPROXY_PORT"], "specter": p["SPECTER_PORT"]}
+    tls = {"nginx": p["NGINX_TLS_PORT"], "haproxy": p["HAPROXY_TLS_PORT"], "specter": p["SPECTER_TLS_PORT"]}
+    h2c = {"direct": p["UPSTREAM_H2C_PORT"], "nginx": p["NGINX_H2C_PORT"], "haproxy": p["HAPROXY_H2C_PORT"], "specter": p["SPECTER_PORT"]}
+    return {
+        "small": ("small GET, HTTP/1.1 keep-alive, 64 connections", plain,
+                  lambda port, d: wrk(f"http://127.0.0.1:{port}/", 64, d)),
+        "post64k": ("64 KiB POST bodies, 64 connections", plain,
+                    lambda port, d: wrk(f"http://127.0.0.1:{port}/", 64, d, script=post)),
+        "conns1000": ("small GET, 1,000 keep-alive connections", plain,
+                      lambda port, d: wrk(f"http://127.0.0.1:{port}/", 1000, d)),
+        "https": ("HTTPS keep-alive, 64 connections", tls,
+                  lambda port, d: wrk(f"https://127.0.0.1:{port}/", 64, d)),
+        "handshakes": ("new TLS connection per request, 32 connections", tls,
+                       lambda port, d: wrk(f"https://127.0.0.1:{port}/", 32, d, headers=["Connection: close"])),
+        "h2": ("HTTP/2 prior knowledge, 16 connections x 16 streams (h2load)", h2c,
+               lambda port, d: h2load(f"http://127.0.0.1:{port}/", d)),
+    }
+
+
+def run_scenario(stack, name, desc, targets, runner, rounds, duration):
+    per_round = []
+    for r in range(rounds):
+        order = list(targets)
+        order = order[r % len(order):] + order[:r % len(order)]
+        for attempt in range(3):
+            results = {t: measure(stack, t, lambda: runner(targets[t], duration)) for t in order}
+            if all(valid(x) for x in results.values()) or attempt == 2:
+                break
+            print(f"  round {r + 1}: noisy or proxy not saturated, redoing", file=sys.stderr)
+        for x in results.values():
+            x["valid"] = valid(x)
+        per_round.append(results)
+        line = "  ".join(f"{t} {x['rps']:.0f}/s{'' if x['valid'] else '*'}" for t, x in results.items())
+        print(f"  [{name}] round {r + 1}: {line}", file=sys.stderr)
+    return summarize(name, desc, per_round)
+
+
+def median(values):
+    values = [v for v in values if v is not None and v == v]
+    return statistics.median(values) if values else float("nan")
+
+
+def summarize(name, desc, per_round):
+    targets = list(per_round[0])
+    rows = {}
+    for t in targets:
+        rs = [r[t] for r in per_round]
+        rows[t] = {
+            "rps": median(x["rps"] for x in rs),
+            "p50": median(x["p50"] for x in rs),
+            "p99": median(x["p99"] for x in rs),
+            "req_per_cpu_s": median(x["req_per_cpu_s"] for x in rs),
+            "non2xx": sum(x["non2xx"] for x in rs),
+            "valid_rounds": sum(1 for x in rs if x["valid"]),
+        }
+    ratios = {}
+    for peer in ("nginx", "haproxy"):
+        if peer in targets and "specter" in targets:
+            ratios[f"specter/{peer} throughput"] = median(r["specter"]["rps"] / r[peer]["rps"] for r in per_round if r[peer]["rps"])
+            ratios[f"specter/{peer} p99"] = median(r["specter"]["p99"] / r[peer]["p99"] for r in per_round if r[peer]["p99"])
+    if "direct" in targets:
+        for t in targets:
+            if t != "direct":
+                ratios[f"{t}/direct throughput"] = median(r[t]["rps"] / r["direct"]["rps"] for r in per_round if r["direct"]["rps"])
+    return {"name": name, "desc": desc, "rounds": len(per_round), "rows": rows, "ratios": ratios}
+
+
+def ladder(stack, work, rounds, duration):
+    """specter alone, adding one feature at a time; then the 429 path."""
+    base = open(os.path.join(work, "specter.toml")).read()
+    head, _, _ = base.partition("[environments.bench.rate_limit]")
+    key_block = base[base.index("[[environments.bench.keys]]"):]
+    limits = base[base.index("[environments.bench.rate_limit]"):base.index("[environments.bench.policy]")]
+    policy = base[base.index("[environments.bench.policy]"):base.index("[[environments.bench.keys]]")]
+    tiny = "[environments.bench.rate_limit]\nper_key = { requests = 1, per = \"1h\" }\n\n"
+    rungs = [
+        ("key check only", head + key_block),
+        ("+ rate limits (never triggered)", head + limits + key_block),
+        ("+ rate limits + policy (the full hot path)", head + limits + policy + key_block),
+        ("429 path (every request rate-limited)", head + tiny + key_block),
+    ]
+    out = []
+    for label, text in rungs:
+        path = os.path.join(work, "ladder.toml")
+        with open(path, "w") as f:
+            f.write(text)
+        stack.restart_specter(path)
+        port = stack.ports["SPECTER_PORT"]
+        rs = [measure(stack, "specter", lambda: wrk(f"http://127.0.0.1:{port}/", 64, duration)) for _ in range(rounds)]
+        out.append({"rung": label, "rps": median(x["rps"] for x in rs), "p99": median(x["p99"] for x in rs),
+                    "req_per_cpu_s": median(x["req_per_cpu_s"] for x in rs)})
+        print(f"  [ladder] {label}: {out[-1]['rps']:.0f}/s", file=sys.stderr)
+    stack.restart_specter(os.path.join(work, "specter.toml"))
+    return out
+
+
+def memory(stack, work, keys):
+    """RSS of specter idle, with `keys` keys loaded, and with 10,000 idle connections."""
+    out = {}
+    stack.restart_specter(os.path.join(work, "specter.toml"))
+    out["specter idle (1 key)"] = vm(stack.procs["specter"].pid, "VmRSS")
+    if keys:
+        path = os.path.join(work, "many-keys.toml")
+        base = open(os.path.join(work, "specter.toml")).read()
+        with open(path, "w") as f:
+            f.write(base)
+            for i in range(keys):
+                k = f"spk_bench_{i:012d}"
+                f.write(f'[[environments.bench.keys]]\nid = "k{i}"\nsha256 = "{hashlib.sha256(k.encode()).hexdigest()}"\n')
+        started = time.time()
+        stack.restart_specter(path)
+        out[f"specter with {keys:,} keys"] = vm(stack.procs["specter"].pid, "VmRSS")
+        out[f"(load time for {keys:,} keys, s)"] = round(time.time() - started, 1)
+        stack.restart_specter(os.path.join(work, "specter.toml"))
+    for name, port in (("specter", stack.ports["SPECTER_PORT"]), ("nginx", stack.ports["NGINX_PORT"])):
+        socks = []
+        request = f"GET / HTTP/1.1\r\nHost: x\r\nx-api-key: {KEY}\r\n\r\n".encode()
+        for _ in range(10_000):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(request)
+            socks.append(s)
+        for s in socks:
+            s.recv(4096)
+        rss = sum(vm(pid, "VmRSS") for pid in stack.pids(name))
+        out[f"{name} with 10,000 idle keep-alive connections"] = rss
+        for s in socks:
+            s.close()
+    return out
+
+
+def markdown(results, ladder_rows, mem, args):
+    lines = [f"Run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {args.rounds} rounds x {args.duration} s per target, "
+             f"`nproc` = {os.cpu_count()}. Medians over rounds; `*` = fewer valid rounds than run.", ""]
+    for s in results:
+        lines += [f"### {s['desc']}", "", "| target | req/s | p50 ms | p99 ms | req per CPU-second | non-2xx | valid rounds |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for t, r in s["rows"].items():
+            cps = "-" if r["req_per_cpu_s"] != r["req_per_cpu_s"] else f"{r['req_per_cpu_s']:.0f}"
+            lines.append(f"| {t} | {r['rps']:.0f} | {r['p50']:.2f} | {r['p99']:.2f} | {cps} | {r['non2xx']} | "
+                         f"{r['valid_rounds']}/{s['rounds']} |")
+        lines.append("")
+        lines += [f"- {k}: **{v:.2f}**" for k, v in s["ratios"].items()]
+        lines.append("")
+    if ladder_rows:
+        lines += ["### Feature-cost ladder (specter alone, small GET, 64 connections)", "",
+                  "| configuration | req/s | p99 ms | req per CPU-second |", "|---|---:|---:|---:|"]
+        lines += [f"| {r['rung']} | {r['rps']:.0f} | {r['p99']:.2f} | {r['req_per_cpu_s'] or 0:.0f} |" for r in ladder_rows]
+        lines.append("")
+    if mem:
+        lines += ["### Memory (RSS, KiB)", "", "| what | RSS KiB |", "|---|---:|"]
+        lines += [f"| {k} | {v} |" for k, v in mem.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--scenarios", default="small,post64k,conns1000,https,handshakes,h2")
+    ap.add_argument("--ladder", action="store_true")
+    ap.add_argument("--memory-keys", type=int, default=0, help="also measure RSS with this many keys")
+    ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release", "specter"))
+    ap.add_argument("--write", help="rewrite the results section of this markdown file")
+    args = ap.parse_args()
+
+    work = tempfile.mkdtemp(prefix="specter-bench-")
+    try:
+        stack = Stack(work, args.bin)
+    except Exception:
+        print(f"could not start the stack; logs are in {work}", file=sys.stderr)
+        raise
+    try:
+        results = []
+        all_scenarios = scenarios(stack, work)
+        for name in args.scenarios.split(","):
+            desc, targets, runner = all_scenarios[name]
+            print(f"scenario {name}: {desc}", file=sys.stderr)
+            results.append(run_scenario(stack, name, desc, targets, runner, args.rounds, args.duration))
+        ladder_rows = ladder(stack, work, args.rounds, args.duration) if args.ladder else []
+        mem = memory(stack, work, args.memory_keys) if args.memory_keys else {}
+        for name in ("specter", "nginx", "haproxy"):
+            if name in stack.procs:
+                mem[f"{name} peak RSS over the run (VmHWM)"] = sum(vm(p, "VmHWM") for p in stack.pids(name))
+    finally:
+        stack.stop_all()
+        shutil.rmtree(work, ignore_errors=True)
+    text = markdown(results, ladder_rows, mem, args)
+    print(text)
+    json.dump({"results": results, "ladder": ladder_rows, "memory": mem},
+              open(os.path.join(HERE, "last-run.json"), "w"), indent=1, default=str)
+    if args.write:
+        doc = open(args.write).read()
+        start, end = "<!-- results:start -->", "<!-- results:end -->"
+        before, _, rest = doc.partition(start)
+        _, _, after = rest.partition(end)
+        open(args.write, "w").write(f"{before}{start}\n{text}\n{end}{after}")
+    failures = [s["name"] for s in results for t, r in s["rows"].items() if r["rps"] == 0]
+    if failures:
+        print(f"FAILED: no throughput in {failures}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
