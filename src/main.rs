@@ -236,8 +236,17 @@ fn infer_env(key: &str) -> Option<String> {
     keys::valid_environment(env).then(|| env.to_owned())
 }
 
+/// One worker per core by default (`TOKIO_WORKER_THREADS` overrides). With exactly one
+/// worker the single-threaded scheduler is used: no work-stealing bookkeeping and no
+/// cross-thread wake-ups for a process pinned to one core.
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
+    let one = std::env::var("TOKIO_WORKER_THREADS").is_ok_and(|v| v.trim() == "1");
+    let mut builder = if one {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    builder
         .enable_all()
         .build()
         .expect("the tokio runtime starts")

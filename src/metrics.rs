@@ -80,6 +80,32 @@ fn duration_histogram() -> Histogram {
     Histogram::new(BUCKETS)
 }
 
+/// One environment's request metrics, resolved once per snapshot so the hot path
+/// touches no label map: a histogram handle and a counter per status, made on first use.
+pub struct RequestMetrics {
+    label: Label,
+    duration: Histogram,
+    by_status: Box<[std::sync::OnceLock<Counter>]>,
+}
+
+impl RequestMetrics {
+    pub fn observe(&self, metrics: &Metrics, status: u16, seconds: f64) {
+        self.duration.observe(seconds);
+        match self.by_status.get(usize::from(status)) {
+            Some(slot) => slot.get_or_init(|| self.counter(metrics, status)).inc(),
+            None => self.counter(metrics, status).inc(),
+        };
+    }
+
+    fn counter(&self, metrics: &Metrics, status: u16) -> Counter {
+        let labels = RequestLabels {
+            environment: self.label.clone(),
+            status,
+        };
+        metrics.requests.get_or_create(&labels).clone()
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
@@ -188,6 +214,21 @@ impl Metrics {
             tls_handshake_failures,
             upstream_healthy,
             rate_limit_store_errors,
+        }
+    }
+
+    /// Request metrics of one environment (`Label::none()` for requests without one).
+    pub fn for_environment(&self, label: Label) -> RequestMetrics {
+        let duration = self
+            .duration
+            .get_or_create(&EnvLabels {
+                environment: label.clone(),
+            })
+            .clone();
+        RequestMetrics {
+            label,
+            duration,
+            by_status: (0..600).map(|_| std::sync::OnceLock::new()).collect(),
         }
     }
 

@@ -109,7 +109,7 @@ pub fn apply(shared: &Shared, config: Config) -> Result<ReloadSummary, ReloadErr
         tracing::warn!("[listen] changed; listener addresses are read at start only: restart specter to apply them (the rest of the config is applied now)");
     }
     let summary = summarize(&old.config, &config, old.version + 1);
-    let new = State::build(config, Some(&old), old.version + 1)?;
+    let new = State::build(config, Some(&old), old.version + 1, &shared.metrics)?;
     shared.metrics.config_version.set(new.version as i64);
     shared.state.store(Arc::new(new));
     Ok(summary)

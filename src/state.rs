@@ -25,6 +25,7 @@ pub struct Environment {
     pub policy: Policy,
     pub limiter: EnvLimiter,
     pub upstreams: UpstreamPool,
+    pub metrics: crate::metrics::RequestMetrics,
 }
 
 pub struct State {
@@ -61,6 +62,7 @@ impl State {
         config: Config,
         previous: Option<&State>,
         version: u64,
+        metrics: &crate::metrics::Metrics,
     ) -> Result<State, BuildError> {
         let clock = governor::clock::DefaultClock::default();
         let mut environments = Vec::with_capacity(config.environments.len());
@@ -70,8 +72,10 @@ impl State {
                 environment: env.name.clone(),
                 source: Box::new(source),
             })?;
+            let label = Label(Arc::from(env.name.as_str()));
             environments.push(Environment {
-                label: Label(Arc::from(env.name.as_str())),
+                metrics: metrics.for_environment(label.clone()),
+                label,
                 name_header: HeaderValue::from_str(&env.name).expect("validated name"),
                 policy: Policy::new(env.policy.clone()),
                 limiter: EnvLimiter::carry_over(&env.rate_limit, old.map(|o| &o.limiter), &clock),
@@ -151,6 +155,8 @@ fn build_keys(config: &Config, previous: Option<&State>) -> KeyMap {
 pub struct Shared {
     pub state: arc_swap::ArcSwap<State>,
     pub metrics: crate::metrics::Metrics,
+    /// Request metrics of requests no key tied to an environment.
+    pub unidentified: crate::metrics::RequestMetrics,
     /// Set on SIGTERM/SIGINT: new requests get 503 `shutting_down`, `/readyz` 503.
     pub draining: std::sync::atomic::AtomicBool,
     /// The last rejected reload, for `/config`; cleared by the next good one.
@@ -164,11 +170,12 @@ pub struct ReloadFailure {
 }
 
 impl Shared {
-    pub fn new(state: State) -> Shared {
-        let metrics = crate::metrics::Metrics::new();
+    /// `state` must have been built with `metrics`.
+    pub fn new(metrics: crate::metrics::Metrics, state: State) -> Shared {
         metrics.config_version.set(state.version as i64);
         Shared {
             state: arc_swap::ArcSwap::from_pointee(state),
+            unidentified: metrics.for_environment(Label::none()),
             metrics,
             draining: Default::default(),
             last_reload_error: Default::default(),

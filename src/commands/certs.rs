@@ -19,7 +19,11 @@ pub enum CertsError {
 
 /// A self-signed certificate and its key (PEM) for `localhost`, `127.0.0.1` and `::1`.
 pub fn self_signed() -> Result<(String, String), CertsError> {
-    let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
+    let names = vec![
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        "::1".to_owned(),
+    ];
     let rcgen::CertifiedKey { cert, signing_key } = rcgen::generate_simple_self_signed(names)?;
     Ok((cert.pem(), signing_key.serialize_pem()))
 }
@@ -32,11 +36,25 @@ pub fn dev(out: &Path) -> Result<(PathBuf, PathBuf), CertsError> {
 
 /// Writes `<name>.pem` (0644) and `<name>.key` (0600, created with that mode so the
 /// key is never readable by others, not even briefly).
-pub fn write_pair(out: &Path, name: &str, cert: &str, key: &str) -> Result<(PathBuf, PathBuf), CertsError> {
+pub fn write_pair(
+    out: &Path,
+    name: &str,
+    cert: &str,
+    key: &str,
+) -> Result<(PathBuf, PathBuf), CertsError> {
     let write = |path: PathBuf, mode: u32, text: &str| -> Result<PathBuf, CertsError> {
-        let io = |source| CertsError::Write { path: path.clone(), source };
+        let io = |source| CertsError::Write {
+            path: path.clone(),
+            source,
+        };
         std::fs::create_dir_all(out).map_err(io)?;
-        let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&path).map_err(io)?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&path)
+            .map_err(io)?;
         f.write_all(text.as_bytes()).map_err(io)?;
         Ok(path)
     };

@@ -751,7 +751,7 @@ impl Validator<'_> {
                         self.fail::<()>(
                             k.sha256.span(),
                             format!(
-                                "environments.{env_name}.keys[{i}].sha256: \"{}\" is already the hash of key \"{other_id}\" in environment \"{other_env}\"; a key belongs to exactly one environment, so generate a new key with `specter keys new --env {env_name}`",
+                                "environments.{env_name}.keys[{i}].sha256: \"{}\" is the same key hash as key \"{other_id}\" in environment \"{other_env}\"; a key belongs to exactly one environment, so generate a new key with `specter keys new --env {env_name}`",
                                 redact_hash(k.sha256.get_ref())
                             ),
                         );

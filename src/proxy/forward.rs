@@ -80,7 +80,7 @@ pub fn rewrite_request(headers: &mut HeaderMap, f: &Forwarded<'_>, rules: &Heade
         Some(prev) => format!("{prev}, {}", f.peer_ip),
         None => f.client_ip.to_string(),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(xff)) {
         headers.insert(X_FORWARDED_FOR, v);
     }
     headers.insert(

@@ -22,7 +22,7 @@ use hyper::body::{Body as _, Incoming};
 use crate::body::{self, Body, BodyReadTimeout, BodyTooLarge, Guarded};
 use crate::error::GatewayError;
 use crate::headers::{RATELIMIT, RATELIMIT_POLICY, X_REQUEST_ID};
-use crate::metrics::{EnvLabels, KindLabels, Label, RequestLabels, ScopeLabels};
+use crate::metrics::{KindLabels, ScopeLabels};
 use crate::policy::{self, path::normalize_path};
 use crate::state::{Environment, Shared, State};
 
@@ -94,21 +94,12 @@ pub async fn handle(
     };
     decorate(&mut response, env, &outcome, &request_id);
     let status = response.status().as_u16();
-    let label = env.map_or_else(Label::none, |e| e.label.clone());
     let elapsed = started.elapsed();
-    shared
-        .metrics
-        .requests
-        .get_or_create(&RequestLabels {
-            environment: label.clone(),
-            status,
-        })
-        .inc();
-    shared
-        .metrics
-        .duration
-        .get_or_create(&EnvLabels { environment: label })
-        .observe(elapsed.as_secs_f64());
+    env.map_or(&shared.unidentified, |e| &e.metrics).observe(
+        &shared.metrics,
+        status,
+        elapsed.as_secs_f64(),
+    );
     tracing::info!(
         target: "specter::access",
         request_id = request_id.to_str().unwrap_or(""),
@@ -257,28 +248,28 @@ async fn inner(
         env.policy.config.max_body,
         state.config.limits.body_read_timeout,
     );
-    let mut body = Some(guarded.boxed());
-
+    // A retry needs the request again: only bodiless requests (nearly all idempotent
+    // ones) are retried, from a copy made only when a retry is possible at all.
+    let method = parts.method.clone();
+    let mut spare = (empty_body && env.upstreams.slots.len() > 1).then(|| clone_parts(&parts));
+    let mut next = Some((parts, guarded.boxed()));
     let mut failed: Option<usize> = None;
     loop {
+        let (mut parts, body) = next.take().expect("each attempt has its request");
         let upstream = env
             .upstreams
             .pick(failed)
             .ok_or(GatewayError::NoHealthyUpstream)?;
         outcome.upstream = Some(upstream);
         let target = &env.upstreams.slots[upstream].upstream;
-        let uri = Uri::builder()
-            .scheme(target.uri.scheme_str().unwrap_or("http"))
-            .authority(target.authority())
-            .path_and_query(path_and_query.clone())
-            .build()
+        // Scheme and authority were parsed at load; cloning them is a reference count.
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = target.uri.scheme().cloned();
+        uri.authority = target.uri.authority().cloned();
+        uri.path_and_query = Some(path_and_query.clone());
+        parts.uri = Uri::from_parts(uri)
             .map_err(|_| GatewayError::BadRequest("the request target cannot be forwarded"))?;
-        let mut request = Request::from_parts(clone_parts(&parts, uri), body::empty());
-        *request.body_mut() = match (body.take(), empty_body) {
-            (Some(b), _) => b,
-            (None, true) => body::empty(),
-            (None, false) => unreachable!("a request with a body is never retried"),
-        };
+        let request = Request::from_parts(parts, body);
         let sent = tokio::time::timeout(
             env.config.request_timeout,
             env.upstreams.client.request(request),
@@ -307,19 +298,22 @@ async fn inner(
         if body::find_cause::<BodyReadTimeout>(&err).is_some() {
             return Err(GatewayError::RequestTimeout);
         }
-        if err.is_connect() {
-            upstream_error(shared, env, "connect");
-            if env.upstreams.record_connect_failure(upstream) {
-                tracing::warn!(environment = %env.config.name, upstream = %target.uri, "upstream ejected after repeated connect failures");
-            }
-            // A retry needs the body again: only bodiless requests (which covers nearly all
-            // idempotent ones) are retried; a streamed body is gone with the attempt.
-            if failed.is_none() && empty_body && env.upstreams.slots.len() > 1 {
+        let connect = err.is_connect();
+        upstream_error(shared, env, if connect { "connect" } else { "protocol" });
+        if connect && env.upstreams.record_connect_failure(upstream) {
+            tracing::warn!(environment = %env.config.name, upstream = %target.uri, "upstream ejected after repeated connect failures");
+        }
+        // Retried once elsewhere: a failed connect (nothing was sent), or an idempotent
+        // request whose connection closed before any response byte (like nginx's
+        // `proxy_next_upstream error`).
+        let unanswered =
+            body::find_cause::<hyper::Error>(&err).is_some_and(|e| e.is_incomplete_message());
+        if connect || (unanswered && is_idempotent(&method)) {
+            if let (None, Some(copy)) = (failed, spare.take()) {
+                next = Some((copy, body::empty()));
                 failed = Some(upstream);
                 continue;
             }
-        } else {
-            upstream_error(shared, env, "protocol");
         }
         return Err(GatewayError::UpstreamUnavailable(Box::new(err)));
     }
@@ -369,10 +363,16 @@ fn upstream_error(shared: &Shared, env: &Environment, kind: &'static str) {
         .inc();
 }
 
-fn clone_parts(parts: &http::request::Parts, uri: Uri) -> http::request::Parts {
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+    )
+}
+
+fn clone_parts(parts: &http::request::Parts) -> http::request::Parts {
     let (mut p, ()) = Request::new(()).into_parts();
     p.method = parts.method.clone();
-    p.uri = uri;
     p.version = parts.version;
     p.headers = parts.headers.clone();
     p

@@ -154,7 +154,7 @@ impl<C: Clock> EnvLimiter<C> {
                 }
             }
         }
-        Ok(HeaderValue::from_str(&fields).ok())
+        Ok(header_value(fields))
     }
 
     fn limited(
@@ -191,6 +191,11 @@ impl<C: Clock> EnvLimiter<C> {
         };
         (pk, total)
     }
+}
+
+/// A field value built as a `String`, handed over without a copy.
+pub fn header_value(fields: String) -> Option<HeaderValue> {
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(fields)).ok()
 }
 
 /// Whole seconds (rounded up) until `missing` cells are back in the bucket.

@@ -146,7 +146,7 @@ impl RedisStore {
                 for ((scope, q, _), left) in buckets.iter().zip(remaining) {
                     push_state(&mut fields, *scope, q, (*left).max(0) as u32);
                 }
-                Ok(Ok(HeaderValue::from_str(&fields).ok()))
+                Ok(Ok(super::header_value(fields)))
             }
             [0, index, wait_us] if (1..=buckets.len() as i64).contains(index) => {
                 let scope = buckets[(*index - 1) as usize].0;

@@ -21,6 +21,8 @@ pub struct ConnSignals {
     pub bare_lf: AtomicBool,
     pub length_and_chunked: AtomicBool,
     pub activity: AtomicU64,
+    /// Requests that reached the handler on this connection.
+    pub requests: AtomicU64,
     /// Requests being handled (not counting response bodies still streaming, which
     /// show up as activity).
     pub in_flight: AtomicU64,

@@ -66,7 +66,9 @@ impl Gateway {
     pub async fn start(config: Config) -> Result<Gateway, StartError> {
         let limits = config.limits.clone();
         let listen = config.listen.clone();
-        let shared = Arc::new(Shared::new(State::build(config, None, 1)?));
+        let metrics = crate::metrics::Metrics::new();
+        let state = State::build(config, None, 1, &metrics)?;
+        let shared = Arc::new(Shared::new(metrics, state));
         let (stop_accepting, stop_rx) = watch::channel(false);
         let connections = Arc::new(GracefulShutdown::new());
         let semaphore = Arc::new(Semaphore::new(limits.max_connections));
@@ -244,6 +246,7 @@ impl Acceptor {
                 builder: self.builder.clone(),
                 watcher: self.connections.watcher(),
                 idle_timeout: self.limits.idle_timeout,
+                first_request_timeout: self.limits.header_read_timeout,
             };
             let (kind, handshake_timeout) = (self.kind, self.limits.header_read_timeout);
             tokio::spawn(async move {
@@ -275,6 +278,9 @@ struct Connection {
     builder: Arc<auto::Builder<TokioExecutor>>,
     watcher: Watcher,
     idle_timeout: Duration,
+    /// The first request must arrive within this (`header_read_timeout`): hyper's own
+    /// header timer starts only after the HTTP/1-or-2 sniffing, and HTTP/2 has none.
+    first_request_timeout: Duration,
 }
 
 impl Connection {
@@ -327,6 +333,7 @@ impl Connection {
         let service = service_fn(move |req| {
             let (shared, info) = (shared.clone(), info.clone());
             async move {
+                info.signals.requests.fetch_add(1, Ordering::Relaxed);
                 info.signals.in_flight.fetch_add(1, Ordering::Relaxed);
                 let response = proxy::handle(shared, info.clone(), req).await;
                 info.signals.in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -343,8 +350,18 @@ impl Connection {
         // Idle watchdog: four quiet ticks of a quarter of the timeout each.
         let tick = self.idle_timeout / 4;
         let (mut last_seen, mut quiet) = (signals.activity.load(Ordering::Relaxed), 0);
+        let first_deadline = tokio::time::sleep(self.first_request_timeout);
+        tokio::pin!(first_deadline);
+        let mut awaiting_first = true;
         loop {
             tokio::select! {
+                _ = &mut first_deadline, if awaiting_first => {
+                    if signals.requests.load(Ordering::Relaxed) == 0 {
+                        tracing::debug!(peer = %self.peer, "no request within header_read_timeout; closing");
+                        return;
+                    }
+                    awaiting_first = false;
+                }
                 result = &mut connection => {
                     if let Err(e) = result {
                         tracing::debug!(peer = %self.peer, error = %e, "connection ended with an error");
