@@ -276,6 +276,27 @@ fn limiter_store(c: &mut Criterion) {
     group.finish();
 }
 
+/// The per-request cost of key usage tracking (`/keys`): two relaxed atomics and an
+/// address compare; the address is stored only when it changes.
+fn key_usage(c: &mut Criterion) {
+    let usage = specter::auth::KeyUsage::default();
+    let now = std::time::SystemTime::now();
+    let same: std::net::IpAddr = "10.1.2.3".parse().expect("address");
+    let other: std::net::IpAddr = "10.1.2.4".parse().expect("address");
+    let mut group = c.benchmark_group("key_usage");
+    group.bench_function("record_same_client", |b| {
+        b.iter(|| usage.record(black_box(now), black_box(same)))
+    });
+    let mut flip = false;
+    group.bench_function("record_alternating_clients", |b| {
+        b.iter(|| {
+            flip = !flip;
+            usage.record(black_box(now), if flip { same } else { other })
+        })
+    });
+    group.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .warm_up_time(Duration::from_secs(1))
@@ -286,6 +307,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = hot_path;
     config = config();
-    targets = key_lookup, path_normalize, policy_and_limits, limiter_store
+    targets = key_lookup, path_normalize, policy_and_limits, limiter_store, key_usage
 }
 criterion_main!(hot_path);

@@ -243,16 +243,18 @@ async fn inner(
             .headers
             .get(CONTENT_LENGTH)
             .is_some_and(|v| v.as_bytes() == b"0");
-    let guarded = Guarded::new(
-        incoming,
-        env.policy.config.max_body,
-        state.config.limits.body_read_timeout,
-    );
     // A retry needs the request again: only bodiless requests (nearly all idempotent
     // ones) are retried, from a copy made only when a retry is possible at all.
     let method = parts.method.clone();
     let mut spare = (empty_body && env.upstreams.slots.len() > 1).then(|| clone_parts(&parts));
-    let mut next = Some((parts, guarded.boxed()));
+    // A bodiless request needs no guard (and no timer).
+    let body = if empty_body {
+        body::empty()
+    } else {
+        let limits = &state.config.limits;
+        Guarded::new(incoming, env.policy.config.max_body, limits.body_read_timeout).boxed()
+    };
+    let mut next = Some((parts, body));
     let mut failed: Option<usize> = None;
     loop {
         let (mut parts, body) = next.take().expect("each attempt has its request");
