@@ -127,15 +127,26 @@ class Stack:
         log = open(os.path.join(self.work, f"{name}.log"), "w")
         self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, start_new_session=True)
 
-    def start_specter(self, config):
-        env = dict(os.environ, TOKIO_WORKER_THREADS="1", RUST_LOG="warn")
-        self.start("specter", ["taskset", "-c", "1", self.bin, "run", "--config", config], env=env)
-        wait_port(self.ports["SPECTER_ADMIN_PORT"])
+    def start_specter(self, config, log="warn"):
+        env = dict(os.environ, TOKIO_WORKER_THREADS="1", RUST_LOG=log)
+        cmd = ["taskset", "-c", "1", self.bin, "--log-format", "json", "run", "--config", config]
+        self.start("specter", cmd, env=env)
+        wait_port(self.ports["SPECTER_ADMIN_PORT"], timeout=300)
 
-    def restart_specter(self, config):
+    def restart_specter(self, config, log="warn"):
         self.stop("specter")
-        self.start_specter(config)
+        self.start_specter(config, log)
         wait_port(self.ports["SPECTER_PORT"])
+
+    def start_redis(self):
+        """A redis-server on CPU 0 for fleet mode; returns its URL (None if not installed)."""
+        if not shutil.which("redis-server"):
+            return None
+        port = free_port()
+        self.start("redis", ["taskset", "-c", "0", "redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                             "--save", "", "--appendonly", "no"])
+        wait_port(port)
+        return f"redis://127.0.0.1:{port}/0"
 
     def pids(self, name):
         """The processes doing the work: nginx's worker(s), else the process itself."""
@@ -320,18 +331,24 @@ def ladder(stack, work, rounds, duration):
     limits = base[base.index("[environments.bench.rate_limit]"):base.index("[environments.bench.policy]")]
     policy = base[base.index("[environments.bench.policy]"):base.index("[[environments.bench.keys]]")]
     tiny = "[environments.bench.rate_limit]\nper_key = { requests = 1, per = \"1h\" }\n\n"
+    full = head + limits + policy + key_block
     rungs = [
-        ("key check only", head + key_block),
-        ("+ rate limits (never triggered)", head + limits + key_block),
-        ("+ rate limits + policy (the full hot path)", head + limits + policy + key_block),
-        ("429 path (every request rate-limited)", head + tiny + key_block),
+        ("key check only", head + key_block, "warn"),
+        ("+ rate limits (never triggered)", head + limits + key_block, "warn"),
+        ("+ rate limits + policy (the full hot path)", full, "warn"),
+        ("full hot path + JSON access log (RUST_LOG=info, to a file)", full, "info"),
+        ("429 path (every request rate-limited)", head + tiny + key_block, "warn"),
     ]
+    redis = stack.start_redis()
+    if redis:
+        store = f'[rate_limit_store]\nredis = "{redis}"\ntimeout = "20ms"\n\n'
+        rungs.append(("full hot path, rate limits in Redis (fleet mode)", store + full, "warn"))
     out = []
-    for label, text in rungs:
+    for label, text, log in rungs:
         path = os.path.join(work, "ladder.toml")
         with open(path, "w") as f:
             f.write(text)
-        stack.restart_specter(path)
+        stack.restart_specter(path, log)
         port = stack.ports["SPECTER_PORT"]
         rs = [measure(stack, "specter", lambda: wrk(f"http://127.0.0.1:{port}/", 64, duration)) for _ in range(rounds)]
         out.append({"rung": label, "rps": median(x["rps"] for x in rs), "p99": median(x["p99"] for x in rs),
@@ -339,6 +356,57 @@ def ladder(stack, work, rounds, duration):
         print(f"  [ladder] {label}: {out[-1]['rps']:.0f}/s", file=sys.stderr)
     stack.restart_specter(os.path.join(work, "specter.toml"))
     return out
+
+
+def reload_bench(stack, work, keys, reloads=5):
+    """Time from a config write to the swap, with `keys` keys; and request latency
+    while reloading once a second vs without reloads."""
+    import threading
+    import urllib.request
+    base = open(os.path.join(work, "specter.toml")).read()
+    blocks = "".join(
+        f'[[environments.bench.keys]]\nid = "k{i}"\nsha256 = "{hashlib.sha256(f"spk_bench_{i:012d}".encode()).hexdigest()}"\n'
+        for i in range(keys))
+    path = os.path.join(work, "reload.toml")
+    with open(path, "w") as f:
+        f.write(base + blocks)
+    stack.restart_specter(path)
+    admin = f"http://127.0.0.1:{stack.ports['SPECTER_ADMIN_PORT']}/config"
+
+    def version():
+        return json.load(urllib.request.urlopen(admin))["version"]
+
+    def rewrite(n):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(base + blocks + f"# rewrite {n}\n")
+        os.rename(tmp, path)
+
+    swaps = []
+    for n in range(reloads):
+        before = version()
+        start = time.time()
+        rewrite(n)
+        while version() == before:
+            time.sleep(0.005)
+        swaps.append((time.time() - start) * 1000)
+    port = stack.ports["SPECTER_PORT"]
+    quiet = wrk(f"http://127.0.0.1:{port}/", 64, 10)
+    stop = threading.Event()
+
+    def reloader():
+        n = 100
+        while not stop.wait(1.0):
+            rewrite(n)
+            n += 1
+    t = threading.Thread(target=reloader)
+    t.start()
+    busy = wrk(f"http://127.0.0.1:{port}/", 64, 10)
+    stop.set()
+    t.join()
+    stack.restart_specter(os.path.join(work, "specter.toml"))
+    return {"keys": keys, "swap_ms": swaps, "debounce_ms": 200,
+            "without": quiet, "with_reload_every_second": busy}
 
 
 def memory(stack, work, keys):
@@ -375,7 +443,7 @@ def memory(stack, work, keys):
     return out
 
 
-def markdown(results, ladder_rows, mem, args):
+def markdown(results, ladder_rows, mem, args, reload=None):
     lines = [f"Run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {args.rounds} rounds x {args.duration} s per target, "
              f"`nproc` = {os.cpu_count()}. Medians over rounds; `*` = fewer valid rounds than run.", ""]
     for s in results:
@@ -393,6 +461,16 @@ def markdown(results, ladder_rows, mem, args):
                   "| configuration | req/s | p99 ms | req per CPU-second |", "|---|---:|---:|---:|"]
         lines += [f"| {r['rung']} | {r['rps']:.0f} | {r['p99']:.2f} | {r['req_per_cpu_s'] or 0:.0f} |" for r in ladder_rows]
         lines.append("")
+    if reload:
+        sw = reload["swap_ms"]
+        lines += [f"### Hot reload with {reload['keys']:,} keys", "",
+                  f"- file write to swap (includes the {reload['debounce_ms']} ms debounce): median "
+                  f"{statistics.median(sw):.0f} ms, max {max(sw):.0f} ms over {len(sw)} reloads",
+                  "", "| | req/s | p50 ms | p99 ms | non-2xx |", "|---|---:|---:|---:|---:|"]
+        for label, key in (("no reloads", "without"), ("a reload every second", "with_reload_every_second")):
+            r = reload[key]
+            lines.append(f"| {label} | {r['rps']:.0f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['non2xx']} |")
+        lines.append("")
     if mem:
         lines += ["### Memory (RSS, KiB)", "", "| what | RSS KiB |", "|---|---:|"]
         lines += [f"| {k} | {v} |" for k, v in mem.items()]
@@ -407,6 +485,7 @@ def main():
     ap.add_argument("--scenarios", default="small,post64k,conns1000,https,handshakes,h2")
     ap.add_argument("--ladder", action="store_true")
     ap.add_argument("--memory-keys", type=int, default=0, help="also measure RSS with this many keys")
+    ap.add_argument("--reload-keys", type=int, default=0, help="also time reloads of a config with this many keys")
     ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release", "specter"))
     ap.add_argument("--write", help="rewrite the results section of this markdown file")
     args = ap.parse_args()
@@ -420,11 +499,12 @@ def main():
     try:
         results = []
         all_scenarios = scenarios(stack, work)
-        for name in args.scenarios.split(","):
+        for name in [n for n in args.scenarios.split(",") if n]:
             desc, targets, runner = all_scenarios[name]
             print(f"scenario {name}: {desc}", file=sys.stderr)
             results.append(run_scenario(stack, name, desc, targets, runner, args.rounds, args.duration))
         ladder_rows = ladder(stack, work, args.rounds, args.duration) if args.ladder else []
+        reload = reload_bench(stack, work, args.reload_keys) if args.reload_keys else None
         mem = memory(stack, work, args.memory_keys) if args.memory_keys else {}
         for name in ("specter", "nginx", "haproxy"):
             if name in stack.procs:
@@ -432,9 +512,9 @@ def main():
     finally:
         stack.stop_all()
         shutil.rmtree(work, ignore_errors=True)
-    text = markdown(results, ladder_rows, mem, args)
+    text = markdown(results, ladder_rows, mem, args, reload)
     print(text)
-    json.dump({"results": results, "ladder": ladder_rows, "memory": mem},
+    json.dump({"results": results, "ladder": ladder_rows, "memory": mem, "reload": reload},
               open(os.path.join(HERE, "last-run.json"), "w"), indent=1, default=str)
     if args.write:
         doc = open(args.write).read()
