@@ -3,6 +3,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -49,17 +51,25 @@ pin_project_lite::pin_project! {
         timeout: Duration,
         #[pin]
         deadline: tokio::time::Sleep,
+        // Bytes passed, for the access log (when it is on).
+        counter: Option<Arc<AtomicU64>>,
     }
 }
 
 impl<B> Guarded<B> {
-    pub fn new(inner: B, limit: Option<u64>, timeout: Duration) -> Self {
+    pub fn new(
+        inner: B,
+        limit: Option<u64>,
+        timeout: Duration,
+        counter: Option<Arc<AtomicU64>>,
+    ) -> Self {
         Guarded {
             inner,
             seen: 0,
             limit,
             timeout,
             deadline: tokio::time::sleep(timeout),
+            counter,
         }
     }
 }
@@ -88,6 +98,9 @@ where
         };
         if let Some(data) = frame.data_ref() {
             *this.seen += data.len() as u64;
+            if let Some(counter) = this.counter {
+                counter.fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
             if let Some(limit) = *this.limit {
                 if *this.seen > limit {
                     return Poll::Ready(Some(Err(Box::new(BodyTooLarge { limit }))));

@@ -999,10 +999,15 @@ async fn json_access_log_has_one_line_per_request_with_every_field() {
             "upstream",
             "upstream_status",
             "duration_ms",
+            "bytes_in",
+            "bytes_out",
+            "completed",
             "error",
         ] {
             assert!(!l[field].is_null(), "no {field} at the top level: {l}");
         }
+        assert_eq!(l["completed"], true, "{l}");
+        assert_eq!(l["bytes_in"], 0, "GETs send no body: {l}");
         assert_eq!(l["client_ip"], "127.0.0.1");
         assert_eq!(l["method"], "GET");
         assert!(l["duration_ms"].as_f64().is_some_and(|d| d >= 0.0), "{l}");
@@ -1016,6 +1021,8 @@ async fn json_access_log_has_one_line_per_request_with_every_field() {
         assert_eq!(l["upstream"], upstream.as_str());
         assert_eq!(l["upstream_status"], 200);
         assert_eq!(l["error"], "-");
+        // The recording upstream answers its own name.
+        assert_eq!(l["bytes_out"], "development".len(), "{l}");
     }
     assert_eq!(line("log-ok-get")["path"], "/v1/thing");
     assert_eq!(

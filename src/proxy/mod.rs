@@ -3,12 +3,13 @@
 //!
 //! Nothing is sent upstream before every check passed.
 
+pub mod access;
 pub mod client;
 pub mod forward;
 pub mod upgrade;
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -18,7 +19,9 @@ use http::uri::{PathAndQuery, Uri};
 use http::{Method, Request, Response, Version};
 use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
+use hyper::upgrade::OnUpgrade;
 
+use crate::auth::{KeyEntry, KeySource};
 use crate::body::{self, Body, BodyReadTimeout, BodyTooLarge, Guarded};
 use crate::error::GatewayError;
 use crate::headers::{RATELIMIT, RATELIMIT_POLICY, X_REQUEST_ID};
@@ -47,6 +50,8 @@ struct Outcome {
     upstream: Option<usize>,
     upstream_status: Option<u16>,
     client_ip: Option<std::net::IpAddr>,
+    /// Request body bytes sent upstream; only counted while the access log is on.
+    bytes_in: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 pub async fn handle(
@@ -57,39 +62,21 @@ pub async fn handle(
     let started = Instant::now();
     let state = shared.state.load_full();
     let request_id = request_id(req.headers());
-    let version = req.version();
-    let method = req.method().clone();
-    let mut outcome = Outcome::default();
+    let (version, method) = (req.version(), req.method().clone());
+    let mut outcome = Outcome {
+        bytes_in: access::enabled().then(Default::default),
+        ..Outcome::default()
+    };
     let result = inner(&shared, &state, &conn, req, &request_id, &mut outcome).await;
     let env = outcome.environment.map(|i| &state.environments[i]);
     let (mut response, error) = match result {
         Ok(response) => (response, None),
         Err(err) => {
-            if let GatewayError::RateLimited { scope, .. } = &err {
-                if let Some(env) = env {
-                    shared
-                        .metrics
-                        .rate_limited
-                        .get_or_create(&ScopeLabels {
-                            environment: env.label.clone(),
-                            scope,
-                        })
-                        .inc();
-                }
-            }
             let code = err.code();
-            if err.status().is_server_error() {
-                tracing::warn!(request_id = request_id.to_str().unwrap_or(""), error = code, cause = %ErrorChain(&err), "gateway answered with an error");
-            }
-            let close = err.status() == http::StatusCode::BAD_REQUEST && version < Version::HTTP_2;
-            let mut response = err.into_response(&request_id);
-            if close {
-                // A malformed request leaves the connection's framing in doubt.
-                response
-                    .headers_mut()
-                    .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
-            }
-            (response, Some(code))
+            (
+                error_response(&shared, env, err, &request_id, version),
+                Some(code),
+            )
         }
     };
     decorate(&mut response, env, &outcome, &request_id);
@@ -100,21 +87,57 @@ pub async fn handle(
         status,
         elapsed.as_secs_f64(),
     );
-    tracing::info!(
-        target: "specter::access",
-        request_id = request_id.to_str().unwrap_or(""),
-        client_ip = %outcome.client_ip.unwrap_or_else(|| policy::canonical_ip(conn.peer.ip())),
-        method = %method,
-        path = outcome.path.as_deref().unwrap_or("-"),
-        status,
-        environment = env.map_or("-", |e| e.config.name.as_str()),
-        key_id = outcome.key_id.as_deref().unwrap_or("-"),
-        upstream = env.zip(outcome.upstream).map_or("-", |(e, i)| e.upstreams.slots[i].upstream.authority()),
-        upstream_status = outcome.upstream_status.unwrap_or(0),
-        duration_ms = elapsed.as_secs_f64() * 1000.0,
-        error = error.unwrap_or("-"),
-    );
+    if let Some(bytes_in) = outcome.bytes_in {
+        let record = access::Record {
+            started,
+            request_id,
+            client_ip: outcome
+                .client_ip
+                .unwrap_or_else(|| policy::canonical_ip(conn.peer.ip())),
+            method,
+            path: outcome.path,
+            status,
+            environment: env.map(|e| e.label.0.clone()),
+            key_id: outcome.key_id,
+            upstream: env
+                .zip(outcome.upstream)
+                .map(|(e, i)| e.upstreams.slots[i].upstream.authority().to_owned()),
+            upstream_status: outcome.upstream_status.unwrap_or(0),
+            error,
+            bytes_in,
+        };
+        response = response.map(|body| access::log_on_completion(body, record));
+    }
     Ok(response)
+}
+
+/// The JSON answer for an error, counted and (for our own failures) logged with its
+/// whole cause chain.
+fn error_response(
+    shared: &Shared,
+    env: Option<&Environment>,
+    err: GatewayError,
+    request_id: &HeaderValue,
+    version: Version,
+) -> Response<Body> {
+    if let (GatewayError::RateLimited { scope, .. }, Some(env)) = (&err, env) {
+        let labels = ScopeLabels {
+            environment: env.label.clone(),
+            scope,
+        };
+        shared.metrics.rate_limited.get_or_create(&labels).inc();
+    }
+    if err.status().is_server_error() {
+        tracing::warn!(request_id = request_id.to_str().unwrap_or(""), error = err.code(), cause = %ErrorChain(&err), "gateway answered with an error");
+    }
+    let close = err.status() == http::StatusCode::BAD_REQUEST && version < Version::HTTP_2;
+    let mut response = err.into_response(request_id);
+    if close {
+        // A malformed request leaves the connection's framing in doubt.
+        let headers = response.headers_mut();
+        headers.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
 }
 
 fn decorate(
@@ -147,10 +170,34 @@ async fn inner(
     shared: &Shared,
     state: &State,
     conn: &ConnInfo,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
     request_id: &HeaderValue,
     outcome: &mut Outcome,
 ) -> Result<Response<Body>, GatewayError> {
+    let admitted = admit(shared, state, conn, &req, outcome).await?;
+    let counter = outcome.bytes_in.clone();
+    let (attempt, upgrade) = upstream_request(state, conn, req, request_id, &admitted, counter)?;
+    send(shared, admitted.env, attempt, upgrade, outcome).await
+}
+
+/// A request that passed every check.
+struct Admitted<'s> {
+    env: &'s Environment,
+    key: &'s KeyEntry,
+    key_source: KeySource,
+    /// The normal form: what the policy checked and what the upstream receives.
+    path: String,
+    client_ip: IpAddr,
+}
+
+/// Every check, in the documented order: framing, key, policy, rate limits.
+async fn admit<'s>(
+    shared: &Shared,
+    state: &'s State,
+    conn: &ConnInfo,
+    req: &Request<Incoming>,
+    outcome: &mut Outcome,
+) -> Result<Admitted<'s>, GatewayError> {
     crate::framing::check_request(req.version(), req.headers(), &conn.signals)?;
     if shared.draining.load(Ordering::Relaxed) {
         return Err(GatewayError::ShuttingDown);
@@ -190,26 +237,54 @@ async fn inner(
             return Err(err);
         }
     }
+    Ok(Admitted {
+        env,
+        key,
+        key_source,
+        path,
+        client_ip,
+    })
+}
 
+/// The request as the upstream receives it, but for the URI (set per attempt).
+struct Attempt {
+    parts: http::request::Parts,
+    body: Body,
+    path_and_query: PathAndQuery,
+    /// A copy for one retry, made only when a retry is possible at all: bodiless
+    /// requests (nearly all idempotent ones) on an environment with several upstreams.
+    spare: Option<http::request::Parts>,
+}
+
+fn upstream_request(
+    state: &State,
+    conn: &ConnInfo,
+    mut req: Request<Incoming>,
+    request_id: &HeaderValue,
+    a: &Admitted<'_>,
+    bytes_in: Option<Arc<std::sync::atomic::AtomicU64>>,
+) -> Result<(Attempt, Option<OnUpgrade>), GatewayError> {
+    let env = a.env;
     let upgrade = upgrade::requested(&req).map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
     let (mut parts, incoming) = req.into_parts();
     let original_host = parts
         .uri
         .authority()
-        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        .and_then(|authority| HeaderValue::from_str(authority.as_str()).ok())
         .or_else(|| parts.headers.get(HOST).cloned());
     let peer_ip = policy::canonical_ip(conn.peer.ip());
+    let trusted = &state.config.listen.trusted_proxies;
     let forwarded = forward::Forwarded {
         auth_header: &state.config.auth.header,
-        key_source,
-        client_ip,
+        key_source: a.key_source,
+        client_ip: a.client_ip,
         peer_ip,
         extend_forwarded_for: trusted.iter().any(|n| n.contains(&peer_ip)),
         tls: conn.tls,
         host: original_host.clone(),
         request_id,
         environment: &env.name_header,
-        key_id: &key.id_header,
+        key_id: &a.key.id_header,
         client_cert_subject: conn.client_cert_subject.as_ref(),
     };
     forward::rewrite_request(
@@ -217,18 +292,16 @@ async fn inner(
         &forwarded,
         &env.policy.config.request_headers,
     );
-    let mut client_upgrade = upgrade.map(|(protocol, on_upgrade)| {
+    let upgrade = upgrade.map(|(protocol, on_upgrade)| {
         upgrade::mark(&mut parts.headers, protocol);
         on_upgrade
     });
-    if env.config.preserve_host {
-        if let Some(host) = original_host {
-            parts.headers.insert(HOST, host);
-        }
+    if let (true, Some(host)) = (env.config.preserve_host, original_host) {
+        parts.headers.insert(HOST, host);
     }
     let path_and_query = match parts.uri.query() {
-        Some(q) => format!("{path}?{q}"),
-        None => path,
+        Some(q) => format!("{}?{q}", a.path),
+        None => a.path.clone(),
     };
     let path_and_query = PathAndQuery::try_from(path_and_query)
         .map_err(|_| GatewayError::BadRequest("the request target cannot be forwarded"))?;
@@ -243,17 +316,46 @@ async fn inner(
             .headers
             .get(CONTENT_LENGTH)
             .is_some_and(|v| v.as_bytes() == b"0");
-    // A retry needs the request again: only bodiless requests (nearly all idempotent
-    // ones) are retried, from a copy made only when a retry is possible at all.
-    let method = parts.method.clone();
-    let mut spare = (empty_body && env.upstreams.slots.len() > 1).then(|| clone_parts(&parts));
+    let spare = (empty_body && env.upstreams.slots.len() > 1).then(|| clone_parts(&parts));
     // A bodiless request needs no guard (and no timer).
     let body = if empty_body {
         body::empty()
     } else {
         let limits = &state.config.limits;
-        Guarded::new(incoming, env.policy.config.max_body, limits.body_read_timeout).boxed()
+        Guarded::new(
+            incoming,
+            env.policy.config.max_body,
+            limits.body_read_timeout,
+            bytes_in,
+        )
+        .boxed()
     };
+    Ok((
+        Attempt {
+            parts,
+            body,
+            path_and_query,
+            spare,
+        },
+        upgrade,
+    ))
+}
+
+/// Sends to a healthy upstream, retrying once elsewhere when that is safe.
+async fn send(
+    shared: &Shared,
+    env: &Environment,
+    attempt: Attempt,
+    mut client_upgrade: Option<OnUpgrade>,
+    outcome: &mut Outcome,
+) -> Result<Response<Body>, GatewayError> {
+    let Attempt {
+        parts,
+        body,
+        path_and_query,
+        mut spare,
+    } = attempt;
+    let method = parts.method.clone();
     let mut next = Some((parts, body));
     let mut failed: Option<usize> = None;
     loop {
@@ -272,12 +374,8 @@ async fn inner(
         parts.uri = Uri::from_parts(uri)
             .map_err(|_| GatewayError::BadRequest("the request target cannot be forwarded"))?;
         let request = Request::from_parts(parts, body);
-        let sent = tokio::time::timeout(
-            env.config.request_timeout,
-            env.upstreams.client.request(request),
-        )
-        .await;
-        let err = match sent {
+        let timeout = env.config.request_timeout;
+        let err = match tokio::time::timeout(timeout, env.upstreams.client.request(request)).await {
             Ok(Ok(mut response)) => {
                 env.upstreams.record_success(upstream);
                 outcome.upstream_status = Some(response.status().as_u16());
@@ -289,7 +387,7 @@ async fn inner(
             Ok(Err(e)) => e,
             Err(_) => {
                 upstream_error(shared, env, "timeout");
-                return Err(GatewayError::UpstreamTimeout(env.config.request_timeout));
+                return Err(GatewayError::UpstreamTimeout(timeout));
             }
         };
         if let Some(too_large) = body::find_cause::<BodyTooLarge>(&err) {
