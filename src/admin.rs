@@ -141,7 +141,7 @@ fn config_view(shared: &Shared) -> Value {
                 "connect_timeout": humantime::format_duration(cfg.connect_timeout).to_string(),
                 "request_timeout": humantime::format_duration(cfg.request_timeout).to_string(),
                 "rate_limit": {"per_key": quota(&cfg.rate_limit.per_key), "total": quota(&cfg.rate_limit.total)},
-                "key_ids": cfg.keys.iter().map(|k| k.id.as_str()).collect::<Vec<_>>(),
+                "key_ids": e.key_ids.iter().map(|id| &**id).collect::<Vec<&str>>(),
             })
         })
         .collect();

@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
-use crate::config::{self, Config, ConfigErrors};
+use crate::config::{self, Config, ConfigErrors, KeyDigest};
 use crate::state::{BuildError, ReloadFailure, Shared, State};
 
 /// A burst of file events closer together than this is one reload.
@@ -108,45 +108,59 @@ pub fn apply(shared: &Shared, config: Config) -> Result<ReloadSummary, ReloadErr
     if config.listen != old.config.listen {
         tracing::warn!("[listen] changed; listener addresses are read at start only: restart specter to apply them (the rest of the config is applied now)");
     }
-    let summary = summarize(&old.config, &config, old.version + 1);
+    let summary = summarize(&old, &config, old.version + 1);
     let new = State::build(config, Some(&old), old.version + 1, &shared.metrics)?;
     shared.metrics.config_version.set(new.version as i64);
     shared.state.store(Arc::new(new));
     Ok(summary)
 }
 
-fn summarize(old: &Config, new: &Config, version: u64) -> ReloadSummary {
-    let names = |c: &Config| {
-        c.environments
-            .iter()
-            .map(|e| e.name.clone())
-            .collect::<BTreeSet<_>>()
-    };
-    let (before, after) = (names(old), names(new));
-    let keys = |c: &Config| {
-        c.environments
-            .iter()
-            .flat_map(|e| {
-                e.keys
-                    .iter()
-                    .map(move |k| (e.name.clone(), k.id.clone(), k.sha256))
-            })
-            .collect::<HashSet<_>>()
-    };
-    let (kb, ka) = (keys(old), keys(new));
+/// What changed between the running snapshot and a new config (before it is built:
+/// the snapshot holds its keys in the key map, the new config still in its lists).
+fn summarize(old: &State, new: &Config, version: u64) -> ReloadSummary {
+    let before: BTreeSet<&str> = old
+        .environments
+        .iter()
+        .map(|e| e.config.name.as_str())
+        .collect();
+    let after: BTreeSet<&str> = new.environments.iter().map(|e| e.name.as_str()).collect();
+    let old_keys: HashSet<(&str, &str, &KeyDigest)> = old
+        .keys
+        .iter()
+        .map(|(digest, k)| {
+            (
+                old.environments[k.environment].config.name.as_str(),
+                &*k.id,
+                digest,
+            )
+        })
+        .collect();
+    let new_keys: HashSet<(&str, &str, &KeyDigest)> = new
+        .environments
+        .iter()
+        .flat_map(|e| {
+            e.keys
+                .iter()
+                .map(move |k| (e.name.as_str(), k.id.as_str(), &k.sha256))
+        })
+        .collect();
+    let owned = |names: Vec<&&str>| names.into_iter().map(|n| n.to_string()).collect();
     ReloadSummary {
         version,
         sha256: new.source.sha256.clone(),
-        environments_added: after.difference(&before).cloned().collect(),
-        environments_removed: before.difference(&after).cloned().collect(),
+        environments_added: owned(after.difference(&before).collect()),
+        environments_removed: owned(before.difference(&after).collect()),
         environments_changed: new
             .environments
             .iter()
-            .filter(|e| old.environments.iter().any(|o| o.name == e.name && o != *e))
+            .filter(|e| {
+                old.environment(&e.name)
+                    .is_some_and(|o| !o.config.same_settings(e))
+            })
             .map(|e| e.name.clone())
             .collect(),
-        keys_added: ka.difference(&kb).count(),
-        keys_removed: kb.difference(&ka).count(),
+        keys_added: new_keys.difference(&old_keys).count(),
+        keys_removed: old_keys.difference(&new_keys).count(),
     }
 }
 

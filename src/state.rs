@@ -10,7 +10,7 @@ use std::time::SystemTime;
 use http::HeaderValue;
 
 use crate::auth::{KeyEntry, KeyMap, KeyUsage};
-use crate::config::{Config, EnvironmentConfig};
+use crate::config::{Config, EnvironmentConfig, KeyConfig};
 use crate::metrics::Label;
 use crate::policy::Policy;
 use crate::proxy::client::UpstreamPool;
@@ -26,6 +26,8 @@ pub struct Environment {
     pub limiter: EnvLimiter,
     pub upstreams: UpstreamPool,
     pub metrics: crate::metrics::RequestMetrics,
+    /// The environment's key ids in file order (for `/config`); shared with the key map.
+    pub key_ids: Vec<Arc<str>>,
 }
 
 pub struct State {
@@ -58,12 +60,20 @@ pub enum BuildError {
 impl State {
     /// Builds a snapshot for `config`. From `previous` it takes over the limiters whose
     /// quota is unchanged and the usage counters of keys that remain.
+    ///
+    /// The keys move out of the config into the key map: the snapshot's `config` keeps
+    /// every setting but no key list, so a million keys are held once, not three times.
     pub fn build(
-        config: Config,
+        mut config: Config,
         previous: Option<&State>,
         version: u64,
         metrics: &crate::metrics::Metrics,
     ) -> Result<State, BuildError> {
+        let key_lists: Vec<Vec<KeyConfig>> = config
+            .environments
+            .iter_mut()
+            .map(|e| std::mem::take(&mut e.keys))
+            .collect();
         let clock = governor::clock::DefaultClock::default();
         let mut environments = Vec::with_capacity(config.environments.len());
         for env in &config.environments {
@@ -81,9 +91,13 @@ impl State {
                 limiter: EnvLimiter::carry_over(&env.rate_limit, old.map(|o| &o.limiter), &clock),
                 upstreams,
                 config: env.clone(),
+                key_ids: Vec::new(),
             });
         }
-        let keys = build_keys(&config, previous);
+        let (keys, key_ids) = build_keys(&config, key_lists, previous);
+        for (env, ids) in environments.iter_mut().zip(key_ids) {
+            env.key_ids = ids;
+        }
         let tls = match &config.tls {
             Some(t) if config.listen.https.is_some() => {
                 Some(tls::server_config(t).map_err(|e| BuildError::ServerTls(Box::new(e)))?)
@@ -96,6 +110,7 @@ impl State {
             previous.and_then(|p| p.store.as_ref()),
         )
         .map_err(BuildError::Store)?;
+        release_freed_memory();
         Ok(State {
             #[cfg(feature = "redis")]
             store,
@@ -113,7 +128,22 @@ impl State {
     }
 }
 
-fn build_keys(config: &Config, previous: Option<&State>) -> KeyMap {
+/// Parsing a large config leaves freed memory that glibc keeps mapped; hand it back so
+/// the resident size reflects what the snapshot holds.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free heap pages; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// The key map, and each environment's key ids in file order.
+fn build_keys(
+    config: &Config,
+    key_lists: Vec<Vec<KeyConfig>>,
+    previous: Option<&State>,
+) -> (KeyMap, Vec<Vec<Arc<str>>>) {
     let old_usage: HashMap<(&str, &str), &Arc<KeyUsage>> = previous
         .map(|p| {
             p.keys
@@ -127,19 +157,23 @@ fn build_keys(config: &Config, previous: Option<&State>) -> KeyMap {
                 .collect()
         })
         .unwrap_or_default();
-    let count = config.environments.iter().map(|e| e.keys.len()).sum();
+    let count = key_lists.iter().map(Vec::len).sum();
     let mut keys = KeyMap::with_capacity_and_hasher(count, Default::default());
-    for (i, env) in config.environments.iter().enumerate() {
-        for key in &env.keys {
+    let mut ids_by_env = Vec::with_capacity(key_lists.len());
+    for (i, (env, list)) in config.environments.iter().zip(key_lists).enumerate() {
+        let mut ids = Vec::with_capacity(list.len());
+        for key in list {
             let usage = old_usage
                 .get(&(env.name.as_str(), key.id.as_str()))
                 .map(|u| Arc::clone(u))
                 .unwrap_or_default();
+            let id: Arc<str> = Arc::from(key.id.as_str());
+            ids.push(id.clone());
             keys.insert(
                 key.sha256,
                 KeyEntry {
                     environment: i,
-                    id: Arc::from(key.id.as_str()),
+                    id,
                     id_header: HeaderValue::from_str(&key.id).expect("validated id"),
                     not_before: key.not_before,
                     not_after: key.not_after,
@@ -147,8 +181,9 @@ fn build_keys(config: &Config, previous: Option<&State>) -> KeyMap {
                 },
             );
         }
+        ids_by_env.push(ids);
     }
-    keys
+    (keys, ids_by_env)
 }
 
 /// What lives for the whole process: the current snapshot and what must outlive it.

@@ -117,6 +117,39 @@ pub struct EnvironmentConfig {
     pub keys: Vec<KeyConfig>,
 }
 
+impl EnvironmentConfig {
+    /// Equal in everything but the key list.
+    pub fn same_settings(&self, other: &EnvironmentConfig) -> bool {
+        let EnvironmentConfig {
+            name,
+            upstreams,
+            hosts,
+            connect_timeout,
+            request_timeout,
+            http2,
+            preserve_host,
+            upstream_ca,
+            upstream_sni,
+            shares_upstream_with,
+            rate_limit,
+            policy,
+            keys: _,
+        } = self;
+        *name == other.name
+            && *upstreams == other.upstreams
+            && *hosts == other.hosts
+            && *connect_timeout == other.connect_timeout
+            && *request_timeout == other.request_timeout
+            && *http2 == other.http2
+            && *preserve_host == other.preserve_host
+            && *upstream_ca == other.upstream_ca
+            && *upstream_sni == other.upstream_sni
+            && *shares_upstream_with == other.shares_upstream_with
+            && *rate_limit == other.rate_limit
+            && *policy == other.policy
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {
     /// `scheme://authority` with no path, e.g. `http://10.0.0.5:8000`.
