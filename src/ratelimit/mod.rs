@@ -60,6 +60,19 @@ struct Limit<L> {
     limiter: Arc<L>,
 }
 
+impl<L> Limit<L> {
+    /// The previous limiter when its quota is `q` (its counters carry over), else a new one.
+    fn reuse_or(q: QuotaConfig, previous: Option<&Limit<L>>, new: impl FnOnce() -> L) -> Limit<L> {
+        let reused = previous
+            .filter(|l| l.config == q)
+            .map(|l| l.limiter.clone());
+        Limit {
+            config: q,
+            limiter: reused.unwrap_or_else(|| Arc::new(new())),
+        }
+    }
+}
+
 /// One environment's limiters: per key (keyed by key id) and for the whole environment.
 pub struct EnvLimiter<C: Clock = DefaultClock> {
     per_key: Option<Limit<KeyedLimiter<C>>>,
@@ -77,34 +90,14 @@ impl<C: Clock + Clone> EnvLimiter<C> {
         clock: &C,
     ) -> Self {
         let per_key = config.per_key.map(|q| {
-            let reused = previous
-                .and_then(|p| p.per_key.as_ref())
-                .filter(|l| l.config == q)
-                .map(|l| l.limiter.clone());
-            Limit {
-                config: q,
-                limiter: reused.unwrap_or_else(|| {
-                    Arc::new(KeyedLimiter::new(
-                        quota(&q),
-                        DefaultKeyedStateStore::default(),
-                        clock.clone(),
-                    ))
-                }),
-            }
+            Limit::reuse_or(q, previous.and_then(|p| p.per_key.as_ref()), || {
+                KeyedLimiter::new(quota(&q), DefaultKeyedStateStore::default(), clock.clone())
+            })
         });
         let total = config.total.map(|q| {
-            let reused = previous
-                .and_then(|p| p.total.as_ref())
-                .filter(|l| l.config == q)
-                .map(|l| l.limiter.clone());
-            Limit {
-                config: q,
-                limiter: reused.unwrap_or_else(|| {
-                    Arc::new(
-                        RateLimiter::direct_with_clock(quota(&q), clock.clone()).with_middleware(),
-                    )
-                }),
-            }
+            Limit::reuse_or(q, previous.and_then(|p| p.total.as_ref()), || {
+                RateLimiter::direct_with_clock(quota(&q), clock.clone()).with_middleware()
+            })
         });
         let policy = policy_header(config);
         EnvLimiter {
