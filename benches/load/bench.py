@@ -443,6 +443,25 @@ def memory(stack, work, keys):
     return out
 
 
+def cpu_split(stack, duration):
+    """User and system CPU per request of each proxy (small GET, 64 connections)."""
+    def times(pids):
+        u = s = 0
+        for pid in pids:
+            f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+            u, s = u + int(f[11]), s + int(f[12])
+        return u / CLK_TCK, s / CLK_TCK
+    lines = ["| proxy | req/s | user µs/request | system µs/request |", "|---|---:|---:|---:|"]
+    for name, port in (("nginx", "NGINX_PORT"), ("haproxy", "HAPROXY_PORT"), ("specter", "SPECTER_PORT")):
+        pids = stack.pids(name)
+        u0, s0 = times(pids)
+        r = wrk(f"http://127.0.0.1:{stack.ports[port]}/", 64, duration)
+        u1, s1 = times(pids)
+        n = r["rps"] * duration
+        lines.append(f"| {name} | {r['rps']:.0f} | {(u1 - u0) / n * 1e6:.2f} | {(s1 - s0) / n * 1e6:.2f} |")
+    return "\n".join(lines)
+
+
 def markdown(results, ladder_rows, mem, args, reload=None):
     lines = [f"Run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {args.rounds} rounds x {args.duration} s per target, "
              f"`nproc` = {os.cpu_count()}. Medians over rounds; `*` = fewer valid rounds than run.", ""]
@@ -488,6 +507,7 @@ def main():
     ap.add_argument("--reload-keys", type=int, default=0, help="also time reloads of a config with this many keys")
     ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release", "specter"))
     ap.add_argument("--write", help="rewrite the results section of this markdown file")
+    ap.add_argument("--cpu-split", action="store_true", help="only print user/system CPU per request")
     args = ap.parse_args()
 
     work = tempfile.mkdtemp(prefix="specter-bench-")
@@ -496,6 +516,12 @@ def main():
     except Exception:
         print(f"could not start the stack; logs are in {work}", file=sys.stderr)
         raise
+    if args.cpu_split:
+        try:
+            print(cpu_split(stack, args.duration))
+        finally:
+            stack.stop_all()
+        return
     try:
         results = []
         all_scenarios = scenarios(stack, work)
