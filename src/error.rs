@@ -43,8 +43,6 @@ pub enum GatewayError {
         scope: &'static str,
         retry_after: Duration,
     },
-    #[error("the request headers are too large")]
-    HeadersTooLarge,
     // --- the upstream's fault -------------------------------------------------------
     #[error("the upstream could not be reached")]
     UpstreamUnavailable(#[source] BoxError),
@@ -70,7 +68,6 @@ impl GatewayError {
             RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
             UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             NoHealthyUpstream | ShuttingDown | RateLimitStoreUnavailable(_) => {
@@ -95,7 +92,6 @@ impl GatewayError {
             RequestTimeout => "request_timeout",
             BodyTooLarge { .. } => "body_too_large",
             RateLimited { .. } => "rate_limited",
-            HeadersTooLarge => "headers_too_large",
             UpstreamUnavailable(_) => "upstream_unavailable",
             UpstreamTimeout(_) => "upstream_timeout",
             NoHealthyUpstream => "no_healthy_upstream",

@@ -43,12 +43,6 @@ impl fmt::Display for ConfigErrors {
     }
 }
 
-impl ConfigErrors {
-    pub fn first(&self) -> Option<&ConfigError> {
-        self.0.first()
-    }
-}
-
 /// A finding that does not stop the config from loading (expiring keys, reused ids).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigWarning {

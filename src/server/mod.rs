@@ -42,7 +42,7 @@ pub struct Gateway {
     https: Option<SocketAddr>,
     admin: Option<SocketAddr>,
     stop_accepting: watch::Sender<bool>,
-    accept_loops: Vec<JoinHandle<()>>,
+    tasks: Vec<JoinHandle<()>>,
     connections: Arc<GracefulShutdown>,
 }
 
@@ -73,7 +73,7 @@ impl Gateway {
         let connections = Arc::new(GracefulShutdown::new());
         let semaphore = Arc::new(Semaphore::new(limits.max_connections));
         let builder = Arc::new(connection_builder(&limits));
-        let mut accept_loops = Vec::new();
+        let mut tasks = Vec::new();
         let mut bound =
             |kind: Kind, addr: Option<SocketAddr>| -> Result<Option<SocketAddr>, StartError> {
                 let Some(addr) = addr else { return Ok(None) };
@@ -91,7 +91,7 @@ impl Gateway {
                     connections: connections.clone(),
                     limits: limits.clone(),
                 };
-                accept_loops.push(tokio::spawn(acceptor.run(listener, stop_rx.clone())));
+                tasks.push(tokio::spawn(acceptor.run(listener, stop_rx.clone())));
                 tracing::info!(listener = kind.label(), address = %local, "listening");
                 Ok(Some(local))
             };
@@ -105,7 +105,7 @@ impl Gateway {
                     addr,
                     source,
                 })?;
-                accept_loops.push(tokio::spawn(crate::admin::serve(
+                tasks.push(tokio::spawn(crate::admin::serve(
                     listener,
                     shared.clone(),
                     stop_rx.clone(),
@@ -115,13 +115,17 @@ impl Gateway {
             }
             None => None,
         };
+        tasks.push(tokio::spawn(reclaim_idle_limiters(
+            shared.clone(),
+            stop_rx.clone(),
+        )));
         Ok(Gateway {
             shared,
             http,
             https,
             admin,
             stop_accepting,
-            accept_loops,
+            tasks,
             connections,
         })
     }
@@ -149,7 +153,7 @@ impl Gateway {
         let grace = self.shared.state.load().config.limits.shutdown_grace;
         self.shared.draining.store(true, Ordering::SeqCst);
         let _ = self.stop_accepting.send(true);
-        for task in self.accept_loops {
+        for task in self.tasks {
             let _ = task.await;
         }
         let open = self.connections.count();
@@ -163,6 +167,22 @@ impl Gateway {
             tracing::warn!("shutdown grace elapsed with connections still open; closing them");
         }
         drained
+    }
+}
+
+/// Every minute, per-key limiter state that has refilled completely is dropped, so
+/// limiter memory follows the keys in use rather than every key ever seen.
+async fn reclaim_idle_limiters(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                for env in &shared.state.load().environments {
+                    env.limiter.retain_recent();
+                }
+            }
+            _ = stop.changed() => return,
+        }
     }
 }
 
