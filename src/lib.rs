@@ -8,16 +8,20 @@
 //!
 //! A request's path through the crate, in order:
 //!
-//! - [`server`]: listeners, accept loop, connection cap, TLS handshake, graceful drain
-//! - [`proxy`]: `handle()` (never fails) -> `inner()`: the checks, then forwarding;
-//!   [`proxy::forward`] rewrites headers, [`proxy::client`] pools upstream connections
+//! - [`server`]: listeners, accept loop, connection cap, TLS handshake, connection IO
+//!   (idle and first-request timeouts), graceful drain
+//! - [`framing`]: HTTP/1 framing strictness (smuggling forms refused)
+//! - [`proxy`]: `handle()` (never fails) -> `inner()`: `admit` (every check), then
+//!   `upstream_request` and `send`; [`proxy::forward`] rewrites headers,
+//!   [`proxy::client`] pools upstream connections, [`proxy::upgrade`] tunnels
+//!   WebSockets, [`proxy::access`] writes the access log
 //! - [`auth`]: API key extraction and lookup by SHA-256 digest
 //! - [`policy`]: host / client IP / method / path / body size; [`policy::path`] is the
 //!   one path normal form
-//! - [`ratelimit`]: governor limiters per key and per environment; RateLimit headers
+//! - [`ratelimit`]: governor limiters per key and per environment, RateLimit headers;
+//!   `ratelimit::redis`: the fleet's shared counters
 //! - [`error`]: `GatewayError` -> status + JSON body
-//! - [`body`]: the body type and the streaming size limit and read timeout
-//! - [`framing`]: HTTP/1 framing strictness (smuggling forms refused)
+//! - [`body`]: the body type; the streaming size limit and read timeout
 //!
 //! Around it:
 //!
@@ -27,7 +31,7 @@
 //! - [`tls`]: rustls server and client configs, SNI certificate choice
 //! - [`admin`]: health, readiness, metrics, redacted config, key usage
 //! - [`metrics`]: Prometheus registry
-//! - [`commands`]: `check`, `keys`, `demo`, `certs`: what the CLI runs
+//! - [`commands`]: `check`, `keys`, `demo`, `promote`/`diff`, `certs`: what the CLI runs
 
 pub mod admin;
 pub mod auth;
