@@ -7,10 +7,10 @@
 //! written, and the write is atomic (temp file + rename) so a running gateway's watcher
 //! only ever sees the old file or the whole new one.
 //!
-//! - [`document`]: parsing that keeps the layout; finding environments however they
+//! - `document`: parsing that keeps the layout; finding environments however they
 //!   are written; settings as comparable leaves; the edit itself
-//! - [`render`]: unified diff, summary line, side-by-side table
-//! - [`write`]: the atomic replace that refuses when the file changed underneath
+//! - `render`: unified diff, summary line, side-by-side table
+//! - `write`: the atomic replace that refuses when the file changed underneath
 
 mod document;
 mod render;

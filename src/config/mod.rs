@@ -1,5 +1,5 @@
-//! The configuration: raw file types ([`file`]) validated into the model below
-//! ([`validate`]), where a bad value cannot exist.
+//! The configuration: raw file types ([`file`](mod@file)) validated into the model below
+//! (`validate`), where a bad value cannot exist.
 
 pub mod error;
 pub mod file;
