@@ -406,9 +406,7 @@ async fn send(
         // Retried once elsewhere: a failed connect (nothing was sent), or an idempotent
         // request whose connection closed before any response byte (like nginx's
         // `proxy_next_upstream error`).
-        let unanswered =
-            body::find_cause::<hyper::Error>(&err).is_some_and(|e| e.is_incomplete_message());
-        if connect || (unanswered && is_idempotent(&method)) {
+        if connect || (unanswered(&err) && is_idempotent(&method)) {
             if let (None, Some(copy)) = (failed, spare.take()) {
                 next = Some((copy, body::empty()));
                 failed = Some(upstream);
@@ -461,6 +459,19 @@ fn upstream_error(shared: &Shared, env: &Environment, kind: &'static str) {
             kind,
         })
         .inc();
+}
+
+/// The upstream connection closed or was reset before a response head arrived.
+fn unanswered(err: &(dyn std::error::Error + 'static)) -> bool {
+    use std::io::ErrorKind::*;
+    body::find_cause::<hyper::Error>(err)
+        .is_some_and(|e| e.is_incomplete_message() || e.is_canceled())
+        || body::find_cause::<std::io::Error>(err).is_some_and(|e| {
+            matches!(
+                e.kind(),
+                ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
+            )
+        })
 }
 
 fn is_idempotent(method: &Method) -> bool {
