@@ -233,7 +233,7 @@ fn promote_command(request: &promote::PromoteRequest<'_>) -> ExitCode {
 fn infer_env(key: &str) -> Option<String> {
     let rest = key.strip_prefix("spk_")?;
     let (env, _) = rest.rsplit_once('_')?;
-    keys::valid_environment(env).then(|| env.to_owned())
+    specter::config::valid_environment_name(env).then(|| env.to_owned())
 }
 
 /// One worker per core by default (`TOKIO_WORKER_THREADS` overrides). With exactly one

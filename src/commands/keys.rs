@@ -2,7 +2,7 @@
 
 use rand::Rng;
 
-use crate::config::{hex, sha256};
+use crate::config::{hex, sha256, valid_environment_name, valid_key_id};
 
 const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 /// 32 base62 characters: 190 bits of randomness (DESIGN asks for at least 160).
@@ -20,22 +20,6 @@ pub enum KeysError {
     Empty,
     #[error("reading standard input: {0}")]
     Io(#[from] std::io::Error),
-}
-
-pub fn valid_environment(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
-}
-
-fn valid_id(id: &str) -> bool {
-    !id.is_empty()
-        && !id.starts_with('_')
-        && id.len() <= 128
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.:@/".contains(&b))
 }
 
 /// A fresh key `spk_<env>_<random>` from the OS-seeded CSPRNG.
@@ -66,11 +50,11 @@ fn default_id(env: &str) -> String {
 
 /// `keys new`: the key (printed once, never stored) and its TOML block.
 pub fn new(env: &str, id: Option<&str>) -> Result<String, KeysError> {
-    if !valid_environment(env) {
+    if !valid_environment_name(env) {
         return Err(KeysError::BadEnvironment(env.to_owned()));
     }
     let id = id.map(str::to_owned).unwrap_or_else(|| default_id(env));
-    if !valid_id(&id) {
+    if !valid_key_id(&id) {
         return Err(KeysError::BadId(id));
     }
     let key = generate(env);
@@ -82,7 +66,7 @@ pub fn new(env: &str, id: Option<&str>) -> Result<String, KeysError> {
 
 /// `keys hash`: the TOML block for an existing key read from `input`.
 pub fn hash(env: &str, id: Option<&str>, input: &str) -> Result<String, KeysError> {
-    if !valid_environment(env) {
+    if !valid_environment_name(env) {
         return Err(KeysError::BadEnvironment(env.to_owned()));
     }
     let key = input.trim();
@@ -90,7 +74,7 @@ pub fn hash(env: &str, id: Option<&str>, input: &str) -> Result<String, KeysErro
         return Err(KeysError::Empty);
     }
     let id = id.map(str::to_owned).unwrap_or_else(|| default_id(env));
-    if !valid_id(&id) {
+    if !valid_key_id(&id) {
         return Err(KeysError::BadId(id));
     }
     Ok(toml_block(env, &id, key))

@@ -305,6 +305,25 @@ pub fn parse_with(text: &str, path: &Path, options: CheckOptions) -> Result<Load
     validate::parse_and_validate(text, path, options)
 }
 
+/// Environment names: `[a-z0-9_-]+` (they appear in headers, metrics and Redis keys).
+pub fn valid_environment_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+/// Key ids: 1-128 of `[A-Za-z0-9-_.:@/]`, not starting with `_` (reserved: the
+/// environment's Redis bucket is `_total`). They are sent upstream in a header.
+pub fn valid_key_id(id: &str) -> bool {
+    !id.is_empty()
+        && !id.starts_with('_')
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:@/".contains(&b))
+}
+
 /// Lower-case hex, for digests.
 pub fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";

@@ -299,11 +299,7 @@ impl Validator<'_> {
     ) -> Option<EnvironmentConfig> {
         let n = name.get_ref();
         let before = self.errors.len();
-        if n.is_empty()
-            || !n
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
-        {
+        if !valid_environment_name(n) {
             self.fail::<()>(
                 name.span(),
                 format!("environments.{n}: \"{n}\" is not a valid environment name; use lower-case letters, digits, '_' and '-' (e.g. \"qa\")"),
@@ -655,12 +651,7 @@ impl Validator<'_> {
         let k = raw.get_ref();
         let p = format!("environments.{env}.keys[{i}]");
         let id = k.id.get_ref();
-        let id_ok = !id.is_empty()
-            && !id.starts_with('_')
-            && id.len() <= 128
-            && id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.:@/".contains(&b));
+        let id_ok = valid_key_id(id);
         if !id_ok {
             self.fail::<()>(
                 k.id.span(),
