@@ -181,11 +181,7 @@ async fn connection_header_tricks_change_nothing() {
 #[tokio::test]
 async fn forwarded_headers_and_host() {
     let up = Upstream::start("qa").await;
-    let toml = format!(
-        "[environments.qa]\nupstream = \"{}\"\n{}",
-        up.url(),
-        key_block("qa", "k", "spk_qa_k")
-    );
+    let toml = single_environment("qa", &up, "", "k", "spk_qa_k");
     let gw = TestGateway::start(&toml).await;
     let c = client();
     let answer = get(
@@ -231,11 +227,7 @@ async fn forwarded_headers_and_host() {
 #[tokio::test]
 async fn preserve_host_sends_the_clients_host() {
     let up = Upstream::start("qa").await;
-    let toml = format!(
-        "[environments.qa]\nupstream = \"{}\"\npreserve_host = true\n{}",
-        up.url(),
-        key_block("qa", "k", "spk_qa_k")
-    );
+    let toml = single_environment("qa", &up, "preserve_host = true\n", "k", "spk_qa_k");
     let gw = TestGateway::start(&toml).await;
     let answer = get(
         &client(),
@@ -408,11 +400,7 @@ async fn one_of_two_upstreams_down_still_serves() {
 #[tokio::test]
 async fn http2_prior_knowledge_works() {
     let up = Upstream::start("qa").await;
-    let toml = format!(
-        "[environments.qa]\nupstream = \"{}\"\n{}",
-        up.url(),
-        key_block("qa", "k", "spk_qa_k")
-    );
+    let toml = single_environment("qa", &up, "", "k", "spk_qa_k");
     let gw = TestGateway::start(&toml).await;
     let c = h2_client();
     let req = Request::post(gw.url("/h2?q=1"))

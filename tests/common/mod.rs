@@ -146,6 +146,16 @@ pub fn key_block(env: &str, id: &str, key: &str) -> String {
     )
 }
 
+/// One environment in front of `up`, with extra settings (TOML lines ending in `\n`)
+/// and one key.
+pub fn single_environment(env: &str, up: &Upstream, extra: &str, id: &str, key: &str) -> String {
+    format!(
+        "[environments.{env}]\nupstream = \"{}\"\n{extra}{}",
+        up.url(),
+        key_block(env, id, key)
+    )
+}
+
 pub struct TestGateway {
     pub gateway: Gateway,
     pub http: SocketAddr,
