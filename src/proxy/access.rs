@@ -26,7 +26,8 @@ pub struct Record {
     pub request_id: HeaderValue,
     pub client_ip: IpAddr,
     pub method: Method,
-    pub path: Option<String>,
+    /// Logged without its query: keys passed as query parameters never reach a log.
+    pub target: Option<http::uri::PathAndQuery>,
     pub status: u16,
     pub environment: Option<Arc<str>>,
     pub key_id: Option<Arc<str>>,
@@ -44,7 +45,7 @@ impl Record {
             request_id = self.request_id.to_str().unwrap_or(""),
             client_ip = %self.client_ip,
             method = %self.method,
-            path = self.path.as_deref().unwrap_or("-"),
+            path = self.target.as_ref().map_or("-", |t| t.path()),
             status = self.status,
             environment = self.environment.as_deref().unwrap_or("-"),
             key_id = self.key_id.as_deref().unwrap_or("-"),

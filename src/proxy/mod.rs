@@ -46,7 +46,8 @@ struct Outcome {
     environment: Option<usize>,
     key_id: Option<Arc<str>>,
     ratelimit: Option<HeaderValue>,
-    path: Option<String>,
+    /// The normalised path and the query: checked, forwarded and (path only) logged.
+    target: Option<PathAndQuery>,
     upstream: Option<usize>,
     upstream_status: Option<u16>,
     client_ip: Option<std::net::IpAddr>,
@@ -95,7 +96,7 @@ pub async fn handle(
                 .client_ip
                 .unwrap_or_else(|| policy::canonical_ip(conn.peer.ip())),
             method,
-            path: outcome.path,
+            target: outcome.target,
             status,
             environment: env.map(|e| e.label.0.clone()),
             key_id: outcome.key_id,
@@ -176,7 +177,7 @@ async fn inner(
 ) -> Result<Response<Body>, GatewayError> {
     let admitted = admit(shared, state, conn, &req, outcome).await?;
     let counter = outcome.bytes_in.clone();
-    let (attempt, upgrade) = upstream_request(state, conn, req, request_id, &admitted, counter)?;
+    let (attempt, upgrade) = upstream_request(state, conn, req, request_id, &admitted, counter);
     send(shared, admitted.env, attempt, upgrade, outcome).await
 }
 
@@ -186,7 +187,7 @@ struct Admitted<'s> {
     key: &'s KeyEntry,
     key_source: KeySource,
     /// The normal form: what the policy checked and what the upstream receives.
-    path: String,
+    target: PathAndQuery,
     client_ip: IpAddr,
 }
 
@@ -207,8 +208,8 @@ async fn admit<'s>(
             allow: HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
         });
     }
-    let path = normalize_path(req.uri().path()).map_err(GatewayError::BadPath)?;
-    outcome.path = Some(path.clone());
+    let target = forward_target(req.uri())?;
+    outcome.target = Some(target.clone());
 
     let (key, key_source) = crate::auth::extract(req.headers(), &state.config.auth.header)?;
     let now = SystemTime::now();
@@ -227,7 +228,7 @@ async fn admit<'s>(
     }
     env.policy.check_ip(client_ip)?;
     env.policy.check_method(req.method())?;
-    env.policy.check_path(&path)?;
+    env.policy.check_path(target.path())?;
     env.policy.check_declared_body(req.headers())?;
 
     match check_limits(shared, state, env, &key.id).await {
@@ -241,9 +242,21 @@ async fn admit<'s>(
         env,
         key,
         key_source,
-        path,
+        target,
         client_ip,
     })
+}
+
+/// The normalised path with the client's query, built once: `PathAndQuery` shares its
+/// bytes, so the policy, the access log and every attempt read the same allocation.
+fn forward_target(uri: &Uri) -> Result<PathAndQuery, GatewayError> {
+    let path = normalize_path(uri.path()).map_err(GatewayError::BadPath)?;
+    let target = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    PathAndQuery::try_from(target)
+        .map_err(|_| GatewayError::BadRequest("the request target cannot be forwarded"))
 }
 
 /// The request as the upstream receives it, but for the URI (set per attempt).
@@ -263,7 +276,7 @@ fn upstream_request(
     request_id: &HeaderValue,
     a: &Admitted<'_>,
     bytes_in: Option<Arc<std::sync::atomic::AtomicU64>>,
-) -> Result<(Attempt, Option<OnUpgrade>), GatewayError> {
+) -> (Attempt, Option<OnUpgrade>) {
     let env = a.env;
     let upgrade = upgrade::requested(&req).map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
     let (mut parts, incoming) = req.into_parts();
@@ -299,12 +312,7 @@ fn upstream_request(
     if let (true, Some(host)) = (env.config.preserve_host, original_host) {
         parts.headers.insert(HOST, host);
     }
-    let path_and_query = match parts.uri.query() {
-        Some(q) => format!("{}?{q}", a.path),
-        None => a.path.clone(),
-    };
-    let path_and_query = PathAndQuery::try_from(path_and_query)
-        .map_err(|_| GatewayError::BadRequest("the request target cannot be forwarded"))?;
+    let path_and_query = a.target.clone();
     parts.version = if env.config.http2 {
         Version::HTTP_2
     } else {
@@ -330,7 +338,7 @@ fn upstream_request(
         )
         .boxed()
     };
-    Ok((
+    (
         Attempt {
             parts,
             body,
@@ -338,7 +346,7 @@ fn upstream_request(
             spare,
         },
         upgrade,
-    ))
+    )
 }
 
 /// Sends to a healthy upstream, retrying once elsewhere when that is safe.
