@@ -192,10 +192,7 @@ fn keys_command(command: KeysCommand) -> ExitCode {
         KeysCommand::New { env, id } => keys::new(&env, id.as_deref()).map_err(Into::into),
         KeysCommand::Usage { admin } => runtime().block_on(keys::usage(&admin)).map_err(Into::into),
         KeysCommand::Hash { env, id } => keys::read_secret_line()
-            .and_then(|line| {
-                let env = env.or_else(|| infer_env(line.trim())).unwrap_or_default();
-                keys::hash(&env, id.as_deref(), &line)
-            })
+            .and_then(|line| keys::hash(env.as_deref(), id.as_deref(), &line))
             .map_err(Into::into),
     };
     match result {
@@ -227,13 +224,6 @@ fn promote_command(request: &promote::PromoteRequest<'_>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// `spk_<env>_<random>` names its environment.
-fn infer_env(key: &str) -> Option<String> {
-    let rest = key.strip_prefix("spk_")?;
-    let (env, _) = rest.rsplit_once('_')?;
-    specter::config::valid_environment_name(env).then(|| env.to_owned())
 }
 
 /// One worker per core by default (`TOKIO_WORKER_THREADS` overrides). With exactly one

@@ -16,6 +16,10 @@ pub enum KeysError {
         "key id {0:?} is not valid; use 1-128 letters, digits or -_.:@/, not starting with '_'"
     )]
     BadId(String),
+    #[error(
+        "the key does not name its environment (it is not an spk_<env>_... key); pass --env NAME"
+    )]
+    NoEnvironment,
     #[error("no key on standard input")]
     Empty,
     #[error("reading standard input: {0}")]
@@ -64,20 +68,30 @@ pub fn new(env: &str, id: Option<&str>) -> Result<String, KeysError> {
     ))
 }
 
-/// `keys hash`: the TOML block for an existing key read from `input`.
-pub fn hash(env: &str, id: Option<&str>, input: &str) -> Result<String, KeysError> {
-    if !valid_environment_name(env) {
-        return Err(KeysError::BadEnvironment(env.to_owned()));
-    }
+/// `keys hash`: the TOML block for an existing key read from `input`. Without `env`,
+/// the environment is the one an `spk_<env>_<random>` key names.
+pub fn hash(env: Option<&str>, id: Option<&str>, input: &str) -> Result<String, KeysError> {
     let key = input.trim();
     if key.is_empty() {
         return Err(KeysError::Empty);
+    }
+    let env = env
+        .or_else(|| environment_of(key))
+        .ok_or(KeysError::NoEnvironment)?;
+    if !valid_environment_name(env) {
+        return Err(KeysError::BadEnvironment(env.to_owned()));
     }
     let id = id.map(str::to_owned).unwrap_or_else(|| default_id(env));
     if !valid_key_id(&id) {
         return Err(KeysError::BadId(id));
     }
     Ok(toml_block(env, &id, key))
+}
+
+/// The environment an `spk_<env>_<random>` key names.
+fn environment_of(key: &str) -> Option<&str> {
+    let (env, _) = key.strip_prefix("spk_")?.rsplit_once('_')?;
+    valid_environment_name(env).then_some(env)
 }
 
 /// `keys usage`: per-key request counts and last-seen times from a running gateway's
@@ -188,5 +202,23 @@ mod tests {
         assert_ne!(generate("qa"), k);
         // 62^32 > 2^160
         assert!((RANDOM_CHARS as f64) * 62f64.log2() >= 160.0);
+    }
+
+    #[test]
+    fn hash_takes_the_environment_from_the_key_or_asks_for_it() {
+        let block = hash(None, Some("x"), "spk_qa_abcdef\n").unwrap();
+        assert!(block.starts_with("[[environments.qa.keys]]"), "{block}");
+        assert!(
+            !block.contains("spk_qa_abcdef"),
+            "the key itself is never printed"
+        );
+        assert!(hash(Some("production"), Some("x"), "spk_qa_abcdef")
+            .unwrap()
+            .contains("environments.production"));
+        assert!(matches!(
+            hash(None, Some("x"), "legacy-key-123"),
+            Err(KeysError::NoEnvironment)
+        ));
+        assert!(matches!(hash(None, None, "  \n"), Err(KeysError::Empty)));
     }
 }
