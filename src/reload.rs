@@ -168,12 +168,9 @@ fn summarize(old: &State, new: &Config, version: u64) -> ReloadSummary {
 /// Returns once the watcher is in place, so a change made after it returns is seen.
 pub fn watch(shared: Arc<Shared>, path: PathBuf) -> notify::Result<tokio::task::JoinHandle<()>> {
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
-    let watched_names = Arc::new(std::sync::Mutex::new(names_to_watch(
-        &shared.state.load().config,
-        &path,
-    )));
-    let names = watched_names.clone();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+    let names = Arc::new(std::sync::Mutex::new(HashSet::<OsString>::new()));
+    let relevant_names = names.clone();
+    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
         let relevant = matches!(
             event.kind,
@@ -185,7 +182,7 @@ pub fn watch(shared: Arc<Shared>, path: PathBuf) -> notify::Result<tokio::task::
                 ))
                 | EventKind::Remove(_)
         );
-        let names = names.lock().expect("not poisoned");
+        let names = relevant_names.lock().expect("not poisoned");
         if relevant
             && event.paths.iter().any(|p| {
                 p.file_name()
@@ -195,12 +192,15 @@ pub fn watch(shared: Arc<Shared>, path: PathBuf) -> notify::Result<tokio::task::
             let _ = tx.send(());
         }
     })?;
-    for dir in folders_to_watch(&shared.state.load().config, &path) {
-        watcher.watch(&dir, RecursiveMode::NonRecursive)?;
-    }
+    let mut watched = Watched {
+        watcher,
+        folders: BTreeSet::new(),
+        names,
+        path: path.clone(),
+    };
+    watched.follow(&shared.state.load().config)?;
     let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
     Ok(tokio::spawn(async move {
-        let _watcher = watcher; // lives as long as the task
         let mut hup = hup.ok();
         loop {
             tokio::select! {
@@ -221,10 +221,37 @@ pub fn watch(shared: Arc<Shared>, path: PathBuf) -> notify::Result<tokio::task::
             }
             let (s, p) = (shared.clone(), path.clone());
             let _ = tokio::task::spawn_blocking(move || reload_now(&s, &p)).await;
-            *watched_names.lock().expect("not poisoned") =
-                names_to_watch(&shared.state.load().config, &path);
+            if let Err(e) = watched.follow(&shared.state.load().config) {
+                tracing::warn!(
+                    "cannot watch a folder named by the new config (SIGHUP still reloads): {e}"
+                );
+            }
         }
     }))
+}
+
+/// The files a config depends on (itself, certificates, CAs) and the folders watched
+/// to see them change; follows every applied config, so a certificate moved to a new
+/// folder by a reload is watched from then on.
+struct Watched {
+    watcher: notify::RecommendedWatcher,
+    folders: BTreeSet<PathBuf>,
+    /// File names the watcher callback reacts to.
+    names: Arc<std::sync::Mutex<HashSet<OsString>>>,
+    path: PathBuf,
+}
+
+impl Watched {
+    fn follow(&mut self, config: &Config) -> notify::Result<()> {
+        *self.names.lock().expect("not poisoned") = names_to_watch(config, &self.path);
+        for dir in folders_to_watch(config, &self.path) {
+            if !self.folders.contains(&dir) {
+                self.watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+                self.folders.insert(dir);
+            }
+        }
+        Ok(())
+    }
 }
 
 fn names_to_watch(config: &Config, path: &Path) -> HashSet<OsString> {

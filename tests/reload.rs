@@ -342,6 +342,34 @@ async fn kubernetes_configmap_symlink_swap_reloads_once() {
     );
 }
 
+/// A file a reload introduces in a folder not watched before (here an `upstream_ca` in
+/// a new folder) is watched from then on: changing it reloads.
+#[tokio::test]
+async fn files_in_a_folder_added_by_a_reload_are_watched() {
+    let a = Upstream::start("a").await;
+    let fx = Fixture::start(&dev_config(&[&a], &[("svc", KEY)])).await;
+    fx.watch();
+    let elsewhere = TempDir::new().unwrap();
+    let ca = elsewhere.path().join("internal-ca.pem");
+    let cert = rcgen::generate_simple_self_signed(vec!["ca.test".to_owned()]).unwrap();
+    std::fs::write(&ca, cert.cert.pem()).unwrap();
+    let with_ca = dev_config(&[&a], &[("svc", KEY)]).replace(
+        "[environments.development]\n",
+        &format!(
+            "[environments.development]\nupstream_ca = {:?}\n",
+            ca.display().to_string()
+        ),
+    );
+    write_and_rename(&fx.path, &with_ca);
+    fx.wait_for_version(2).await;
+    fx.assert_settled(2, 1).await;
+
+    // Rotating the CA file in the new folder is a reload of its own.
+    std::fs::write(&ca, cert.cert.pem()).unwrap();
+    fx.wait_for_version(3).await;
+    fx.assert_routed(KEY, "a").await;
+}
+
 // ---------------------------------------------------------------------------------
 // 2. Rejected configs
 
