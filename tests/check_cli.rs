@@ -6,9 +6,9 @@
 
 mod common;
 
-use std::io::Write;
+use common::{run_specter as specter, Run};
+
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 
 use specter::config::{hex, sha256};
 use tempfile::TempDir;
@@ -16,54 +16,6 @@ use tempfile::TempDir;
 const LISTEN: &str = "[listen]\nhttp = \"127.0.0.1:0\"\n\n";
 
 // --- harness ---------------------------------------------------------------------------
-
-/// What one run of the binary produced.
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl std::fmt::Debug for Run {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "exit {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-            self.code, self.stdout, self.stderr
-        )
-    }
-}
-
-/// Runs `specter ARGS` from the package root, feeding `stdin` if given.
-fn specter(args: &[&str], stdin: Option<&str>) -> Run {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_specter"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env_remove("RUST_LOG")
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the specter binary starts");
-    if let Some(input) = stdin {
-        let mut pipe = child.stdin.take().expect("stdin is piped");
-        pipe.write_all(input.as_bytes()).expect("stdin is written");
-        // Dropping the pipe closes it: the binary sees end of input.
-    }
-    let out = child.wait_with_output().expect("specter runs to the end");
-    Run {
-        code: out
-            .status
-            .code()
-            .unwrap_or_else(|| panic!("specter {args:?} was killed by a signal")),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
 
 /// A config file in its own temporary directory.
 struct Fixture {

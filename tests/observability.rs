@@ -399,22 +399,6 @@ fn environment<'v>(config: &'v Value, name: &str) -> &'v Value {
         .unwrap_or_else(|| panic!("no environment {name} in {config}"))
 }
 
-/// The `(line, col)` after the first `specter.toml:` in `error`.
-fn error_location(error: &str) -> (usize, usize) {
-    let rest = error
-        .split_once("specter.toml:")
-        .unwrap_or_else(|| panic!("no specter.toml:LINE:COL in {error:?}"))
-        .1;
-    let mut parts = rest.splitn(3, ':');
-    let mut number = || -> usize {
-        parts
-            .next()
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("no LINE:COL after the file name in {error:?}"))
-    };
-    (number(), number())
-}
-
 #[tokio::test]
 async fn config_view_reports_versions_errors_and_never_secrets() {
     let ups = [
@@ -478,7 +462,7 @@ async fn config_view_reports_versions_errors_and_never_secrets() {
     let error = failure["error"]
         .as_str()
         .unwrap_or_else(|| panic!("last_reload_error has no error text: {config}"));
-    let (line, col) = error_location(error);
+    let (line, col) = config_location(error);
     assert!(line >= 1 && col >= 1, "{error}");
     assert!(failure["at"].is_string(), "{config}");
     assert_eq!(
@@ -1199,7 +1183,7 @@ fn check_warns_about_expiring_and_expired_keys_and_exits_zero() {
     let expired = warning("long-expired");
     assert!(expired.contains("expired"), "{expired}");
     for w in [&expiring, &expired] {
-        let (line, col) = error_location(w);
+        let (line, col) = config_location(w);
         assert!(line > 1 && col >= 1, "{w}");
     }
     assert!(

@@ -2,15 +2,18 @@
 //! files in a temp folder. Promotion must change only TO's promotable settings, keep
 //! every other byte of the file, validate before writing and write atomically.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use specter::commands::promote::{self, PromoteError};
 use specter::config::{hex, sha256};
 use tempfile::TempDir;
+
+use common::{run_specter, Run};
 
 /// Three environments, comments everywhere, each writing its settings in another
 /// style: development with `[tables]`, qa with dotted keys, production inline.
@@ -80,33 +83,8 @@ sha256 = "3333333333333333333333333333333333333333333333333333333333333333"
 
 // --- harness ---------------------------------------------------------------------------
 
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl std::fmt::Debug for Run {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "exit {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-            self.code, self.stdout, self.stderr
-        )
-    }
-}
-
 fn specter(args: &[&str]) -> Run {
-    let out = Command::new(env!("CARGO_BIN_EXE_specter"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("the specter binary runs");
-    Run {
-        code: out.status.code().expect("exited, not killed"),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    run_specter(args, None)
 }
 
 /// `specter promote FROM TO --config FILE EXTRA...`

@@ -70,24 +70,6 @@ fn last_line_with(text: &str, needle: &str) -> usize {
         .unwrap_or_else(|| panic!("{needle:?} not in the config"))
 }
 
-/// The `(line, col)` of the first `specter.toml:LINE:COL` in an error message.
-fn location(error: &str) -> (usize, usize) {
-    let rest = error
-        .split_once("specter.toml:")
-        .unwrap_or_else(|| panic!("no specter.toml:LINE:COL in {error:?}"))
-        .1;
-    let mut parts = rest.splitn(3, ':');
-    let mut number = || -> usize {
-        parts
-            .next()
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("no LINE:COL after the file name in {error:?}"))
-    };
-    let (line, col) = (number(), number());
-    assert!(line >= 1 && col >= 1, "{error}");
-    (line, col)
-}
-
 fn reload_count(metrics: &str, result: &str) -> u64 {
     let prefix = format!("specter_config_reloads_total{{result=\"{result}\"}} ");
     metrics
@@ -388,7 +370,7 @@ async fn rejected_configs_keep_the_last_good_one_and_say_where() {
     fx.wait_for_failures(failures + 1).await;
     let error = rejected_error(&fx).await;
     assert_eq!(
-        location(&error).0,
+        config_location(&error).0,
         last_line_with(&broken, "[environments.qa"),
         "{error}"
     );
@@ -402,7 +384,7 @@ async fn rejected_configs_keep_the_last_good_one_and_say_where() {
     let line = last_line_with(&shared_key, &hash);
     let col = shared_key.lines().nth(line - 1).unwrap().find('"').unwrap() + 1;
     assert_eq!(
-        location(&error),
+        config_location(&error),
         (line, col),
         "points at the second use of the hash: {error}"
     );

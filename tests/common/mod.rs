@@ -268,3 +268,71 @@ impl Drop for Child {
         let _ = self.0.wait();
     }
 }
+
+/// What one run of the `specter` binary produced.
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl std::fmt::Debug for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs `specter ARGS` from the package root to its end, feeding `stdin` if given.
+pub fn run_specter(args: &[&str], stdin: Option<&str>) -> Run {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(specter_bin())
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("RUST_LOG")
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the specter binary starts");
+    if let Some(input) = stdin {
+        let mut pipe = child.stdin.take().expect("stdin is piped");
+        pipe.write_all(input.as_bytes()).expect("stdin is written");
+        // Dropping the pipe closes it: the binary sees end of input.
+    }
+    let out = child.wait_with_output().expect("specter runs to the end");
+    Run {
+        code: out
+            .status
+            .code()
+            .unwrap_or_else(|| panic!("specter {args:?} was killed by a signal")),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// The `(line, col)` of the first `specter.toml:LINE:COL` in an error message.
+pub fn config_location(error: &str) -> (usize, usize) {
+    let rest = error
+        .split_once("specter.toml:")
+        .unwrap_or_else(|| panic!("no specter.toml:LINE:COL in {error:?}"))
+        .1;
+    let mut parts = rest.splitn(3, ':');
+    let mut number = || -> usize {
+        parts
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no LINE:COL after the file name in {error:?}"))
+    };
+    let (line, col) = (number(), number());
+    assert!(line >= 1 && col >= 1, "{error}");
+    (line, col)
+}
