@@ -20,8 +20,8 @@ use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLim
 use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH};
 use http::{HeaderMap, Method};
 
-use specter::auth::{self, KeyEntry, KeyMap};
-use specter::config::{sha256, PolicyConfig, QuotaConfig, RateLimitConfig};
+use specter::auth::{self, KeyId, KeyTable};
+use specter::config::{sha256, KeyConfig, PolicyConfig, QuotaConfig, RateLimitConfig};
 use specter::policy::path::normalize_path;
 use specter::policy::Policy;
 use specter::ratelimit::EnvLimiter;
@@ -50,23 +50,16 @@ fn api_key(i: u64) -> String {
     format!("spk_prod_{random}")
 }
 
-fn key_map(n: usize) -> KeyMap {
-    let mut map = KeyMap::with_capacity_and_hasher(n, Default::default());
-    for i in 0..n {
-        let id = format!("prod-{i}");
-        map.insert(
-            sha256(api_key(i as u64).as_bytes()),
-            KeyEntry {
-                environment: 0,
-                id_header: HeaderValue::from_str(&id).expect("ASCII id"),
-                id: Arc::from(id),
-                not_before: None,
-                not_after: None,
-                usage: Default::default(),
-            },
-        );
-    }
-    map
+fn key_table(n: usize) -> KeyTable {
+    let keys = (0..n)
+        .map(|i| KeyConfig {
+            id: format!("prod-{i}"),
+            sha256: sha256(api_key(i as u64).as_bytes()),
+            not_before: None,
+            not_after: None,
+        })
+        .collect();
+    KeyTable::build(vec![("production", keys)], None)
 }
 
 /// Header values for up to [`SAMPLE`] keys spread evenly over `0..n` (or, with
@@ -83,18 +76,18 @@ fn sample_headers(n: usize, offset: usize) -> Vec<HeaderValue> {
 }
 
 /// What a request does with its key: headers in, key entry (or refusal) out.
-fn key_step(map: &KeyMap, value: &HeaderValue) -> Result<usize, specter::error::GatewayError> {
+fn key_step(map: &KeyTable, value: &HeaderValue) -> Result<usize, specter::error::GatewayError> {
     let mut headers = HeaderMap::new();
     headers.insert(API_KEY, value.clone());
     let (key, _source) = auth::extract(&headers, &API_KEY)?;
     let entry = auth::lookup(map, key, SystemTime::now())?;
-    Ok(entry.environment)
+    Ok(entry.environment())
 }
 
 fn key_lookup(c: &mut Criterion) {
     let mut group = c.benchmark_group("key_lookup");
     for n in [10, 10_000, 1_000_000] {
-        let map = key_map(n);
+        let map = key_table(n);
         let sample = sample_headers(n, 0);
         assert!(sample.iter().all(|v| key_step(&map, v).is_ok()));
         let mut next = sample.iter().cycle();
@@ -173,8 +166,10 @@ fn policy_and_limits(c: &mut Criterion) {
     let mut group = c.benchmark_group("policy_and_limits");
     for (name, keys) in [("one_key", 1), ("100000_keys", 100_000)] {
         let limiter = EnvLimiter::carry_over(&limits, None, &clock);
-        let ids: Vec<Arc<str>> = (0..keys).map(|i| Arc::from(format!("prod-{i}"))).collect();
-        let step = |id: &Arc<str>| {
+        let ids: Vec<KeyId> = (0..keys)
+            .map(|i| KeyId::from(format!("prod-{i}").as_str()))
+            .collect();
+        let step = |id: &KeyId| {
             policy.check_ip(ip).is_ok()
                 && policy.check_method(&method).is_ok()
                 && policy.check_path(path).is_ok()

@@ -128,7 +128,8 @@ fn config_view(shared: &Shared) -> Value {
     let environments: Vec<Value> = state
         .environments
         .iter()
-        .map(|e| {
+        .enumerate()
+        .map(|(i, e)| {
             let cfg = &e.config;
             let quota = |q: &Option<crate::config::QuotaConfig>| {
                 q.map(|q| json!({"requests": q.requests.get(), "per": humantime::format_duration(q.per).to_string(), "burst": q.burst.get()}))
@@ -141,7 +142,7 @@ fn config_view(shared: &Shared) -> Value {
                 "connect_timeout": humantime::format_duration(cfg.connect_timeout).to_string(),
                 "request_timeout": humantime::format_duration(cfg.request_timeout).to_string(),
                 "rate_limit": {"per_key": quota(&cfg.rate_limit.per_key), "total": quota(&cfg.rate_limit.total)},
-                "key_ids": e.key_ids.iter().map(|id| &**id).collect::<Vec<&str>>(),
+                "key_ids": state.keys.ids_of(i).collect::<Vec<&str>>(),
             })
         })
         .collect();
@@ -156,19 +157,22 @@ fn config_view(shared: &Shared) -> Value {
 }
 
 fn keys_view(state: &State) -> Value {
+    static UNUSED: std::sync::LazyLock<crate::auth::KeyUsage> =
+        std::sync::LazyLock::new(Default::default);
     let mut rows: Vec<Value> = state
         .keys
-        .values()
+        .iter()
         .map(|k| {
-            let last_seen = k.usage.last_seen_ms.load(Ordering::Relaxed);
+            let usage = k.usage.unwrap_or(&UNUSED);
+            let last_seen = usage.last_seen_ms.load(Ordering::Relaxed);
             json!({
                 "environment": state.environments[k.environment].config.name,
-                "key_id": &*k.id,
-                "not_before": k.not_before.map(rfc3339),
-                "not_after": k.not_after.map(rfc3339),
-                "requests": k.usage.requests.load(Ordering::Relaxed),
+                "key_id": k.id,
+                "not_before": k.window.not_before.map(rfc3339),
+                "not_after": k.window.not_after.map(rfc3339),
+                "requests": usage.requests.load(Ordering::Relaxed),
                 "last_seen": (last_seen > 0).then(|| rfc3339(UNIX_EPOCH + Duration::from_millis(last_seen))),
-                "last_ip": k.usage.last_ip.load().as_deref().map(|ip| ip.to_string()),
+                "last_ip": usage.last_ip.load().as_deref().map(|ip| ip.to_string()),
             })
         })
         .collect();

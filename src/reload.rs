@@ -116,7 +116,7 @@ pub fn apply(shared: &Shared, config: Config) -> Result<ReloadSummary, ReloadErr
 }
 
 /// What changed between the running snapshot and a new config (before it is built:
-/// the snapshot holds its keys in the key map, the new config still in its lists).
+/// the snapshot holds its keys in the key table, the new config still in its lists).
 fn summarize(old: &State, new: &Config, version: u64) -> ReloadSummary {
     let before: BTreeSet<&str> = old
         .environments
@@ -127,11 +127,11 @@ fn summarize(old: &State, new: &Config, version: u64) -> ReloadSummary {
     let old_keys: HashSet<(&str, &str, &KeyDigest)> = old
         .keys
         .iter()
-        .map(|(digest, k)| {
+        .map(|k| {
             (
                 old.environments[k.environment].config.name.as_str(),
-                &*k.id,
-                digest,
+                k.id,
+                k.digest,
             )
         })
         .collect();

@@ -3,13 +3,12 @@
 //! (taking over what must survive from the previous snapshot), then swapped in with a
 //! single `ArcSwap::store`; a request loads it once and keeps it to the end.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use http::HeaderValue;
 
-use crate::auth::{KeyEntry, KeyMap, KeyUsage};
+use crate::auth::KeyTable;
 use crate::config::{Config, EnvironmentConfig, KeyConfig};
 use crate::metrics::Label;
 use crate::policy::Policy;
@@ -26,13 +25,11 @@ pub struct Environment {
     pub limiter: EnvLimiter,
     pub upstreams: UpstreamPool,
     pub metrics: crate::metrics::RequestMetrics,
-    /// The environment's key ids in file order (for `/config`); shared with the key map.
-    pub key_ids: Vec<Arc<str>>,
 }
 
 pub struct State {
     pub config: Arc<Config>,
-    pub keys: KeyMap,
+    pub keys: KeyTable,
     pub environments: Vec<Environment>,
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Fleet mode: shared rate-limit counters (kept across reloads while unchanged).
@@ -61,8 +58,8 @@ impl State {
     /// Builds a snapshot for `config`. From `previous` it takes over the limiters whose
     /// quota is unchanged and the usage counters of keys that remain.
     ///
-    /// The keys move out of the config into the key map: the snapshot's `config` keeps
-    /// every setting but no key list, so a million keys are held once, not three times.
+    /// The keys move out of the config into the key table: the snapshot's `config` keeps
+    /// every setting but no key list, so a million keys are held once, packed.
     pub fn build(
         mut config: Config,
         previous: Option<&State>,
@@ -91,13 +88,15 @@ impl State {
                 limiter: EnvLimiter::carry_over(&env.rate_limit, old.map(|o| &o.limiter), &clock),
                 upstreams,
                 config: env.clone(),
-                key_ids: Vec::new(),
             });
         }
-        let (keys, key_ids) = build_keys(&config, key_lists, previous);
-        for (env, ids) in environments.iter_mut().zip(key_ids) {
-            env.key_ids = ids;
-        }
+        let lists = config
+            .environments
+            .iter()
+            .map(|e| e.name.as_str())
+            .zip(key_lists)
+            .collect();
+        let keys = KeyTable::build(lists, previous.map(|p| &p.keys));
         let tls = match &config.tls {
             Some(t) if config.listen.https.is_some() => {
                 Some(tls::server_config(t).map_err(|e| BuildError::ServerTls(Box::new(e)))?)
@@ -136,54 +135,6 @@ fn release_freed_memory() {
     unsafe {
         libc::malloc_trim(0);
     }
-}
-
-/// The key map, and each environment's key ids in file order.
-fn build_keys(
-    config: &Config,
-    key_lists: Vec<Vec<KeyConfig>>,
-    previous: Option<&State>,
-) -> (KeyMap, Vec<Vec<Arc<str>>>) {
-    let old_usage: HashMap<(&str, &str), &Arc<KeyUsage>> = previous
-        .map(|p| {
-            p.keys
-                .values()
-                .map(|k| {
-                    (
-                        (p.environments[k.environment].config.name.as_str(), &*k.id),
-                        &k.usage,
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let count = key_lists.iter().map(Vec::len).sum();
-    let mut keys = KeyMap::with_capacity_and_hasher(count, Default::default());
-    let mut ids_by_env = Vec::with_capacity(key_lists.len());
-    for (i, (env, list)) in config.environments.iter().zip(key_lists).enumerate() {
-        let mut ids = Vec::with_capacity(list.len());
-        for key in list {
-            let usage = old_usage
-                .get(&(env.name.as_str(), key.id.as_str()))
-                .map(|u| Arc::clone(u))
-                .unwrap_or_default();
-            let id: Arc<str> = Arc::from(key.id.as_str());
-            ids.push(id.clone());
-            keys.insert(
-                key.sha256,
-                KeyEntry {
-                    environment: i,
-                    id,
-                    id_header: HeaderValue::from_str(&key.id).expect("validated id"),
-                    not_before: key.not_before,
-                    not_after: key.not_after,
-                    usage,
-                },
-            );
-        }
-        ids_by_env.push(ids);
-    }
-    (keys, ids_by_env)
 }
 
 /// What lives for the whole process: the current snapshot and what must outlive it.

@@ -302,14 +302,14 @@ async fn script_decides_like_the_local_limiter() {
         };
         let clock = FakeRelativeClock::default();
         let local = EnvLimiter::carry_over(&limits, None, &clock);
-        let key: std::sync::Arc<str> = format!("case{n}").into();
+        let key = specter::auth::KeyId::from(format!("case{n}").as_str());
         let mut at = 0;
         for (i, t) in arrivals.into_iter().enumerate() {
             clock.advance(ms(t - at));
             at = t;
             let local_ok = local.check(&key).is_ok();
             let remote = store
-                .check_at("table", &key, &limits, Some(base_us + t * 1000))
+                .check_at("table", key.as_str(), &limits, Some(base_us + t * 1000))
                 .await
                 .unwrap();
             assert_eq!(

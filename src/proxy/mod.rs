@@ -21,7 +21,7 @@ use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
 use hyper::upgrade::OnUpgrade;
 
-use crate::auth::{KeyEntry, KeySource};
+use crate::auth::{KeyId, KeySource};
 use crate::body::{self, Body, BodyReadTimeout, BodyTooLarge, Guarded};
 use crate::error::GatewayError;
 use crate::headers::{RATELIMIT, RATELIMIT_POLICY, X_REQUEST_ID};
@@ -44,7 +44,7 @@ pub struct ConnInfo {
 #[derive(Default)]
 struct Outcome {
     environment: Option<usize>,
-    key_id: Option<Arc<str>>,
+    key_id: Option<KeyId>,
     ratelimit: Option<HeaderValue>,
     /// The normalised path and the query: checked, forwarded and (path only) logged.
     target: Option<PathAndQuery>,
@@ -184,7 +184,7 @@ async fn inner(
 /// A request that passed every check.
 struct Admitted<'s> {
     env: &'s Environment,
-    key: &'s KeyEntry,
+    key_id: KeyId,
     key_source: KeySource,
     /// The normal form: what the policy checked and what the upstream receives.
     target: PathAndQuery,
@@ -214,13 +214,14 @@ async fn admit<'s>(
     let (key, key_source) = crate::auth::extract(req.headers(), &state.config.auth.header)?;
     let now = SystemTime::now();
     let key = crate::auth::lookup(&state.keys, key, now)?;
-    let env = &state.environments[key.environment];
-    outcome.environment = Some(key.environment);
-    outcome.key_id = Some(key.id.clone());
+    let env = &state.environments[key.environment()];
+    let key_id = key.id();
+    outcome.environment = Some(key.environment());
+    outcome.key_id = Some(key_id.clone());
     let trusted = &state.config.listen.trusted_proxies;
     let client_ip = policy::client_ip(conn.peer.ip(), req.headers(), trusted);
     outcome.client_ip = Some(client_ip);
-    key.usage.record(now, client_ip);
+    key.usage().record(now, client_ip);
 
     let host = policy::request_host(req.uri(), req.headers());
     if !policy::host_allowed(&env.config.hosts, host) {
@@ -231,7 +232,7 @@ async fn admit<'s>(
     env.policy.check_path(target.path())?;
     env.policy.check_declared_body(req.headers())?;
 
-    match check_limits(shared, state, env, &key.id).await {
+    match check_limits(shared, state, env, &key_id).await {
         Ok(header) => outcome.ratelimit = header,
         Err((err, header)) => {
             outcome.ratelimit = header;
@@ -240,7 +241,7 @@ async fn admit<'s>(
     }
     Ok(Admitted {
         env,
-        key,
+        key_id,
         key_source,
         target,
         client_ip,
@@ -297,7 +298,7 @@ fn upstream_request(
         host: original_host.clone(),
         request_id,
         environment: &env.name_header,
-        key_id: &a.key.id_header,
+        key_id: a.key_id.header_value(),
         client_cert_subject: conn.client_cert_subject.as_ref(),
     };
     forward::rewrite_request(
@@ -431,13 +432,13 @@ async fn check_limits(
     shared: &Shared,
     state: &State,
     env: &Environment,
-    key_id: &Arc<str>,
+    key_id: &KeyId,
 ) -> Result<Option<HeaderValue>, (GatewayError, Option<HeaderValue>)> {
     #[cfg(feature = "redis")]
     if let (Some(store), true) = (&state.store, env.limiter.is_limited()) {
         use crate::config::StoreErrorMode;
         match store
-            .check(&env.config.name, key_id, &env.config.rate_limit)
+            .check(&env.config.name, key_id.as_str(), &env.config.rate_limit)
             .await
         {
             Ok(verdict) => return verdict.map_err(|(e, h)| (e, Some(h))),

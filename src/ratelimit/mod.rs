@@ -25,12 +25,13 @@ use governor::state::{InMemoryState, NotKeyed};
 use governor::{NotUntil, Quota, RateLimiter};
 use http::HeaderValue;
 
+use crate::auth::KeyId;
 use crate::config::{QuotaConfig, RateLimitConfig};
 use crate::error::GatewayError;
 
 pub type DirectLimiter<C> = RateLimiter<NotKeyed, InMemoryState, C, StateInformationMiddleware>;
 pub type KeyedLimiter<C> =
-    RateLimiter<Arc<str>, DefaultKeyedStateStore<Arc<str>>, C, StateInformationMiddleware>;
+    RateLimiter<KeyId, DefaultKeyedStateStore<KeyId>, C, StateInformationMiddleware>;
 
 /// Which bucket refused a request, for `specter_rate_limited_total{scope}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,7 +122,7 @@ impl<C: Clock> EnvLimiter<C> {
     /// `Err` is a 429 whose `RateLimit` value says which bucket is empty.
     pub fn check(
         &self,
-        key_id: &Arc<str>,
+        key_id: &KeyId,
     ) -> Result<Option<HeaderValue>, (GatewayError, HeaderValue)> {
         if self.policy.is_none() {
             return Ok(None);
@@ -265,7 +266,7 @@ mod tests {
     fn admitted(
         l: &EnvLimiter<FakeRelativeClock>,
         clock: &FakeRelativeClock,
-        key: &Arc<str>,
+        key: &KeyId,
         step: Duration,
         span: Duration,
     ) -> u64 {
@@ -285,7 +286,7 @@ mod tests {
         // (3x the rate, on exact nanosecond steps) for 60 s on a fake clock.
         let clock = FakeRelativeClock::default();
         let l = EnvLimiter::carry_over(&config(Some(q(10, 3000, 20)), None), None, &clock);
-        let key: Arc<str> = "k".into();
+        let key = KeyId::from("k");
         let ok = admitted(
             &l,
             &clock,
@@ -305,7 +306,7 @@ mod tests {
             None,
             &clock,
         );
-        let (hot, cold): (Arc<str>, Arc<str>) = ("hot".into(), "cold".into());
+        let (hot, cold) = (KeyId::from("hot"), KeyId::from("cold"));
         for _ in 0..5 {
             assert!(l.check(&hot).is_ok());
         }
@@ -352,7 +353,7 @@ mod tests {
         let clock = FakeRelativeClock::default();
         let cfg = config(Some(q(1, 1000, 2)), Some(q(100, 1000, 100)));
         let old = EnvLimiter::carry_over(&cfg, None, &clock);
-        let key: Arc<str> = "k".into();
+        let key = KeyId::from("k");
         assert!(old.check(&key).is_ok());
         assert!(old.check(&key).is_ok());
         assert!(old.check(&key).is_err());
@@ -378,7 +379,7 @@ mod tests {
         let clock = FakeRelativeClock::default();
         let l = EnvLimiter::carry_over(&config(Some(q(10, 1000, 10)), None), None, &clock);
         for i in 0..100 {
-            let _ = l.check(&Arc::from(format!("k{i}")));
+            let _ = l.check(&KeyId::from(format!("k{i}").as_str()));
         }
         assert_eq!(l.tracked_keys(), 100);
         clock.advance(Duration::from_secs(2));

@@ -1,13 +1,13 @@
-//! API key extraction and lookup: request headers -> the caller's key entry.
+//! API key extraction and lookup: request headers -> the caller's key.
 //!
-//! Keys are looked up by their SHA-256 digest in a hash map, so the cost is one hash of
-//! the presented key plus one map probe, whatever the number of keys. The digest is
-//! uniformly distributed, so the map hashes it with its first 8 bytes instead of running
-//! SipHash over it again; configured keys are not attacker-chosen, so this opens no
-//! collision attack.
+//! Keys are looked up by their SHA-256 digest in the [`KeyTable`], so the cost is one
+//! hash of the presented key plus one short scan, whatever the number of keys.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+mod table;
+
+pub use table::{Found, KeyTable, KeyView, Window};
+
+use std::fmt;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -16,7 +16,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use http::header::{HeaderName, HeaderValue, AUTHORIZATION};
 use http::HeaderMap;
 
-use crate::config::{sha256, KeyDigest};
+use crate::config::sha256;
 use crate::error::GatewayError;
 
 /// Per-key usage counters, shared across config reloads for keys that remain.
@@ -44,16 +44,40 @@ impl KeyUsage {
     }
 }
 
-#[derive(Debug)]
-pub struct KeyEntry {
-    /// Index into the state's environments.
-    pub environment: usize,
-    pub id: Arc<str>,
-    /// `id` as a ready header value for `x-specter-key-id`.
-    pub id_header: HeaderValue,
-    pub not_before: Option<SystemTime>,
-    pub not_after: Option<SystemTime>,
-    pub usage: Arc<KeyUsage>,
+/// A key's id. It shares the key table's memory and is a ready `x-specter-key-id`
+/// value; it also names the key's per-key rate-limit bucket.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct KeyId(HeaderValue);
+
+impl KeyId {
+    pub fn as_str(&self) -> &str {
+        // Ids are validated ASCII at load time.
+        self.0.to_str().unwrap_or_default()
+    }
+
+    pub fn header_value(&self) -> &HeaderValue {
+        &self.0
+    }
+}
+
+impl From<&str> for KeyId {
+    /// A copy of `id`; for ids that are not in a table (tests, benches). `id` must be a
+    /// valid header value, as validated key ids are.
+    fn from(id: &str) -> KeyId {
+        KeyId(HeaderValue::from_str(id).expect("a key id is a valid header value"))
+    }
+}
+
+impl fmt::Debug for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Display for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Which header carried the key, so forwarding removes exactly that one.
@@ -62,24 +86,6 @@ pub enum KeySource {
     Header,
     Bearer,
 }
-
-#[derive(Default)]
-pub struct DigestHasher(u64);
-
-impl Hasher for DigestHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        // `[u8; 32]` hashes as its length (a usize) then its bytes: keep the first 8.
-        if bytes.len() >= 8 {
-            self.0 = u64::from_ne_bytes(bytes[..8].try_into().expect("8 bytes"));
-        }
-    }
-    fn write_usize(&mut self, _: usize) {}
-}
-
-pub type KeyMap = HashMap<KeyDigest, KeyEntry, BuildHasherDefault<DigestHasher>>;
 
 /// Reads the single API key of a request. Two key headers, or `Bearer` with nothing
 /// after it, are refused rather than guessed at.
@@ -126,19 +132,20 @@ fn trim(b: &[u8]) -> &[u8] {
 
 /// Finds the key's entry and checks its validity window. A key not yet valid answers
 /// exactly like an unknown one: callers learn nothing about staged keys.
-pub fn lookup<'m>(
-    keys: &'m KeyMap,
+pub fn lookup<'t>(
+    keys: &'t KeyTable,
     key: &[u8],
     now: SystemTime,
-) -> Result<&'m KeyEntry, GatewayError> {
-    let entry = keys.get(&sha256(key)).ok_or(GatewayError::InvalidApiKey)?;
-    if entry.not_before.is_some_and(|nb| now < nb) {
+) -> Result<Found<'t>, GatewayError> {
+    let found = keys.find(&sha256(key)).ok_or(GatewayError::InvalidApiKey)?;
+    let window = found.window();
+    if window.not_before.is_some_and(|nb| now < nb) {
         return Err(GatewayError::InvalidApiKey);
     }
-    if entry.not_after.is_some_and(|na| now >= na) {
+    if window.not_after.is_some_and(|na| now >= na) {
         return Err(GatewayError::ExpiredApiKey);
     }
-    Ok(entry)
+    Ok(found)
 }
 
 #[cfg(test)]
