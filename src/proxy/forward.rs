@@ -12,22 +12,46 @@ use crate::headers::*;
 /// the gateway sets its own headers, so `Connection: x-specter-environment` can remove
 /// only the client's copy, never the gateway's.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
-        }
-    }
-    for name in HOP_BY_HOP {
+    remove_where(headers, |_| false);
+}
+
+/// Removes the hop-by-hop headers and those `also` picks, in one pass over the names
+/// present: a message carries a handful of headers while the candidates are about
+/// twenty, so this beats a hashed `remove` per candidate (and allocates nothing when
+/// nothing goes).
+fn remove_where(headers: &mut HeaderMap, also: impl Fn(&HeaderName) -> bool) {
+    let connection = headers.contains_key(CONNECTION);
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| {
+            HOP_BY_HOP.contains(n) || also(n) || (connection && named_by_connection(headers, n))
+        })
+        .cloned()
+        .collect();
+    for name in doomed {
         headers.remove(name);
     }
 }
+
+fn named_by_connection(headers: &HeaderMap, name: &HeaderName) -> bool {
+    headers.get_all(CONNECTION).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|token| token.trim().eq_ignore_ascii_case(name.as_str()))
+        })
+    })
+}
+
+/// Headers only the gateway may set: a client's copy never reaches the upstream.
+const GATEWAY_SET: [HeaderName; 7] = [
+    X_FORWARDED_FOR,
+    X_FORWARDED_PROTO,
+    X_FORWARDED_HOST,
+    X_SPECTER_ENVIRONMENT,
+    X_SPECTER_KEY_ID,
+    X_SPECTER_CLIENT_CERT_SUBJECT,
+    HOST,
+];
 
 /// What the gateway knows about a request that the upstream must be told.
 pub struct Forwarded<'a> {
@@ -49,30 +73,20 @@ pub struct Forwarded<'a> {
 }
 
 pub fn rewrite_request(headers: &mut HeaderMap, f: &Forwarded<'_>, rules: &HeaderRules) {
-    strip_hop_by_hop(headers);
-    headers.remove(f.auth_header);
-    if f.key_source == KeySource::Bearer {
-        headers.remove(AUTHORIZATION);
-    }
-    let previous_xff = if f.extend_forwarded_for {
+    // A hop-by-hop `X-Forwarded-For` (named by `Connection`) is not the chain to extend.
+    let previous_xff = if f.extend_forwarded_for && !named_by_connection(headers, &X_FORWARDED_FOR)
+    {
         join_values(headers, &X_FORWARDED_FOR)
     } else {
         None
     };
-    for name in [
-        X_FORWARDED_FOR,
-        X_FORWARDED_PROTO,
-        X_FORWARDED_HOST,
-        X_SPECTER_ENVIRONMENT,
-        X_SPECTER_KEY_ID,
-        X_SPECTER_CLIENT_CERT_SUBJECT,
-        HOST,
-    ] {
-        headers.remove(name);
-    }
-    for name in &rules.remove {
-        headers.remove(name);
-    }
+    let bearer = f.key_source == KeySource::Bearer;
+    remove_where(headers, |n| {
+        n == f.auth_header
+            || (bearer && n == AUTHORIZATION)
+            || GATEWAY_SET.contains(n)
+            || rules.remove.contains(n)
+    });
     for (name, value) in &rules.set {
         headers.insert(name.clone(), value.clone());
     }
@@ -99,10 +113,7 @@ pub fn rewrite_request(headers: &mut HeaderMap, f: &Forwarded<'_>, rules: &Heade
 }
 
 pub fn rewrite_response(headers: &mut HeaderMap, rules: &HeaderRules) {
-    strip_hop_by_hop(headers);
-    for name in &rules.remove {
-        headers.remove(name);
-    }
+    remove_where(headers, |n| rules.remove.contains(n));
     for (name, value) in &rules.set {
         headers.insert(name.clone(), value.clone());
     }
