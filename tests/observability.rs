@@ -694,7 +694,20 @@ struct Running {
 }
 
 /// `specter run --config F --log-format json`, stderr into a file beside the config.
+/// The ports are picked free just before the start, so another test may take one in
+/// between: a start that fails with "address in use" is retried on fresh ports.
 async fn run_binary(dir: &Path, body: &str, rust_log: Option<&str>) -> Running {
+    for _ in 0..3 {
+        match try_run_binary(dir, body, rust_log).await {
+            Ok(running) => return running,
+            Err(log) if log.contains("in use") => continue,
+            Err(log) => panic!("specter not ready; log:\n{log}"),
+        }
+    }
+    panic!("specter never found free ports")
+}
+
+async fn try_run_binary(dir: &Path, body: &str, rust_log: Option<&str>) -> Result<Running, String> {
     let (http, admin) = (free_addr(), free_addr());
     let text = format!(
         "[listen]\nhttp = \"{http}\"\nadmin = \"{admin}\"\n\n[limits]\nshutdown_grace = \"2s\"\n\n{body}"
@@ -727,19 +740,18 @@ async fn run_binary(dir: &Path, body: &str, rust_log: Option<&str>) -> Running {
             .await
             .is_ok_and(|r| r.status() == 200);
         if ready {
-            return Running {
+            return Ok(Running {
                 child,
                 http,
                 admin,
                 log,
-            };
+            });
         }
         let exited = child.0.try_wait().unwrap();
-        assert!(
-            exited.is_none() && Instant::now() < deadline,
-            "specter not ready (exit: {exited:?}); log:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
+        if exited.is_some() || Instant::now() >= deadline {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            return Err(format!("(exit: {exited:?})\n{text}"));
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
