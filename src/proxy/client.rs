@@ -1,5 +1,13 @@
-//! An environment's upstreams: one pooled hyper-util client, round-robin selection and
-//! passive health.
+//! An environment's upstreams: their connections, round-robin selection and passive
+//! health.
+//!
+//! HTTP/1.1 upstreams get connections of our own: per upstream, a stack of idle hyper
+//! `client::conn` senders. A request pops the most recently used one (or connects), and
+//! its response body puts it back when it ends. Compared with hyper-util's pooled
+//! client this skips the pool-key hashing, the URI rewriting and the per-request
+//! connector clone, and lets a request that was never written be retried on a fresh
+//! connection without copying it. HTTP/2 upstreams use hyper-util's client, which
+//! multiplexes requests over one connection.
 //!
 //! Selection is round-robin over healthy upstreams. Passive health: after
 //! `FAILURES_TO_EJECT` consecutive connect failures an upstream is skipped for a back-off
@@ -7,20 +15,35 @@
 //! least-outstanding: specter's environments front a handful of equal backends, and
 //! round-robin keeps the hot path at one atomic increment.
 
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http::header::HOST;
+use http::uri::PathAndQuery;
+use http::{HeaderValue, Request, Response, StatusCode, Uri};
+use http_body_util::BodyExt;
+use hyper::body::{Body as _, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::SendRequest;
 use hyper_rustls::{FixedServerNameResolver, HttpsConnector};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls_pki_types::ServerName;
+use tower_service::Service;
 
-use crate::body::Body;
+use crate::body::{Body, BoxError};
 use crate::config::{EnvironmentConfig, Upstream};
 use crate::tls::{self, TlsError};
 
-pub type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
+type Connector = HttpsConnector<HttpConnector>;
+
+/// Idle HTTP/1.1 connections kept per upstream, and how long one may stay idle.
+const MAX_IDLE: usize = 1024;
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 const FAILURES_TO_EJECT: u32 = 3;
 const MIN_BACKOFF: Duration = Duration::from_secs(1);
@@ -32,10 +55,19 @@ pub struct UpstreamSlot {
     consecutive_failures: AtomicU32,
     /// Milliseconds since the pool's epoch before which the upstream is skipped.
     down_until_ms: AtomicU64,
+    /// `Host` for requests that do not keep the client's: the authority, without a
+    /// default port.
+    host: HeaderValue,
+    idle: Arc<IdleConnections>,
+}
+
+enum Transport {
+    Http1(Connector),
+    Http2(Box<Client<Connector, Body>>),
 }
 
 pub struct UpstreamPool {
-    pub client: HttpClient,
+    transport: Transport,
     pub slots: Vec<UpstreamSlot>,
     next: AtomicUsize,
     epoch: Instant,
@@ -59,18 +91,19 @@ impl UpstreamPool {
             }
             None => builder,
         };
-        let connector = if env.http2 {
-            builder.enable_http2().wrap_connector(http)
+        let transport = if env.http2 {
+            let connector = builder.enable_http2().wrap_connector(http);
+            Transport::Http2(Box::new(
+                Client::builder(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .pool_timer(TokioTimer::new())
+                    .pool_idle_timeout(IDLE_TIMEOUT)
+                    .http2_only(true)
+                    .build(connector),
+            ))
         } else {
-            builder.enable_http1().wrap_connector(http)
+            Transport::Http1(builder.enable_http1().wrap_connector(http))
         };
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(1024)
-            .http2_only(env.http2)
-            .build(connector);
         let slots = env
             .upstreams
             .iter()
@@ -78,14 +111,59 @@ impl UpstreamPool {
                 upstream: u.clone(),
                 consecutive_failures: AtomicU32::new(0),
                 down_until_ms: AtomicU64::new(0),
+                host: host_header(&u.uri),
+                idle: Arc::default(),
             })
             .collect();
         Ok(UpstreamPool {
-            client,
+            transport,
             slots,
             next: AtomicUsize::new(0),
             epoch: Instant::now(),
         })
+    }
+
+    /// Sends `parts` + `body` to upstream `i` with `target` as the request target.
+    pub async fn send(
+        &self,
+        i: usize,
+        mut parts: http::request::Parts,
+        body: Body,
+        target: PathAndQuery,
+    ) -> Result<Response<Body>, UpstreamError> {
+        let slot = &self.slots[i];
+        let connector = match &self.transport {
+            Transport::Http2(client) => {
+                let mut uri = http::uri::Parts::default();
+                uri.scheme = slot.upstream.uri.scheme().cloned();
+                uri.authority = slot.upstream.uri.authority().cloned();
+                uri.path_and_query = Some(target);
+                parts.uri = Uri::from_parts(uri).map_err(|e| UpstreamError::Request(e.into()))?;
+                let response = client.request(Request::from_parts(parts, body)).await?;
+                return Ok(response.map(|b| b.map_err(Into::into).boxed()));
+            }
+            Transport::Http1(connector) => connector,
+        };
+        parts.uri = Uri::from(target);
+        if !parts.headers.contains_key(HOST) {
+            parts.headers.insert(HOST, slot.host.clone());
+        }
+        let mut request = Request::from_parts(parts, body);
+        loop {
+            let (mut sender, reused) = match slot.idle.checkout().await {
+                Some(sender) => (sender, true),
+                None => (connect(connector, &slot.upstream.uri).await?, false),
+            };
+            match sender.try_send_request(request).await {
+                Ok(response) => return Ok(pooled(response, sender, &slot.idle)),
+                // An idle connection that closed before the request was written to it:
+                // nothing reached the upstream, so send it again on a new connection.
+                Err(mut e) if reused && e.message().is_some() => {
+                    request = e.take_message().expect("checked above");
+                }
+                Err(e) => return Err(e.into_error().into()),
+            }
+        }
     }
 
     fn now_ms(&self) -> u64 {
@@ -157,4 +235,155 @@ fn backoff(slot: &UpstreamSlot) -> Duration {
         .saturating_sub(FAILURES_TO_EJECT)
         .min(5);
     (MIN_BACKOFF * 2u32.pow(over)).min(MAX_BACKOFF)
+}
+
+/// Why a request got no response from its upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("connecting: {0}")]
+    Connect(#[source] BoxError),
+    #[error("HTTP/1.1 exchange failed")]
+    Http(#[from] hyper::Error),
+    #[error("HTTP/2 exchange failed")]
+    Http2(#[from] hyper_util::client::legacy::Error),
+    #[error("the request cannot be sent: {0}")]
+    Request(#[source] BoxError),
+}
+
+impl UpstreamError {
+    /// Nothing was sent: the connection could not be made.
+    pub fn is_connect(&self) -> bool {
+        match self {
+            UpstreamError::Connect(_) => true,
+            UpstreamError::Http2(e) => e.is_connect(),
+            _ => false,
+        }
+    }
+}
+
+fn host_header(uri: &Uri) -> HeaderValue {
+    let authority = uri.authority().map_or("", |a| a.as_str());
+    let default_port = match uri.scheme_str() {
+        Some("https") => ":443",
+        _ => ":80",
+    };
+    let host = authority.strip_suffix(default_port).unwrap_or(authority);
+    HeaderValue::from_str(host).expect("a parsed authority is a valid header value")
+}
+
+async fn connect(connector: &Connector, uri: &Uri) -> Result<SendRequest<Body>, UpstreamError> {
+    let io = connector
+        .clone()
+        .call(uri.clone())
+        .await
+        .map_err(UpstreamError::Connect)?;
+    let (sender, connection) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|e| UpstreamError::Connect(e.into()))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.with_upgrades().await {
+            tracing::debug!(error = %e, "upstream connection ended with an error");
+        }
+    });
+    Ok(sender)
+}
+
+/// An upstream's idle HTTP/1.1 connections, most recently used last.
+#[derive(Default)]
+struct IdleConnections(Mutex<Vec<(SendRequest<Body>, Instant)>>);
+
+impl std::fmt::Debug for IdleConnections {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let idle = self.0.lock().map_or(0, |v| v.len());
+        write!(f, "IdleConnections({idle})")
+    }
+}
+
+impl IdleConnections {
+    /// The most recently used open connection, once it can take a request.
+    async fn checkout(&self) -> Option<SendRequest<Body>> {
+        loop {
+            let (mut sender, since) = self.0.lock().ok()?.pop()?;
+            if sender.is_closed() || since.elapsed() > IDLE_TIMEOUT {
+                continue;
+            }
+            // Usually ready already; otherwise the previous response's end is still
+            // being processed by the connection task.
+            if sender.ready().await.is_ok() {
+                return Some(sender);
+            }
+        }
+    }
+
+    fn put_back(&self, sender: SendRequest<Body>) {
+        let Ok(mut idle) = self.0.lock() else { return };
+        if idle
+            .first()
+            .is_some_and(|(_, since)| since.elapsed() > IDLE_TIMEOUT)
+        {
+            idle.retain(|(s, since)| !s.is_closed() && since.elapsed() <= IDLE_TIMEOUT);
+        }
+        if idle.len() < MAX_IDLE {
+            idle.push((sender, Instant::now()));
+        }
+    }
+}
+
+/// The response, with a body that hands the connection back when it ends. A body
+/// dropped early (client gone) takes the connection with it: hyper closes it.
+fn pooled(
+    response: Response<Incoming>,
+    sender: SendRequest<Body>,
+    idle: &Arc<IdleConnections>,
+) -> Response<Body> {
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        return response.map(|b| b.map_err(Into::into).boxed());
+    }
+    if response.body().is_end_stream() {
+        idle.put_back(sender);
+        return response.map(|b| b.map_err(Into::into).boxed());
+    }
+    let idle = Arc::clone(idle);
+    response.map(|inner| {
+        PooledBody {
+            inner,
+            sender: Some((sender, idle)),
+        }
+        .boxed()
+    })
+}
+
+struct PooledBody {
+    inner: Incoming,
+    sender: Option<(SendRequest<Body>, Arc<IdleConnections>)>,
+}
+
+impl hyper::body::Body for PooledBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        if matches!(frame, Some(Err(_))) {
+            self.sender = None;
+        } else if frame.is_none() || self.inner.is_end_stream() {
+            // The server stops polling once `is_end_stream` says so: hand the
+            // connection back with the last frame, not only at `None`.
+            if let Some((sender, idle)) = self.sender.take() {
+                idle.put_back(sender);
+            }
+        }
+        Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }

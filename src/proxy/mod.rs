@@ -368,30 +368,24 @@ async fn send(
     let mut next = Some((parts, body));
     let mut failed: Option<usize> = None;
     loop {
-        let (mut parts, body) = next.take().expect("each attempt has its request");
+        let (parts, body) = next.take().expect("each attempt has its request");
         let upstream = env
             .upstreams
             .pick(failed)
             .ok_or(GatewayError::NoHealthyUpstream)?;
         outcome.upstream = Some(upstream);
-        let target = &env.upstreams.slots[upstream].upstream;
-        // Scheme and authority were parsed at load; cloning them is a reference count.
-        let mut uri = http::uri::Parts::default();
-        uri.scheme = target.uri.scheme().cloned();
-        uri.authority = target.uri.authority().cloned();
-        uri.path_and_query = Some(path_and_query.clone());
-        parts.uri = Uri::from_parts(uri)
-            .map_err(|_| GatewayError::BadRequest("the request target cannot be forwarded"))?;
-        let request = Request::from_parts(parts, body);
         let timeout = env.config.request_timeout;
-        let err = match tokio::time::timeout(timeout, env.upstreams.client.request(request)).await {
+        let sent = env
+            .upstreams
+            .send(upstream, parts, body, path_and_query.clone());
+        let err = match tokio::time::timeout(timeout, sent).await {
             Ok(Ok(mut response)) => {
                 env.upstreams.record_success(upstream);
                 outcome.upstream_status = Some(response.status().as_u16());
                 if let Some(client) = client_upgrade.take() {
                     upgrade::tunnel(client, &mut response);
                 }
-                return Ok(response.map(|b| b.map_err(Into::into).boxed()));
+                return Ok(response);
             }
             Ok(Err(e)) => e,
             Err(_) => {
@@ -410,7 +404,7 @@ async fn send(
         let connect = err.is_connect();
         upstream_error(shared, env, if connect { "connect" } else { "protocol" });
         if connect && env.upstreams.record_connect_failure(upstream) {
-            tracing::warn!(environment = %env.config.name, upstream = %target.uri, "upstream ejected after repeated connect failures");
+            tracing::warn!(environment = %env.config.name, upstream = %env.upstreams.slots[upstream].upstream.uri, "upstream ejected after repeated connect failures");
         }
         // Retried once elsewhere: a failed connect (nothing was sent), or an idempotent
         // request whose connection closed before any response byte (like nginx's

@@ -1,0 +1,177 @@
+//! specter's own HTTP/1.1 upstream connections: reused while the upstream keeps them
+//! open, replaced when it does not, never reused after an abandoned response. The
+//! upstream here is raw TCP so the test sees every connection it accepts.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use common::*;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+const KEY: &str = "spk_development_pool";
+
+/// An HTTP/1.1 upstream that answers every request with `response` and counts the
+/// connections it accepted; with `close_after_each`, it closes a connection after
+/// each answer.
+struct RawUpstream {
+    addr: SocketAddr,
+    connections: Arc<AtomicUsize>,
+}
+
+async fn raw_upstream(response: &'static [u8], close_after_each: bool) -> RawUpstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counter = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                while read_request(&mut stream, &mut buf).await {
+                    if stream.write_all(response).await.is_err() || close_after_each {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    RawUpstream { addr, connections }
+}
+
+/// Reads one request (head and `Content-Length` body) off the front of `buf`, reading
+/// more as needed; false when the peer closed.
+async fn read_request(stream: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> bool {
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            if buf.len() >= end + 4 + length {
+                buf.drain(..end + 4 + length);
+                return true;
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+async fn gateway_for(up: &RawUpstream) -> TestGateway {
+    TestGateway::start(&format!(
+        "[environments.development]\nupstream = \"http://{}\"\n{}",
+        up.addr,
+        key_block("development", "svc", KEY)
+    ))
+    .await
+}
+
+async fn send_each(gw: &TestGateway, n: usize) {
+    let c = client();
+    for i in 0..n {
+        let method = if i % 2 == 0 { "GET" } else { "POST" };
+        let body = if i % 2 == 0 { "" } else { "a small body" };
+        let req = Request::builder()
+            .method(method)
+            .uri(gw.url(&format!("/{i}")))
+            .header("x-api-key", KEY)
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        let answer = send(&c, req).await;
+        assert!(answer.status.is_success(), "request {i}: {}", answer.text());
+    }
+}
+
+#[tokio::test]
+async fn keep_alive_connections_are_reused_whatever_the_response_framing() {
+    let framings: [(&str, &[u8]); 3] = [
+        (
+            "content-length",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        ),
+        (
+            "chunked",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+        ),
+        ("no body", b"HTTP/1.1 204 No Content\r\n\r\n"),
+    ];
+    for (framing, response) in framings {
+        let up = raw_upstream(response, false).await;
+        let gw = gateway_for(&up).await;
+        send_each(&gw, 20).await;
+        assert_eq!(
+            up.connections.load(Ordering::SeqCst),
+            1,
+            "{framing}: 20 sequential requests should share one upstream connection"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_upstream_that_closes_each_connection_costs_no_request() {
+    let up = raw_upstream(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+        true,
+    )
+    .await;
+    let gw = gateway_for(&up).await;
+    send_each(&gw, 10).await;
+    assert_eq!(up.connections.load(Ordering::SeqCst), 10);
+}
+
+#[tokio::test]
+async fn a_connection_whose_response_was_abandoned_is_not_reused() {
+    // 64 MiB announced, a few bytes sent: the connection is mid-response when the client
+    // goes away, so it must not carry another request.
+    let up = raw_upstream(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 67108864\r\n\r\nonly the start",
+        false,
+    )
+    .await;
+    let gw = gateway_for(&up).await;
+    let c = client();
+    let response = c
+        .request(
+            Request::get(gw.url("/big"))
+                .header("x-api-key", KEY)
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut body = response.into_body();
+    let first = body.frame().await.unwrap().unwrap();
+    assert_eq!(first.data_ref().unwrap().as_ref(), b"only the start");
+    drop(body);
+    drop(c);
+
+    // The gateway learns of the abandoned body when its client connection closes;
+    // a new connection is then the only correct way to send the next request.
+    let next = client()
+        .request(
+            Request::get(gw.url("/next"))
+                .header("x-api-key", KEY)
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let status = next.status();
+    let mut body = next.into_body();
+    let first = body.frame().await.unwrap().unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(first.data_ref().unwrap().as_ref(), b"only the start");
+    assert_eq!(up.connections.load(Ordering::SeqCst), 2);
+}
