@@ -263,6 +263,64 @@ async fn silent_and_slow_preface_connections_are_closed_within_header_read_timeo
     }
 }
 
+/// `header_read_timeout` times a request head from its first byte; a keep-alive
+/// connection waiting for its next request answers to `idle_timeout` alone. A second
+/// request whose head trickles in is cut off like a first one.
+///
+/// Failing when written: hyper's HTTP/1 header timer also runs while a keep-alive
+/// connection waits, so every keep-alive connection was closed `header_read_timeout`
+/// after its last response (10 s by default, against a 60 s `idle_timeout`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_outlives_header_read_timeout_but_a_slow_second_head_does_not() {
+    let up = Upstream::start("production").await;
+    let limits = "header_read_timeout = \"1s\"\nidle_timeout = \"30s\"";
+    let gw = gateway(limits, &[up.url()]).await;
+    let head = get_head("/again", Some(KEY));
+    bounded(Duration::from_secs(10), async move {
+        // Idle for 2.5 header_read_timeouts between two requests on one connection.
+        let mut patient = TcpStream::connect(gw.http).await.unwrap();
+        patient.write_all(head.as_bytes()).await.unwrap();
+        let first = read_response(&mut patient, Duration::from_secs(2)).await;
+        assert_eq!(first.map(|r| r.status), Some(200));
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        patient.write_all(head.as_bytes()).await.unwrap();
+        let second = read_response(&mut patient, Duration::from_secs(2)).await;
+        assert_eq!(
+            second.map(|r| r.status),
+            Some(200),
+            "the idle keep-alive connection was closed before idle_timeout"
+        );
+
+        // A second head sent one byte every 200 ms (it would take 9 s).
+        let mut slow = TcpStream::connect(gw.http).await.unwrap();
+        slow.write_all(head.as_bytes()).await.unwrap();
+        let first = read_response(&mut slow, Duration::from_secs(2)).await;
+        assert_eq!(first.map(|r| r.status), Some(200));
+        let began = Instant::now();
+        let mut closed_after = None;
+        for byte in head.bytes() {
+            if slow.write_all(&[byte]).await.is_err() {
+                closed_after = Some(began.elapsed());
+                break;
+            }
+            let mut buf = [0u8; 256];
+            match tokio::time::timeout(Duration::from_millis(200), slow.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => {
+                    closed_after = Some(began.elapsed());
+                    break;
+                }
+                Ok(Ok(_)) | Err(_) => {}
+            }
+        }
+        let closed_after = closed_after.expect("a trickled second head was never cut off");
+        assert!(
+            closed_after >= Duration::from_millis(900) && closed_after <= Duration::from_millis(2000),
+            "the slow second head was cut off after {closed_after:?}, not about header_read_timeout (1 s)"
+        );
+    })
+    .await;
+}
+
 // ---------------------------------------------------------------------------------
 // 2. Request smuggling
 

@@ -6,6 +6,10 @@
 //!   together with `Transfer-Encoding` (hyper drops the former before a handler sees it).
 //! - Activity, for the idle timeout: each read or write bumps a counter (no clock read
 //!   on the hot path); the connection's watchdog compares it between ticks.
+//! - The start of an HTTP/1 request head (bytes read while no request is being
+//!   handled), for `header_read_timeout`: hyper's own header timer also runs while a
+//!   keep-alive connection waits for its next request, which would make
+//!   `header_read_timeout` the keep-alive limit instead of `idle_timeout`.
 
 use std::io;
 use std::pin::Pin;
@@ -26,6 +30,9 @@ pub struct ConnSignals {
     /// Requests being handled (not counting response bodies still streaming, which
     /// show up as activity).
     pub in_flight: AtomicU64,
+    /// HTTP/1 request bytes arrived while no request was being handled: a head is
+    /// under way. Cleared when the request reaches the handler.
+    pub head_started: AtomicBool,
 }
 
 pin_project_lite::pin_project! {
@@ -42,6 +49,8 @@ pin_project_lite::pin_project! {
         line_len: usize,
         content_length: bool,
         transfer_encoding: bool,
+        // The connection opened with the HTTP/2 preface: no HTTP/1 heads to time.
+        http2: bool,
     }
 }
 
@@ -57,6 +66,7 @@ impl<I> ClientIo<I> {
             line_len: 0,
             content_length: false,
             transfer_encoding: false,
+            http2: false,
         }
     }
 }
@@ -72,6 +82,9 @@ impl<I: AsyncRead> AsyncRead for ClientIo<I> {
         let result = this.inner.poll_read(cx, buf);
         if buf.filled().len() > before {
             this.signals.activity.fetch_add(1, Ordering::Relaxed);
+            if !*this.http2 && this.signals.in_flight.load(Ordering::Relaxed) == 0 {
+                this.signals.head_started.store(true, Ordering::Relaxed);
+            }
         }
         if !*this.head_done {
             for &b in &buf.filled()[before..] {
@@ -81,6 +94,10 @@ impl<I: AsyncRead> AsyncRead for ClientIo<I> {
                             this.signals.bare_lf.store(true, Ordering::Relaxed);
                         }
                         let name = &this.line[..*this.line_len];
+                        if name.starts_with(b"pri * http/2.0") {
+                            *this.http2 = true;
+                            this.signals.head_started.store(false, Ordering::Relaxed);
+                        }
                         *this.content_length |= name.starts_with(b"content-length:");
                         *this.transfer_encoding |= name.starts_with(b"transfer-encoding:");
                         *this.line_len = 0;
@@ -170,6 +187,14 @@ mod tests {
             !one.length_and_chunked.load(Ordering::Relaxed),
             "body bytes are not headers"
         );
+    }
+
+    #[tokio::test]
+    async fn request_bytes_start_a_head_but_the_http2_preface_does_not() {
+        let h1 = signals(b"GET / HTTP/1.1\r\nHost: a\r\n").await;
+        assert!(h1.head_started.load(Ordering::Relaxed));
+        let h2 = signals(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00").await;
+        assert!(!h2.head_started.load(Ordering::Relaxed));
     }
 
     #[tokio::test]

@@ -206,7 +206,10 @@ fn connection_builder(limits: &LimitsConfig) -> auto::Builder<TokioExecutor> {
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        // Heads are timed by `Connection::serve` from their first byte: hyper's timer
+        // also runs while a keep-alive connection is idle, closing it after
+        // `header_read_timeout` instead of `idle_timeout`.
+        .header_read_timeout(None)
         .max_buf_size(limits.max_header_bytes)
         .max_headers(limits.max_headers)
         .keep_alive(true);
@@ -266,7 +269,7 @@ impl Acceptor {
                 builder: self.builder.clone(),
                 watcher: self.connections.watcher(),
                 idle_timeout: self.limits.idle_timeout,
-                first_request_timeout: self.limits.header_read_timeout,
+                header_read_timeout: self.limits.header_read_timeout,
             };
             let (kind, handshake_timeout) = (self.kind, self.limits.header_read_timeout);
             tokio::spawn(async move {
@@ -298,9 +301,9 @@ struct Connection {
     builder: Arc<auto::Builder<TokioExecutor>>,
     watcher: Watcher,
     idle_timeout: Duration,
-    /// The first request must arrive within this (`header_read_timeout`): hyper's own
-    /// header timer starts only after the HTTP/1-or-2 sniffing, and HTTP/2 has none.
-    first_request_timeout: Duration,
+    /// The first request must arrive within this of the accept (HTTP/2 has no header
+    /// timer of its own), and every HTTP/1 head within this of its first byte.
+    header_read_timeout: Duration,
 }
 
 impl Connection {
@@ -355,6 +358,7 @@ impl Connection {
             async move {
                 info.signals.requests.fetch_add(1, Ordering::Relaxed);
                 info.signals.in_flight.fetch_add(1, Ordering::Relaxed);
+                info.signals.head_started.store(false, Ordering::Relaxed);
                 let response = proxy::handle(shared, info.clone(), req).await;
                 info.signals.in_flight.fetch_sub(1, Ordering::Relaxed);
                 response
@@ -370,23 +374,51 @@ impl Connection {
         // Idle watchdog: four quiet ticks of a quarter of the timeout each.
         let tick = self.idle_timeout / 4;
         let (mut last_seen, mut quiet) = (signals.activity.load(Ordering::Relaxed), 0);
-        let first_deadline = tokio::time::sleep(self.first_request_timeout);
+        let first_deadline = tokio::time::sleep(self.header_read_timeout);
         tokio::pin!(first_deadline);
         let mut awaiting_first = true;
+        // The head being timed, named by the request count when its first byte came.
+        let mut timed_head: Option<u64> = None;
+        let head_deadline = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(head_deadline);
+        let head_under_way = || {
+            signals
+                .head_started
+                .load(Ordering::Relaxed)
+                .then(|| signals.requests.load(Ordering::Relaxed))
+        };
         loop {
             tokio::select! {
+                // Biased: the connection is polled first, so a head that began in this
+                // very poll is seen (and timed) by the branch after it. A head that
+                // arrives whole is handed to the handler within that poll: no timer.
+                biased;
+                result = &mut connection => {
+                    if let Err(e) = result {
+                        tracing::debug!(peer = %self.peer, error = %e, "connection ended with an error");
+                    }
+                    return;
+                }
+                head = std::future::poll_fn(|_| match head_under_way() {
+                    Some(n) if timed_head != Some(n) => std::task::Poll::Ready(n),
+                    _ => std::task::Poll::Pending,
+                }) => {
+                    timed_head = Some(head);
+                    head_deadline.as_mut().reset(tokio::time::Instant::now() + self.header_read_timeout);
+                }
+                _ = &mut head_deadline, if timed_head.is_some() => {
+                    if head_under_way() == timed_head {
+                        tracing::debug!(peer = %self.peer, "request head not complete within header_read_timeout; closing");
+                        return;
+                    }
+                    timed_head = None;
+                }
                 _ = &mut first_deadline, if awaiting_first => {
                     if signals.requests.load(Ordering::Relaxed) == 0 {
                         tracing::debug!(peer = %self.peer, "no request within header_read_timeout; closing");
                         return;
                     }
                     awaiting_first = false;
-                }
-                result = &mut connection => {
-                    if let Err(e) = result {
-                        tracing::debug!(peer = %self.peer, error = %e, "connection ended with an error");
-                    }
-                    return;
                 }
                 _ = tokio::time::sleep(tick) => {
                     let now = signals.activity.load(Ordering::Relaxed);
