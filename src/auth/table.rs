@@ -4,8 +4,8 @@
 //! Per key it holds a 40-byte slot (digest, where its id is, its environment) in one
 //! array sorted by digest, an 8-byte usage pointer that is filled on the key's first
 //! request, and the id itself in one shared arena. A lookup takes the digest's top bits
-//! to a run of about four slots (SHA-256 digests are uniform) and compares digests there:
-//! two cache lines, whatever the number of keys. A `HashMap` of entries with an `Arc`
+//! to a run of four to eight slots (SHA-256 digests are uniform) and compares digests
+//! there: a few adjacent cache lines, whatever the number of keys. A `HashMap` of entries with an `Arc`
 //! per id and per usage counter cost ~400 bytes per key; this costs ~57.
 
 use std::collections::HashMap;
@@ -20,8 +20,9 @@ use once_cell::race::OnceBox;
 use super::{KeyId, KeyUsage};
 use crate::config::{KeyConfig, KeyDigest};
 
-/// Slots per directory bucket, on average: small enough for one or two cache lines of
-/// scanning, large enough that the directory stays a few bytes per key.
+/// Keys per directory bucket at least, on average (the bucket count is a power of two at
+/// or below `keys / 4`, so 4 to 8): a short scan of adjacent slots, and a directory of at
+/// most one byte per key.
 const SLOTS_PER_BUCKET: usize = 4;
 
 pub struct KeyTable {
