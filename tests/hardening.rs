@@ -1117,6 +1117,49 @@ async fn an_idle_http2_connection_is_closed_after_idle_timeout() {
     .await;
 }
 
+/// A stream the client resets while its request is being handled is no longer in
+/// flight: the connection, idle afterwards, is still closed after `idle_timeout`.
+///
+/// Failing when written: the in-flight count was decremented after the handler's await,
+/// which never completes when hyper drops the handler of a reset stream, so the idle
+/// watchdog saw a request in progress forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_http2_stream_does_not_keep_its_connection_open() {
+    let up = Upstream::start_with("production", Behaviour::Delay(Duration::from_secs(30))).await;
+    let gw = gateway(
+        "idle_timeout = \"1s\"\nheader_read_timeout = \"5s\"",
+        &[up.url()],
+    )
+    .await;
+    let (addr, url) = (gw.http, gw.url("/slow"));
+    bounded(Duration::from_secs(10), async move {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (send, connection) = h2::client::handshake(tcp).await.unwrap();
+        let mut connection = tokio::spawn(connection);
+        let mut send = send.ready().await.unwrap();
+        let request = Request::get(&url)
+            .header("x-api-key", KEY)
+            .body(())
+            .unwrap();
+        let (_response, mut stream) = send.send_request(request, true).unwrap();
+        // The request reaches the (slow) upstream, then the client gives up on it.
+        while up.count() == 0 {
+            tokio::task::yield_now().await;
+        }
+        stream.send_reset(h2::Reason::CANCEL);
+        let reset_at = Instant::now();
+        let closed = tokio::time::timeout(Duration::from_secs(5), &mut connection).await;
+        let took = reset_at.elapsed();
+        assert!(
+            closed.is_ok(),
+            "the connection was still open 5 s after its only stream was reset (idle_timeout = 1s)"
+        );
+        assert!(took <= Duration::from_millis(2500), "closed after {took:?}");
+        drop(send);
+    })
+    .await;
+}
+
 /// An upstream that took the connection into its backlog and then died before
 /// answering: the GET is retried on the other upstream instead of answering 502.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

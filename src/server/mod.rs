@@ -357,11 +357,12 @@ impl Connection {
             let (shared, info) = (shared.clone(), info.clone());
             async move {
                 info.signals.requests.fetch_add(1, Ordering::Relaxed);
-                info.signals.in_flight.fetch_add(1, Ordering::Relaxed);
                 info.signals.head_started.store(false, Ordering::Relaxed);
-                let response = proxy::handle(shared, info.clone(), req).await;
-                info.signals.in_flight.fetch_sub(1, Ordering::Relaxed);
-                response
+                // A guard, not a decrement after the await: hyper drops the handler of
+                // an HTTP/2 stream the client reset, and a count left behind would keep
+                // the idle watchdog from ever closing the connection.
+                let _in_flight = InFlight::enter(&info.signals);
+                proxy::handle(shared, info.clone(), req).await
             }
         });
         let io = TokioIo::new(ClientIo::new(io, signals.clone()));
@@ -432,5 +433,21 @@ impl Connection {
                 }
             }
         }
+    }
+}
+
+/// Counts a request in `ConnSignals::in_flight` for as long as its handler lives.
+struct InFlight<'a>(&'a ConnSignals);
+
+impl<'a> InFlight<'a> {
+    fn enter(signals: &'a ConnSignals) -> Self {
+        signals.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(signals)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
