@@ -38,6 +38,8 @@ pub enum TlsError {
         #[source]
         source: rustls::Error,
     },
+    #[error("the crypto provider cannot offer these TLS versions: {0}")]
+    Versions(#[source] rustls::Error),
     #[error("client certificate verification: {0}")]
     Verifier(#[from] rustls::server::VerifierBuilderError),
 }
@@ -144,10 +146,7 @@ pub fn server_config(config: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> 
     };
     let builder = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(versions)
-        .map_err(|source| TlsError::Rustls {
-            path: PathBuf::new(),
-            source,
-        })?;
+        .map_err(TlsError::Versions)?;
     let builder = match &config.client_ca {
         Some(ca) => {
             let roots = Arc::new(load_roots(ca)?);
@@ -172,10 +171,7 @@ pub fn client_config(upstream_ca: Option<&Path>) -> Result<ClientConfig, TlsErro
     };
     let config = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|source| TlsError::Rustls {
-            path: PathBuf::new(),
-            source,
-        })?
+        .map_err(TlsError::Versions)?
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(config)

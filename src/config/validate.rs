@@ -863,10 +863,10 @@ impl Validator<'_> {
                     raw.get_ref()
                 ),
             ),
-            Err(_) => self.fail(
+            Err(e) => self.fail(
                 raw.span(),
                 format!(
-                    "{path}: \"{}\" is not a duration; write e.g. \"250ms\", \"30s\" or \"5m\"",
+                    "{path}: \"{}\" is not a duration ({e}); write e.g. \"250ms\", \"30s\" or \"5m\"",
                     raw.get_ref()
                 ),
             ),
@@ -886,16 +886,18 @@ impl Validator<'_> {
     }
 
     fn size(&mut self, path: &str, raw: &Spanned<String>) -> Option<u64> {
-        match raw.get_ref().trim().parse::<bytesize::ByteSize>() {
-            Ok(b) if b.as_u64() > 0 => Some(b.as_u64()),
-            _ => self.fail(
-                raw.span(),
-                format!(
-                    "{path}: \"{}\" is not a positive size; write e.g. \"64KiB\" or \"10MiB\"",
-                    raw.get_ref()
-                ),
+        let why = match raw.get_ref().trim().parse::<bytesize::ByteSize>() {
+            Ok(b) if b.as_u64() > 0 => return Some(b.as_u64()),
+            Ok(_) => "it is zero".to_owned(),
+            Err(e) => e,
+        };
+        self.fail(
+            raw.span(),
+            format!(
+                "{path}: \"{}\" is not a positive size ({why}); write e.g. \"64KiB\" or \"10MiB\"",
+                raw.get_ref()
             ),
-        }
+        )
     }
 
     fn positive(&mut self, path: &str, raw: &Spanned<i64>, max: i64) -> Option<i64> {

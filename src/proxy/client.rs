@@ -240,13 +240,13 @@ fn backoff(slot: &UpstreamSlot) -> Duration {
 /// Why a request got no response from its upstream.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
-    #[error("connecting: {0}")]
+    #[error("connecting to the upstream failed")]
     Connect(#[source] BoxError),
     #[error("HTTP/1.1 exchange failed")]
     Http(#[from] hyper::Error),
     #[error("HTTP/2 exchange failed")]
     Http2(#[from] hyper_util::client::legacy::Error),
-    #[error("the request cannot be sent: {0}")]
+    #[error("the request cannot be sent")]
     Request(#[source] BoxError),
 }
 

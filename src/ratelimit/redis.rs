@@ -59,7 +59,7 @@ return result
 pub enum StoreError {
     #[error("the rate-limit store did not answer within {0:?}")]
     Timeout(Duration),
-    #[error("rate-limit store: {0}")]
+    #[error("the rate-limit store failed")]
     Redis(#[from] redis::RedisError),
     #[error("rate-limit store answered {0:?}, which is not a script result")]
     Unexpected(Vec<i64>),
@@ -170,7 +170,7 @@ impl RedisStore {
                 .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
         {
-            tracing::warn!(error = %error, on_error = ?self.config.on_error, "rate-limit store check failed");
+            tracing::warn!(error = %crate::proxy::ErrorChain(error), on_error = ?self.config.on_error, "rate-limit store check failed");
         }
     }
 
