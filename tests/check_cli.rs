@@ -298,6 +298,35 @@ fn bad_durations_are_rejected() {
     }
 }
 
+/// One run reports every bad value, not only the first of a section.
+///
+/// Failing when written: `[limits]`, `[tls]`, `[rate_limit_store]` stopped at their first
+/// bad value, so a second one surfaced only after the first was fixed.
+#[test]
+fn every_bad_value_of_a_section_is_reported_in_one_run() {
+    let f = Fixture::new(
+        "[limits]\nidle_timeout = \"5 parsecs\"\nmax_header_bytes = \"lots\"\nmax_headers = 0\n\n\
+         [rate_limit_store]\nredis = \"http://cache:6379\"\non_error = \"panic\"\n\n\
+         [environments.qa]\nupstream = \"http://127.0.0.1:9001\"\n",
+    );
+    let run = f.check(&[]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    let records = f.records(&run.stderr);
+    for path in [
+        "limits.idle_timeout",
+        "limits.max_header_bytes",
+        "limits.max_headers",
+        "rate_limit_store.redis",
+        "rate_limit_store.on_error",
+    ] {
+        assert!(
+            records.iter().any(|r| r.contains(&format!(": {path}:"))),
+            "{path} is not reported:\n{}",
+            run.stderr
+        );
+    }
+}
+
 #[test]
 fn zero_timeouts_are_rejected() {
     for zero in ["0s", "0ms"] {

@@ -141,17 +141,17 @@ impl Validator<'_> {
             .admin
             .as_ref()
             .and_then(|a| self.socket_addr("listen.admin", a));
+        let trusted_proxies = l
+            .trusted_proxies
+            .iter()
+            .filter_map(|c| self.cidr("listen.trusted_proxies", c))
+            .collect();
         if l.http.is_none() && l.https.is_none() {
             return self.fail(
                 raw.span(),
                 "[listen] needs `http` or `https` (or both), e.g. http = \"127.0.0.1:8080\"".into(),
             );
         }
-        let trusted_proxies = l
-            .trusted_proxies
-            .iter()
-            .filter_map(|c| self.cidr("listen.trusted_proxies", c))
-            .collect();
         Some(ListenConfig {
             http,
             https,
@@ -161,55 +161,72 @@ impl Validator<'_> {
     }
 
     fn limits(&mut self, raw: &RawLimits) -> Option<LimitsConfig> {
-        let mut limits = LimitsConfig::default();
+        // Every value is checked even after a bad one, so one run reports them all.
+        fn keep<T>(slot: &mut T, checked: Option<T>) {
+            if let Some(value) = checked {
+                *slot = value;
+            }
+        }
+        let mut l = LimitsConfig::default();
         let before = self.errors.len();
         if let Some(n) = &raw.max_connections {
-            limits.max_connections = self.positive("limits.max_connections", n, 1 << 24)? as usize;
+            let n = self.positive("limits.max_connections", n, 1 << 24);
+            keep(&mut l.max_connections, n.map(|n| n as usize));
         }
         if let Some(d) = &raw.header_read_timeout {
-            limits.header_read_timeout = self.duration("limits.header_read_timeout", d)?;
+            keep(
+                &mut l.header_read_timeout,
+                self.duration("limits.header_read_timeout", d),
+            );
         }
         if let Some(d) = &raw.idle_timeout {
-            limits.idle_timeout = self.duration("limits.idle_timeout", d)?;
+            keep(&mut l.idle_timeout, self.duration("limits.idle_timeout", d));
         }
         if let Some(s) = &raw.max_header_bytes {
-            let bytes = self.size("limits.max_header_bytes", s)?;
-            if !(8192..=16 << 20).contains(&bytes) {
-                return self.fail(
+            let bytes = match self.size("limits.max_header_bytes", s) {
+                Some(bytes) if !(8192..=16 << 20).contains(&bytes) => self.fail(
                     s.span(),
                     format!(
                         "limits.max_header_bytes: \"{}\" is out of range; use between \"8KiB\" and \"16MiB\"",
                         s.get_ref()
                     ),
-                );
-            }
-            limits.max_header_bytes = bytes as usize;
+                ),
+                checked => checked,
+            };
+            keep(&mut l.max_header_bytes, bytes.map(|b| b as usize));
         }
         if let Some(n) = &raw.max_headers {
-            limits.max_headers = self.positive("limits.max_headers", n, 10_000)? as usize;
+            let n = self.positive("limits.max_headers", n, 10_000);
+            keep(&mut l.max_headers, n.map(|n| n as usize));
         }
         if let Some(d) = &raw.shutdown_grace {
-            limits.shutdown_grace = self.duration("limits.shutdown_grace", d)?;
+            keep(
+                &mut l.shutdown_grace,
+                self.duration("limits.shutdown_grace", d),
+            );
         }
         if let Some(d) = &raw.body_read_timeout {
-            limits.body_read_timeout = self.duration("limits.body_read_timeout", d)?;
+            keep(
+                &mut l.body_read_timeout,
+                self.duration("limits.body_read_timeout", d),
+            );
         }
-        (self.errors.len() == before).then_some(limits)
+        (self.errors.len() == before).then_some(l)
     }
 
     fn tls(&mut self, raw: &Spanned<RawTls>) -> Option<TlsConfig> {
         let t = raw.get_ref();
         let min_version = match t.min_version.as_ref().map(|v| v.get_ref().as_str()) {
-            None | Some("1.2") => TlsVersion::V1_2,
-            Some("1.3") => TlsVersion::V1_3,
+            None | Some("1.2") => Some(TlsVersion::V1_2),
+            Some("1.3") => Some(TlsVersion::V1_3),
             Some(other) => {
                 let span = t.min_version.as_ref().map(|v| v.span()).unwrap_or_default();
-                return self.fail(
+                self.fail(
                     span,
                     format!(
                         "tls.min_version: \"{other}\" is not supported; use \"1.2\" or \"1.3\""
                     ),
-                );
+                )
             }
         };
         if t.certificates.is_empty() {
@@ -235,16 +252,16 @@ impl Validator<'_> {
         let client_ca = match &t.client_ca {
             Some(ca) => {
                 let path = PathBuf::from(ca.get_ref());
-                if let Err(e) = crate::tls::load_roots(&path) {
-                    return self.fail(ca.span(), format!("tls.client_ca: {e}"));
+                match crate::tls::load_roots(&path) {
+                    Ok(_) => Some(Some(path)),
+                    Err(e) => self.fail(ca.span(), format!("tls.client_ca: {e}")),
                 }
-                Some(path)
             }
-            None => None,
+            None => Some(None),
         };
         Some(TlsConfig {
-            min_version,
-            client_ca,
+            min_version: min_version?,
+            client_ca: client_ca?,
             certificates,
         })
     }
@@ -821,33 +838,35 @@ impl Validator<'_> {
     fn store(&mut self, raw: &Spanned<RawStore>) -> Option<StoreConfig> {
         let s = raw.get_ref();
         let url = s.redis.get_ref();
-        if !(url.starts_with("redis://")
+        let redis = if url.starts_with("redis://")
             || url.starts_with("rediss://")
-            || url.starts_with("redis+unix://"))
+            || url.starts_with("redis+unix://")
         {
-            return self.fail(
+            Some(url.clone())
+        } else {
+            self.fail(
                 s.redis.span(),
                 format!("rate_limit_store.redis: \"{url}\" is not a Redis URL; write e.g. \"redis://127.0.0.1:6379/0\""),
-            );
-        }
+            )
+        };
         let timeout = self.duration_or(
             "rate_limit_store.timeout",
             &s.timeout,
             Duration::from_millis(20),
-        )?;
+        );
         let on_error = match s.on_error.as_ref().map(|m| m.get_ref().as_str()) {
-            None | Some("local") => StoreErrorMode::Local,
-            Some("allow") => StoreErrorMode::Allow,
-            Some("deny") => StoreErrorMode::Deny,
+            None | Some("local") => Some(StoreErrorMode::Local),
+            Some("allow") => Some(StoreErrorMode::Allow),
+            Some("deny") => Some(StoreErrorMode::Deny),
             Some(other) => {
                 let span = s.on_error.as_ref().map(|m| m.span()).unwrap_or_default();
-                return self.fail(span, format!("rate_limit_store.on_error: \"{other}\" is not a mode; use \"local\", \"allow\" or \"deny\""));
+                self.fail(span, format!("rate_limit_store.on_error: \"{other}\" is not a mode; use \"local\", \"allow\" or \"deny\""))
             }
         };
         Some(StoreConfig {
-            redis: url.clone(),
-            timeout,
-            on_error,
+            redis: redis?,
+            timeout: timeout?,
+            on_error: on_error?,
         })
     }
 
