@@ -22,8 +22,11 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
         .boxed()
 }
 
+/// No body; a zero-sized one, so boxing it allocates nothing.
 pub fn empty() -> Body {
-    full(Bytes::new())
+    http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 /// The request body grew past `max_body` while streaming.

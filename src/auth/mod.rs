@@ -98,7 +98,7 @@ pub fn extract<'h>(
         if found.is_some() {
             return Err(GatewayError::InvalidApiKey);
         }
-        found = Some((trim(value.as_bytes()), KeySource::Header));
+        found = Some((value.as_bytes().trim_ascii(), KeySource::Header));
     }
     for value in headers.get_all(AUTHORIZATION) {
         let v = value.as_bytes();
@@ -109,25 +109,13 @@ pub fn extract<'h>(
         if found.is_some() {
             return Err(GatewayError::InvalidApiKey);
         }
-        found = Some((trim(&v[6..]), KeySource::Bearer));
+        found = Some((v[6..].trim_ascii(), KeySource::Bearer));
     }
     match found {
         None => Err(GatewayError::MissingApiKey),
         Some((b"", _)) => Err(GatewayError::InvalidApiKey),
         Some(found) => Ok(found),
     }
-}
-
-fn trim(b: &[u8]) -> &[u8] {
-    let start = b
-        .iter()
-        .position(|c| !c.is_ascii_whitespace())
-        .unwrap_or(b.len());
-    let end = b
-        .iter()
-        .rposition(|c| !c.is_ascii_whitespace())
-        .map_or(start, |i| i + 1);
-    &b[start..end]
 }
 
 /// Finds the key's entry and checks its validity window. A key not yet valid answers

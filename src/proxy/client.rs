@@ -179,7 +179,6 @@ impl UpstreamPool {
         } else {
             self.next.fetch_add(1, Ordering::Relaxed)
         };
-        let now = self.now_ms();
         (0..n).map(|i| (start + i) % n).find(|&i| {
             if Some(i) == exclude {
                 return false;
@@ -190,6 +189,7 @@ impl UpstreamPool {
                 return true;
             }
             // Ejected: let exactly one request through once the back-off ended.
+            let now = self.now_ms();
             until <= now
                 && slot
                     .down_until_ms

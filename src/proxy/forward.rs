@@ -8,17 +8,11 @@ use crate::auth::KeySource;
 use crate::config::HeaderRules;
 use crate::headers::*;
 
-/// Drops hop-by-hop headers and every header the `Connection` header names. Runs before
-/// the gateway sets its own headers, so `Connection: x-specter-environment` can remove
-/// only the client's copy, never the gateway's.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    remove_where(headers, |_| false);
-}
-
-/// Removes the hop-by-hop headers and those `also` picks, in one pass over the names
-/// present: a message carries a handful of headers while the candidates are about
-/// twenty, so this beats a hashed `remove` per candidate (and allocates nothing when
-/// nothing goes).
+/// Removes the hop-by-hop headers, every header the `Connection` header names, and those
+/// `also` picks, in one pass over the names present: a message carries a handful of
+/// headers while the candidates are about twenty, so this beats a hashed `remove` per
+/// candidate. Runs before the gateway sets its own headers, so `Connection:
+/// x-specter-environment` removes only the client's copy, never the gateway's.
 fn remove_where(headers: &mut HeaderMap, also: impl Fn(&HeaderName) -> bool) {
     let connection = headers.contains_key(CONNECTION);
     let doomed: Vec<HeaderName> = headers
@@ -33,13 +27,18 @@ fn remove_where(headers: &mut HeaderMap, also: impl Fn(&HeaderName) -> bool) {
     }
 }
 
+/// The comma-separated options of every `Connection` header.
+pub fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+}
+
 fn named_by_connection(headers: &HeaderMap, name: &HeaderName) -> bool {
-    headers.get_all(CONNECTION).iter().any(|v| {
-        v.to_str().is_ok_and(|v| {
-            v.split(',')
-                .any(|token| token.trim().eq_ignore_ascii_case(name.as_str()))
-        })
-    })
+    connection_tokens(headers).any(|token| token.eq_ignore_ascii_case(name.as_str()))
 }
 
 /// Headers only the gateway may set: a client's copy never reaches the upstream.

@@ -44,6 +44,7 @@ pub struct ConnInfo {
 #[derive(Default)]
 struct Outcome {
     environment: Option<usize>,
+    /// Set only while the access log is on, like `target`.
     key_id: Option<KeyId>,
     ratelimit: Option<HeaderValue>,
     /// The normalised path and the query: checked, forwarded and (path only) logged.
@@ -209,15 +210,21 @@ async fn admit<'s>(
         });
     }
     let target = forward_target(req.uri())?;
-    outcome.target = Some(target.clone());
+    // Only the access log reads these; with it off, no reference count is touched.
+    let logged = outcome.bytes_in.is_some();
+    if logged {
+        outcome.target = Some(target.clone());
+    }
 
     let (key, key_source) = crate::auth::extract(req.headers(), &state.config.auth.header)?;
     let now = SystemTime::now();
     let key = crate::auth::lookup(&state.keys, key, now)?;
     let env = &state.environments[key.environment()];
     let key_id = key.id();
+    if logged {
+        outcome.key_id = Some(key_id.clone());
+    }
     outcome.environment = Some(key.environment());
-    outcome.key_id = Some(key_id.clone());
     let trusted = &state.config.listen.trusted_proxies;
     let client_ip = policy::client_ip(conn.peer.ip(), req.headers(), trusted);
     outcome.client_ip = Some(client_ip);

@@ -12,13 +12,8 @@ pub fn requested<B>(req: &Request<B>) -> Option<HeaderValue> {
     if req.version() != Version::HTTP_11 {
         return None;
     }
-    let wants = req
-        .headers()
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    let wants =
+        super::forward::connection_tokens(req.headers()).any(|t| t.eq_ignore_ascii_case("upgrade"));
     wants.then(|| req.headers().get(UPGRADE).cloned()).flatten()
 }
 
