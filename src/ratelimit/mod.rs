@@ -31,7 +31,20 @@ use crate::error::GatewayError;
 
 pub type DirectLimiter<C> = RateLimiter<NotKeyed, InMemoryState, C, StateInformationMiddleware>;
 pub type KeyedLimiter<C> =
-    RateLimiter<KeyId, DefaultKeyedStateStore<KeyId>, C, StateInformationMiddleware>;
+    RateLimiter<Bucket, DefaultKeyedStateStore<Bucket>, C, StateInformationMiddleware>;
+
+/// The name of a key's bucket in the per-key limiter. Per request it borrows the key's
+/// id from the key table (a reference count); when governor stores it (`clone`, once
+/// per new bucket) it takes bytes of its own, so a bucket that lives on across reloads
+/// does not keep an old key table's id arena alive.
+#[derive(PartialEq, Eq, Hash)]
+pub struct Bucket(KeyId);
+
+impl Clone for Bucket {
+    fn clone(&self) -> Self {
+        Bucket(KeyId::from(self.0.as_str()))
+    }
+}
 
 /// Which bucket refused a request, for `specter_rate_limited_total{scope}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,7 +142,7 @@ impl<C: Clock> EnvLimiter<C> {
         }
         let mut fields = String::with_capacity(48);
         if let Some(l) = &self.per_key {
-            match l.limiter.check_key(key_id) {
+            match l.limiter.check_key(&Bucket(key_id.clone())) {
                 Ok(snapshot) => {
                     push_state(&mut fields, Scope::PerKey, &l.config, remaining(&snapshot))
                 }
@@ -278,6 +291,18 @@ mod tests {
             ok += u64::from(l.check(key).is_ok());
         }
         ok
+    }
+
+    #[test]
+    fn a_stored_bucket_name_owns_its_bytes() {
+        let id = KeyId::from("svc");
+        let stored = Bucket(id.clone()).clone();
+        assert!(stored == Bucket(id.clone()));
+        assert_ne!(
+            stored.0.header_value().as_bytes().as_ptr(),
+            id.header_value().as_bytes().as_ptr(),
+            "governor's copy must not share the key table's arena"
+        );
     }
 
     #[test]
