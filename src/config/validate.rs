@@ -826,7 +826,7 @@ impl Validator<'_> {
                         format!(
                             "environments.{b}.{key}: \"{}\" is the same backend ({}:{}) as an upstream of environment \"{a}\"; environments must not share a backend. Give \"{b}\" its own, or if sharing is intended set shares_upstream_with = [\"{a}\"] in environments.{b} and shares_upstream_with = [\"{b}\"] in environments.{a}",
                             up.uri.to_string().trim_end_matches('/'),
-                            endpoint_host_display(&up.host),
+                            endpoint.0,
                             up.port
                         ),
                     );
@@ -988,18 +988,18 @@ fn redact_hash(s: &str) -> String {
 
 /// `localhost`, `127.0.0.1` and `::1` are one host when deciding whether two
 /// environments share a backend.
+/// One name per backend host for the sharing check: every loopback or unspecified
+/// address (`127.0.0.0/8`, `::1`, `0.0.0.0`, `::`, IPv4-mapped forms) and `localhost`
+/// are one host, "loopback"; other addresses in their canonical form.
 fn canonical_host(host: &str) -> String {
-    match host {
-        "localhost" | "127.0.0.1" | "::1" | "localhost." => "loopback".to_owned(),
-        h => h.to_owned(),
+    let host = host.trim_end_matches('.');
+    if host.eq_ignore_ascii_case("localhost") {
+        return "loopback".to_owned();
     }
-}
-
-fn endpoint_host_display(host: &str) -> &str {
-    if canonical_host(host) == "loopback" {
-        "loopback"
-    } else {
-        host
+    match host.parse::<std::net::IpAddr>().map(|ip| ip.to_canonical()) {
+        Ok(ip) if ip.is_loopback() || ip.is_unspecified() => "loopback".to_owned(),
+        Ok(ip) => ip.to_string(),
+        Err(_) => host.to_ascii_lowercase(),
     }
 }
 
@@ -1024,8 +1024,22 @@ mod tests {
 
     #[test]
     fn loopback_names_are_one_host() {
-        assert_eq!(canonical_host("localhost"), canonical_host("127.0.0.1"));
-        assert_eq!(canonical_host("::1"), canonical_host("127.0.0.1"));
+        for same in [
+            "localhost",
+            "LOCALHOST.",
+            "::1",
+            "127.0.0.2",
+            "0.0.0.0",
+            "::",
+            "::ffff:127.0.0.1",
+            "0:0:0:0:0:0:0:1",
+        ] {
+            assert_eq!(canonical_host(same), canonical_host("127.0.0.1"), "{same}");
+        }
+        assert_eq!(
+            canonical_host("::ffff:10.0.0.1"),
+            canonical_host("10.0.0.1")
+        );
         assert_ne!(canonical_host("10.0.0.1"), canonical_host("127.0.0.1"));
     }
 }
