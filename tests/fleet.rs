@@ -2,7 +2,6 @@
 
 mod common;
 
-use std::net::TcpListener as StdListener;
 use std::num::NonZeroU32;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -20,17 +19,9 @@ struct Redis {
 }
 
 impl Redis {
-    fn free_port() -> u16 {
-        StdListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    }
-
     async fn start() -> Redis {
         let mut redis = Redis {
-            port: Redis::free_port(),
+            port: free_addr().port(),
             child: None,
         };
         redis.restart().await;

@@ -636,30 +636,6 @@ async fn max_connections_caps_served_connections_and_recovers() {
 // ---------------------------------------------------------------------------------
 // 6. Graceful drain of the real binary
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Polls `check` every 25 ms until it returns true or `limit` passes.
-async fn poll_until<F, Fut>(limit: Duration, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if check().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    false
-}
-
 async fn status_of(url: &str) -> Option<u16> {
     let request = Request::get(url)
         .body(http_body_util::Full::new(Bytes::new()))
@@ -677,7 +653,7 @@ async fn status_of(url: &str) -> Option<u16> {
 async fn sigterm_drains_in_flight_requests_and_exits_0() {
     let up =
         Upstream::start_with("production", Behaviour::Delay(Duration::from_millis(1500))).await;
-    let (http, admin) = (free_port(), free_port());
+    let (http, admin) = (free_addr().port(), free_addr().port());
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("specter.toml");
     let text = format!(
@@ -851,7 +827,10 @@ async fn failover_hides_a_dead_upstream_and_both_dead_is_503() {
                 }
             });
         }
-        tokio::time::sleep(Duration::from_millis(700)).await;
+        let both_served = poll_until(Duration::from_secs(5), || async {
+            a_hits.load(Ordering::Relaxed) > 10 && b_hits.load(Ordering::Relaxed) > 10
+        });
+        assert!(both_served.await, "both upstreams serve before the kill");
         let a_at_kill = a.kill().await;
         let b_at_kill = b_hits.load(Ordering::Relaxed);
         // Past the first ejection back-off (1 s), so a probe of the dead one happens too.
@@ -1053,13 +1032,17 @@ async fn websocket_upgrades_tunnel_only_after_the_checks_and_a_101() {
             .expect("an answer to the refused upgrade");
         assert_eq!(response.status, 200, "{}", response.head);
         assert_eq!(response.body, b"no upgrade here");
-        let _ = stream
+        stream
             .write_all(get_head("/after-refusal", Some(KEY)).as_bytes())
-            .await;
-        if let Some(second) = read_response(&mut stream, Duration::from_secs(2)).await {
-            assert_eq!(second.status, 200, "{}", second.head);
-        }
-        for headers in plain_seen.lock().unwrap().iter() {
+            .await
+            .expect("the connection stays open after a refused upgrade");
+        let second = read_response(&mut stream, Duration::from_secs(2))
+            .await
+            .expect("a second request on the same connection is answered");
+        assert_eq!(second.status, 200, "{}", second.head);
+        let seen = plain_seen.lock().unwrap();
+        assert_eq!(seen.len(), 2, "both requests passed the gateway");
+        for headers in seen.iter() {
             assert!(
                 headers.get("x-specter-environment").is_some()
                     && headers.get("x-api-key").is_none(),

@@ -45,12 +45,6 @@ fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
-/// A loopback address nothing listens on (bound, then released).
-fn free_addr() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap()
-}
-
 async fn admin_get(c: &TestClient, admin: SocketAddr, path: &str) -> Answer {
     get(c, &format!("http://{admin}{path}"), &[]).await
 }

@@ -139,20 +139,16 @@ impl ConfigMapDir {
 // ---------------------------------------------------------------------------------
 // Waiting on observable conditions
 
-/// Polls `check` every 10 ms until it holds; fails the test after [`DEADLINE`].
-async fn eventually<F, Fut>(what: &str, mut check: F)
+/// Polls `check` until it holds; fails the test after [`DEADLINE`].
+async fn eventually<F, Fut>(what: &str, check: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let deadline = Instant::now() + DEADLINE;
-    while !check().await {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {DEADLINE:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    assert!(
+        poll_until(DEADLINE, check).await,
+        "timed out after {DEADLINE:?} waiting for {what}"
+    );
 }
 
 /// The status of a GET, or `None` when nothing answered (not listening yet).
@@ -631,11 +627,6 @@ async fn fifty_swaps_under_load_fail_no_request() {
 // ---------------------------------------------------------------------------------
 // 6. SIGHUP to the binary
 
-fn free_port() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap()
-}
-
 /// Collects the child's log lines as they come, so its stderr never fills up.
 fn capture(stderr: ChildStderr) -> Arc<Mutex<String>> {
     let log = Arc::new(Mutex::new(String::new()));
@@ -698,7 +689,7 @@ async fn sighup_reloads_the_running_binary_and_sigterm_exits_zero() {
     let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
     let dir = TempDir::new().unwrap();
     let path = dir.path().join("specter.toml");
-    let (http, admin) = (free_port(), free_port());
+    let (http, admin) = (free_addr(), free_addr());
     let listen = listen_block(&http.to_string(), &admin.to_string());
     let config = |up: &Upstream| listen.clone() + &env_block("development", &[up], &[("svc", KEY)]);
     std::fs::write(&path, config(&a)).unwrap();
@@ -764,7 +755,7 @@ async fn listen_change_applies_the_rest_and_keeps_the_old_listener() {
     let a = Upstream::start("a").await;
     let fx = Fixture::start(&dev_config(&[&a], &[("svc", KEY)])).await;
     fx.watch();
-    let moved = free_port();
+    let moved = free_addr();
     let text = listen_block(&moved.to_string(), "127.0.0.1:0")
         + &env_block("development", &[&a], &[("svc", KEY), ("added", NEW)]);
     write_and_rename(&fx.path, &text);

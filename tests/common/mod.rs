@@ -336,3 +336,29 @@ pub fn config_location(error: &str) -> (usize, usize) {
     assert!(line >= 1 && col >= 1, "{error}");
     (line, col)
 }
+
+/// A loopback address nothing listens on right now (bound, noted, released). Another
+/// test may take it before it is used: helpers that start the binary on it retry when
+/// the log says the address is in use.
+pub fn free_addr() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap()
+}
+
+/// Polls `check` every 10 ms until it holds (true) or `limit` passes (false).
+pub async fn poll_until<F, Fut>(limit: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
