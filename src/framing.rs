@@ -1,14 +1,20 @@
 //! HTTP/1 framing strictness: requests whose framing two parsers could read differently
 //! (the raw material of request smuggling) are refused with 400 and a closed connection.
 //!
-//! hyper already refuses duplicate differing `Content-Length`, obs-fold and unknown
-//! transfer codings. Two forms it accepts are refused here: `Content-Length` together
-//! with `Transfer-Encoding` (RFC 9112 §6.3 lets a server reject it, and a proxy should),
-//! and a `Transfer-Encoding` other than one single `chunked`. Bare-LF line endings are
-//! caught in the first request head of a connection by the connection's IO wrapper
-//! ([`crate::server::io::ClientIo`]), which sees the bytes before hyper parses them. (Later heads on a keep-alive connection are
-//! parsed by hyper's lenient parser, but specter re-frames every request with CRLF, so
-//! no such difference can reach an upstream.)
+//! hyper already refuses duplicate differing `Content-Length`, obs-fold and transfer
+//! codings that do not end in `chunked`. Refused here as well:
+//! - a `Transfer-Encoding` other than one single `chunked` (`gzip, chunked`, two lines);
+//! - `Content-Length` together with `Transfer-Encoding` (RFC 9112 §6.3 lets a server
+//!   reject it, and a proxy should). hyper's parser drops the `Content-Length` before a
+//!   handler sees the headers, so the connection's IO wrapper
+//!   ([`crate::server::io::ClientIo`]), which sees the raw bytes, reports it for the
+//!   first head of a connection. A later head with both is read as chunked, its
+//!   `Content-Length` dropped, and hyper closes the connection after the response (the
+//!   RFC's other allowed answer). The header check below only guards against a parser
+//!   that would keep both;
+//! - bare-LF line endings in the first head, also seen by the IO wrapper. Later heads
+//!   are parsed by hyper's lenient parser, but specter re-frames every request with
+//!   CRLF, so no such difference can reach an upstream.
 
 use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, Version};
