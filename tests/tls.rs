@@ -944,26 +944,25 @@ async fn certs_dev_writes_a_usable_localhost_certificate() {
 
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("certs");
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_specter"));
-    command
-        .args(["certs", "dev", "--out"])
-        .arg(&out)
-        .stdin(std::process::Stdio::null());
-    // No tokio `process` feature: run it on a thread and bound the wait.
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(command.output());
-    });
-    let output = timeout(T, rx)
-        .await
-        .expect("specter certs dev finishes in time")
-        .unwrap()
-        .expect("specter runs");
-    assert!(
-        output.status.success(),
-        "specter certs dev failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    // A stale, world-readable key from before: rewriting it must also narrow its mode.
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("localhost.key"), "stale").unwrap();
+    std::fs::set_permissions(
+        out.join("localhost.key"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let out_arg = out.to_str().unwrap().to_owned();
+    let run = timeout(
+        T,
+        tokio::task::spawn_blocking(move || {
+            run_specter(&["certs", "dev", "--out", &out_arg], None)
+        }),
+    )
+    .await
+    .expect("specter certs dev finishes in time")
+    .unwrap();
+    assert_eq!(run.code, 0, "specter certs dev failed: {}", run.stderr);
 
     let cert = out.join("localhost.pem");
     let key = out.join("localhost.key");

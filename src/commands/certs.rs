@@ -2,7 +2,7 @@
 
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +54,9 @@ pub fn write_pair(
             .truncate(true)
             .mode(mode)
             .open(&path)
+            .map_err(io)?;
+        // `mode` only applies to a file this call creates: narrow an existing one too.
+        f.set_permissions(std::fs::Permissions::from_mode(mode))
             .map_err(io)?;
         f.write_all(text.as_bytes()).map_err(io)?;
         Ok(path)
