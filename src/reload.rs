@@ -220,7 +220,10 @@ pub fn watch(shared: Arc<Shared>, path: PathBuf) -> notify::Result<tokio::task::
                 }
             }
             let (s, p) = (shared.clone(), path.clone());
-            let _ = tokio::task::spawn_blocking(move || reload_now(&s, &p)).await;
+            if let Err(e) = tokio::task::spawn_blocking(move || reload_now(&s, &p)).await {
+                // A panic while building the snapshot: the running one stays, say so.
+                tracing::error!(error = %e, "reload aborted; the running config stays");
+            }
             if let Err(e) = watched.follow(&shared.state.load().config) {
                 tracing::warn!(
                     "cannot watch a folder named by the new config (SIGHUP still reloads): {e}"

@@ -171,12 +171,6 @@ pub struct RateLimitConfig {
     pub total: Option<QuotaConfig>,
 }
 
-impl RateLimitConfig {
-    pub fn is_limited(&self) -> bool {
-        self.per_key.is_some() || self.total.is_some()
-    }
-}
-
 /// `requests` per `per`, with a bucket of `burst` (defaults to `requests`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct QuotaConfig {
@@ -217,12 +211,6 @@ impl Default for PolicyConfig {
 pub struct HeaderRules {
     pub set: Vec<(HeaderName, HeaderValue)>,
     pub remove: Vec<HeaderName>,
-}
-
-impl HeaderRules {
-    pub fn is_empty(&self) -> bool {
-        self.set.is_empty() && self.remove.is_empty()
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
