@@ -104,9 +104,7 @@ impl GatewayError {
     fn message(&self) -> String {
         match self {
             GatewayError::BadRequest(why) => format!("The request is malformed: {why}."),
-            GatewayError::BadPath(_) => {
-                "The path contains an encoded slash, backslash, NUL or an ambiguous segment.".into()
-            }
+            GatewayError::BadPath(why) => format!("The path is refused: {why}."),
             GatewayError::MissingApiKey => {
                 "Send an API key in the API key header or as Authorization: Bearer.".into()
             }

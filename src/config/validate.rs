@@ -17,7 +17,7 @@ use toml::Spanned;
 use super::error::SourceMap;
 use super::file::*;
 use super::*;
-use crate::policy::path::{normalize_path, PathError};
+use crate::policy::path::normalize_path;
 
 /// Keys expiring within this window are reported by `specter check`.
 pub const KEY_EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
@@ -606,7 +606,7 @@ impl Validator<'_> {
         }
         match normalize_path(s) {
             Ok(n) => Some(crate::policy::prefix_form(&n)),
-            Err(PathError::Encoded | PathError::Backslash) => self.fail(
+            Err(_) => self.fail(
                 raw.span(),
                 format!("{path}: \"{s}\" has an encoded '/', '\\' or NUL, which requests are refused for; write the plain path"),
             ),

@@ -6,21 +6,25 @@
 //!    are refused: upstreams disagree on what they mean (Tomcat treats `..;` as `..`);
 //! 3. empty segments collapse (`//` -> `/`) and dot segments are removed (RFC 3986 §5.2.4).
 
+use std::borrow::Cow;
 use std::fmt;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PathError {
     /// `%2F`, `%5C`, `%00`, a malformed escape, or a dot segment with parameters.
     Encoded,
-    /// A raw `\` or a path that is not origin-form.
+    /// A raw `\`.
     Backslash,
+    /// Not an absolute path (`*`, or a target without a leading `/`).
+    NotOriginForm,
 }
 
 impl fmt::Display for PathError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             PathError::Encoded => "the path has an encoded slash, backslash or NUL, a malformed escape, or a dot segment with parameters",
-            PathError::Backslash => "the path has a backslash or is not an absolute path",
+            PathError::Backslash => "the path has a backslash",
+            PathError::NotOriginForm => "the request target is not an absolute path",
         })
     }
 }
@@ -35,16 +39,17 @@ fn hex_value(b: u8) -> Option<u8> {
     (b as char).to_digit(16).map(|d| d as u8)
 }
 
-/// Normalises an origin-form path (no query). Returns the path to check and forward.
-pub fn normalize_path(path: &str) -> Result<String, PathError> {
+/// Normalises an origin-form path (no query). Returns the path to check and forward,
+/// borrowed when it already is in normal form (the usual case).
+pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, PathError> {
     if !path.starts_with('/') {
-        return Err(PathError::Backslash);
+        return Err(PathError::NotOriginForm);
     }
     // Fast path: nothing to decode and no segment that could change.
     let bytes = path.as_bytes();
     let simple = !bytes.iter().any(|&b| matches!(b, b'%' | b'\\' | b'.')) && !path.contains("//");
     if simple {
-        return Ok(path.to_owned());
+        return Ok(Cow::Borrowed(path));
     }
     let decoded = decode_unreserved(bytes)?;
     let ends_with_slash = decoded.ends_with('/');
@@ -72,7 +77,7 @@ pub fn normalize_path(path: &str) -> Result<String, PathError> {
     if result.is_empty() || (trailing && !out.is_empty()) {
         result.push('/');
     }
-    Ok(result)
+    Ok(Cow::Owned(result))
 }
 
 fn decode_unreserved(bytes: &[u8]) -> Result<String, PathError> {

@@ -8,6 +8,7 @@ pub mod client;
 pub mod forward;
 pub mod upgrade;
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
@@ -259,9 +260,14 @@ async fn admit<'s>(
 /// bytes, so the policy, the access log and every attempt read the same allocation.
 fn forward_target(uri: &Uri) -> Result<PathAndQuery, GatewayError> {
     let path = normalize_path(uri.path()).map_err(GatewayError::BadPath)?;
+    if let (Cow::Borrowed(_), Some(as_sent)) = (&path, uri.path_and_query()) {
+        // Already in normal form (the usual case): the client's own bytes, shared with
+        // the request head (a reference count, no copy).
+        return Ok(as_sent.clone());
+    }
     let target = match uri.query() {
         Some(q) => format!("{path}?{q}"),
-        None => path,
+        None => path.into_owned(),
     };
     PathAndQuery::try_from(target)
         .map_err(|_| GatewayError::BadRequest("the request target cannot be forwarded"))
