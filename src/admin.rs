@@ -156,29 +156,40 @@ fn config_view(shared: &Shared) -> Value {
     })
 }
 
+/// One row of `/keys`; `specter keys usage` reads the same type back.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct KeyRow {
+    pub environment: String,
+    pub key_id: String,
+    pub not_before: Option<String>,
+    pub not_after: Option<String>,
+    pub requests: u64,
+    pub last_seen: Option<String>,
+    pub last_ip: Option<String>,
+}
+
 fn keys_view(state: &State) -> Value {
-    static UNUSED: std::sync::LazyLock<crate::auth::KeyUsage> =
-        std::sync::LazyLock::new(Default::default);
-    let mut rows: Vec<Value> = state
+    let mut rows: Vec<KeyRow> = state
         .keys
         .iter()
         .map(|k| {
-            let usage = k.usage.unwrap_or(&UNUSED);
-            let last_seen = usage.last_seen_ms.load(Ordering::Relaxed);
-            json!({
-                "environment": state.environments[k.environment].config.name,
-                "key_id": k.id,
-                "not_before": k.window.not_before.map(rfc3339),
-                "not_after": k.window.not_after.map(rfc3339),
-                "requests": usage.requests.load(Ordering::Relaxed),
-                "last_seen": (last_seen > 0).then(|| rfc3339(UNIX_EPOCH + Duration::from_millis(last_seen))),
-                "last_ip": usage.last_ip.load().as_deref().map(|ip| ip.to_string()),
-            })
+            let last_seen = k
+                .usage
+                .map_or(0, |u| u.last_seen_ms.load(Ordering::Relaxed));
+            KeyRow {
+                environment: state.environments[k.environment].config.name.clone(),
+                key_id: k.id.to_owned(),
+                not_before: k.window.not_before.map(rfc3339),
+                not_after: k.window.not_after.map(rfc3339),
+                requests: k.usage.map_or(0, |u| u.requests.load(Ordering::Relaxed)),
+                last_seen: (last_seen > 0)
+                    .then(|| rfc3339(UNIX_EPOCH + Duration::from_millis(last_seen))),
+                last_ip: k
+                    .usage
+                    .and_then(|u| u.last_ip.load().as_deref().map(|ip| ip.to_string())),
+            }
         })
         .collect();
-    rows.sort_by(|a, b| {
-        (a["environment"].as_str(), a["key_id"].as_str())
-            .cmp(&(b["environment"].as_str(), b["key_id"].as_str()))
-    });
-    Value::Array(rows)
+    rows.sort_by(|a, b| (&a.environment, &a.key_id).cmp(&(&b.environment, &b.key_id)));
+    serde_json::to_value(rows).unwrap_or_default()
 }

@@ -113,8 +113,8 @@ pub async fn usage(admin: &str) -> Result<String, UsageError> {
         return Err(UsageError::Status(response.status()));
     }
     let body = response.into_body().collect().await?.to_bytes();
-    let rows: Vec<serde_json::Value> = serde_json::from_slice(&body)?;
-    let text = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_owned();
+    let rows: Vec<crate::admin::KeyRow> = serde_json::from_slice(&body)?;
+    let text = |v: &Option<String>| v.as_deref().unwrap_or("-").to_owned();
     let mut out = format!(
         "{:<14} {:<24} {:>10}  {:<22} {:<16} {}\n",
         "ENVIRONMENT", "KEY ID", "REQUESTS", "LAST SEEN", "LAST IP", "NOT AFTER"
@@ -122,12 +122,12 @@ pub async fn usage(admin: &str) -> Result<String, UsageError> {
     for r in &rows {
         out.push_str(&format!(
             "{:<14} {:<24} {:>10}  {:<22} {:<16} {}\n",
-            text(&r["environment"]),
-            text(&r["key_id"]),
-            r["requests"].as_u64().unwrap_or(0),
-            text(&r["last_seen"]),
-            text(&r["last_ip"]),
-            text(&r["not_after"]),
+            r.environment,
+            r.key_id,
+            r.requests,
+            text(&r.last_seen),
+            text(&r.last_ip),
+            text(&r.not_after),
         ));
     }
     Ok(out)
