@@ -615,6 +615,31 @@ async fn keys_view_counts_usage_across_reloads() {
         assert!(!text.contains(&key.to_lowercase()), "a key in /keys");
         assert!(!text.contains(&hash_hex(key)[..16]), "a hash in /keys");
     }
+
+    // `specter keys usage` reads the same rows: one line per key, counts included.
+    let admin = fx.admin.to_string();
+    let run = tokio::task::spawn_blocking(move || {
+        run_specter(&["keys", "usage", "--admin", &admin], None)
+    })
+    .await
+    .unwrap();
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let line = |id: &str| {
+        run.stdout
+            .lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(id))
+            .unwrap_or_else(|| panic!("no line for {id}:\n{}", run.stdout))
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(line("client-a"), ["development", "client-a", "3"]);
+    assert_eq!(line("client-c"), ["development", "client-c", "0"]);
+    assert!(
+        run.stdout.contains("2099-01-01T00:00:00Z"),
+        "{}",
+        run.stdout
+    );
 }
 
 // ---------------------------------------------------------------------------------
