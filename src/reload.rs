@@ -105,14 +105,26 @@ pub fn reload_now(shared: &Shared, path: &Path) -> Result<ReloadSummary, ReloadE
 /// Builds the new snapshot from `config` (taking over limiters and usage) and swaps it in.
 pub fn apply(shared: &Shared, config: Config) -> Result<ReloadSummary, ReloadError> {
     let old = shared.state.load_full();
-    if config.listen != old.config.listen {
-        tracing::warn!("[listen] changed; listener addresses are read at start only: restart specter to apply them (the rest of the config is applied now)");
-    }
+    warn_start_only(&shared.started, &config);
     let summary = summarize(&old, &config, old.version + 1);
     let new = State::build(config, Some(&old), old.version + 1, &shared.metrics)?;
     shared.metrics.config_version.set(new.version as i64);
     shared.state.store(Arc::new(new));
     Ok(summary)
+}
+
+/// Settings read once at start: a config that differs from the started one there is
+/// applied except for them, and says so on every reload until specter restarts.
+fn warn_start_only(started: &Config, new: &Config) {
+    if new.listen != started.listen {
+        tracing::warn!("[listen] differs from the one specter started with; listener addresses are read at start only: restart specter to apply them (the rest of the config is applied now)");
+    }
+    let (a, b) = (&started.limits, &new.limits);
+    if (a.max_connections, a.max_header_bytes, a.max_headers)
+        != (b.max_connections, b.max_header_bytes, b.max_headers)
+    {
+        tracing::warn!("limits.max_connections, max_header_bytes or max_headers differ from the values specter started with; they are read at start only: restart specter to apply them (the other limits apply to new connections now)");
+    }
 }
 
 /// What changed between the running snapshot and a new config (before it is built:

@@ -147,6 +147,9 @@ pub struct Shared {
     pub draining: std::sync::atomic::AtomicBool,
     /// The last rejected reload, for `/config`; cleared by the next good one.
     pub last_reload_error: std::sync::Mutex<Option<ReloadFailure>>,
+    /// The config the process started with: listeners, the connection cap and the
+    /// header limits are set from it once, and a reload that changes them is told so.
+    pub started: Arc<Config>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -160,6 +163,7 @@ impl Shared {
     pub fn new(metrics: crate::metrics::Metrics, state: State) -> Shared {
         metrics.config_version.set(state.version as i64);
         Shared {
+            started: state.config.clone(),
             state: arc_swap::ArcSwap::from_pointee(state),
             unidentified: metrics.for_environment(Label::none()),
             metrics,

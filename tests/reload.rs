@@ -431,6 +431,49 @@ async fn added_key_works_and_removed_key_is_refused_after_reload() {
     assert_eq!(seen[1].headers["x-specter-key-id"], "new");
 }
 
+/// `idle_timeout` follows a reload for the connections accepted after it.
+///
+/// Failing when written: the accept loop kept the limits it started with, so the new
+/// value was accepted, shown in nothing and applied to nothing.
+#[tokio::test]
+async fn a_reloaded_idle_timeout_applies_to_new_connections() {
+    const KEY: &str = "spk_development_idle0000000000000000000000";
+    let a = Upstream::start("a").await;
+    let before = dev_config(&[&a], &[("svc", KEY)]);
+    let fx = Fixture::start(&before).await;
+    let after = before.replace(
+        "shutdown_grace = \"2s\"\n",
+        "shutdown_grace = \"2s\"\nidle_timeout = \"1s\"\n",
+    );
+    assert_ne!(before, after);
+    std::fs::write(&fx.path, after).unwrap();
+    assert_eq!(fx.reload_now().await, Ok(2));
+
+    let addr = fx.gateway.http_addr().unwrap();
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET /idle HTTP/1.1\r\nHost: x\r\nx-api-key: {KEY}\r\n\r\n");
+    tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes())
+        .await
+        .unwrap();
+    let answered = Instant::now();
+    let mut buf = [0u8; 4096];
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        // The response, then EOF when the gateway closes the idle connection.
+        loop {
+            match tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    let took = answered.elapsed();
+    assert!(
+        closed.is_ok() && took <= Duration::from_millis(2500),
+        "an idle connection accepted after the reload was still open after {took:?} (idle_timeout = 1s)"
+    );
+}
+
 // ---------------------------------------------------------------------------------
 // 4. Requests in flight across a swap
 

@@ -89,7 +89,6 @@ impl Gateway {
                     semaphore: semaphore.clone(),
                     builder: builder.clone(),
                     connections: connections.clone(),
-                    limits: limits.clone(),
                 };
                 tasks.push(tokio::spawn(acceptor.run(listener, stop_rx.clone())));
                 tracing::info!(listener = kind.label(), address = %local, "listening");
@@ -233,7 +232,6 @@ struct Acceptor {
     semaphore: Arc<Semaphore>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     connections: Arc<GracefulShutdown>,
-    limits: LimitsConfig,
 }
 
 impl Acceptor {
@@ -263,15 +261,17 @@ impl Acceptor {
                 _ = stop.changed() => return,
             };
             let _ = stream.set_nodelay(true);
+            // Per-connection timeouts follow reloads: read from the current snapshot.
+            let limits = &self.shared.state.load().config.limits;
             let conn = Connection {
                 peer,
                 shared: self.shared.clone(),
                 builder: self.builder.clone(),
                 watcher: self.connections.watcher(),
-                idle_timeout: self.limits.idle_timeout,
-                header_read_timeout: self.limits.header_read_timeout,
+                idle_timeout: limits.idle_timeout,
+                header_read_timeout: limits.header_read_timeout,
             };
-            let (kind, handshake_timeout) = (self.kind, self.limits.header_read_timeout);
+            let kind = self.kind;
             tokio::spawn(async move {
                 let labels = ListenerLabels {
                     listener: kind.label(),
@@ -285,7 +285,7 @@ impl Acceptor {
                 gauge.inc();
                 match kind {
                     Kind::Http => conn.serve(stream, false, None).await,
-                    Kind::Https => conn.serve_tls(stream, handshake_timeout).await,
+                    Kind::Https => conn.serve_tls(stream).await,
                 }
                 gauge.dec();
                 drop(permit);
@@ -307,13 +307,15 @@ struct Connection {
 }
 
 impl Connection {
-    async fn serve_tls(self, stream: TcpStream, handshake_timeout: Duration) {
+    /// The TLS handshake, too, must finish within `header_read_timeout`.
+    async fn serve_tls(self, stream: TcpStream) {
         let Some(config) = self.shared.state.load().tls.clone() else {
             return;
         };
         let peer = self.peer;
         let acceptor = tokio_rustls::TlsAcceptor::from(config);
-        let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+        let handshake = tokio::time::timeout(self.header_read_timeout, acceptor.accept(stream));
+        let tls = match handshake.await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
                 self.shared.metrics.tls_handshake_failures.inc();
