@@ -997,7 +997,25 @@ async fn websocket_upgrades_tunnel_only_after_the_checks_and_a_101() {
                 .unwrap();
             assert_eq!(echoed, message);
         }
+        // The tunnel outlives the HTTP connection it came from, and keeps its slot
+        // (failing when written: the gauge read 0 while the tunnel ran, and the tunnel
+        // did not count against max_connections).
+        let active = || {
+            let text = echo.gateway.shared().metrics.encode();
+            text.lines()
+                .find_map(|l| l.strip_prefix("specter_active_connections{listener=\"http\"} "))
+                .map(|v| v.trim().to_owned())
+        };
+        assert_eq!(
+            active().as_deref(),
+            Some("1"),
+            "an open tunnel holds its connection slot"
+        );
         drop(stream);
+        let released = poll_until(Duration::from_secs(3), || async {
+            active().as_deref() == Some("0")
+        });
+        assert!(released.await, "a closed tunnel gives its slot back");
         {
             let seen = echo_seen.lock().unwrap();
             assert_eq!(seen.len(), 1);

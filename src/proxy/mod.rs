@@ -20,7 +20,6 @@ use http::uri::{PathAndQuery, Uri};
 use http::{Method, Request, Response, Version};
 use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
-use hyper::upgrade::OnUpgrade;
 
 use crate::auth::{KeyId, KeySource};
 use crate::body::{self, Body, BodyReadTimeout, BodyTooLarge, Guarded};
@@ -33,6 +32,8 @@ use crate::state::{Environment, Shared, State};
 /// Facts about the client connection a request arrived on.
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
+    /// The connection's place under `max_connections`; a tunnel takes it over.
+    pub slot: Arc<crate::server::Slot>,
     pub peer: SocketAddr,
     pub tls: bool,
     /// Subject of a verified client certificate (mTLS), ready to forward.
@@ -290,7 +291,7 @@ fn upstream_request(
     request_id: &HeaderValue,
     a: &Admitted<'_>,
     bytes_in: Option<Arc<std::sync::atomic::AtomicU64>>,
-) -> (Attempt, Option<OnUpgrade>) {
+) -> (Attempt, Option<upgrade::ClientSide>) {
     let env = a.env;
     let upgrade = upgrade::requested(&req).map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
     let (mut parts, incoming) = req.into_parts();
@@ -319,9 +320,12 @@ fn upstream_request(
         &forwarded,
         &env.policy.config.request_headers,
     );
-    let upgrade = upgrade.map(|(protocol, on_upgrade)| {
+    let upgrade = upgrade.map(|(protocol, upgrade)| {
         upgrade::mark(&mut parts.headers, protocol);
-        on_upgrade
+        upgrade::ClientSide {
+            upgrade,
+            slot: conn.slot.clone(),
+        }
     });
     if let (true, Some(host)) = (env.config.preserve_host, original_host) {
         parts.headers.insert(HOST, host);
@@ -368,7 +372,7 @@ async fn send(
     shared: &Shared,
     env: &Environment,
     attempt: Attempt,
-    mut client_upgrade: Option<OnUpgrade>,
+    mut client_upgrade: Option<upgrade::ClientSide>,
     outcome: &mut Outcome,
 ) -> Result<Response<Body>, GatewayError> {
     let Attempt {

@@ -7,6 +7,10 @@ use http::{Request, Response, StatusCode, Version};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
+use std::sync::Arc;
+
+use crate::server::Slot;
+
 /// The `Upgrade` protocol a request asks for, when it is a well-formed HTTP/1.1 upgrade.
 pub fn requested<B>(req: &Request<B>) -> Option<HeaderValue> {
     if req.version() != Version::HTTP_11 {
@@ -23,15 +27,26 @@ pub fn mark(headers: &mut HeaderMap, protocol: HeaderValue) {
     headers.insert(UPGRADE, protocol);
 }
 
+/// The client side of a requested upgrade: its connection, once hyper hands it over,
+/// and the connection's slot, which the tunnel keeps for as long as it lives.
+pub struct ClientSide {
+    pub upgrade: OnUpgrade,
+    pub slot: Arc<Slot>,
+}
+
 /// When the upstream switched protocols, joins the two upgraded connections and copies
 /// bytes both ways until either side closes.
-pub fn tunnel<B>(client: OnUpgrade, upstream: &mut Response<B>) {
+pub fn tunnel<B>(client: ClientSide, upstream: &mut Response<B>) {
     if upstream.status() != StatusCode::SWITCHING_PROTOCOLS {
         return;
     }
     let upstream = hyper::upgrade::on(upstream);
     tokio::spawn(async move {
-        let (client, upstream) = match tokio::join!(client, upstream) {
+        let ClientSide {
+            upgrade,
+            slot: _slot,
+        } = client;
+        let (client, upstream) = match tokio::join!(upgrade, upstream) {
             (Ok(c), Ok(u)) => (c, u),
             (Err(e), _) | (_, Err(e)) => {
                 tracing::debug!(error = %e, "upgrade failed");

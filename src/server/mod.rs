@@ -11,9 +11,10 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, LimitsConfig};
@@ -240,6 +241,15 @@ impl Acceptor {
     /// slot, leaving new connections in the kernel backlog.
     async fn run(self, listener: TcpListener, mut stop: watch::Receiver<bool>) {
         let mut backoff = Duration::from_millis(5);
+        let labels = ListenerLabels {
+            listener: self.kind.label(),
+        };
+        let gauge = self
+            .shared
+            .metrics
+            .active_connections
+            .get_or_create(&labels)
+            .clone();
         loop {
             let permit = tokio::select! {
                 permit = self.semaphore.clone().acquire_owned() => permit.expect("never closed"),
@@ -264,6 +274,7 @@ impl Acceptor {
             // Per-connection timeouts follow reloads: read from the current snapshot.
             let limits = &self.shared.state.load().config.limits;
             let conn = Connection {
+                slot: Arc::new(Slot::new(permit, gauge.clone())),
                 peer,
                 shared: self.shared.clone(),
                 builder: self.builder.clone(),
@@ -273,29 +284,44 @@ impl Acceptor {
             };
             let kind = self.kind;
             tokio::spawn(async move {
-                let labels = ListenerLabels {
-                    listener: kind.label(),
-                };
-                let gauge = conn
-                    .shared
-                    .metrics
-                    .active_connections
-                    .get_or_create(&labels)
-                    .clone();
-                gauge.inc();
                 match kind {
                     Kind::Http => conn.serve(stream, false, None).await,
                     Kind::Https => conn.serve_tls(stream).await,
                 }
-                gauge.dec();
-                drop(permit);
             });
         }
     }
 }
 
+/// What an accepted connection holds for as long as it, or a tunnel made from it,
+/// lives: its place under `max_connections` and its count in
+/// `specter_active_connections`. A WebSocket tunnel outlives the HTTP connection it was
+/// upgraded from, so it keeps the slot.
+#[derive(Debug)]
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+    gauge: Gauge,
+}
+
+impl Slot {
+    fn new(permit: OwnedSemaphorePermit, gauge: Gauge) -> Slot {
+        gauge.inc();
+        Slot {
+            _permit: permit,
+            gauge,
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
 /// One accepted client connection and what serving it needs.
 struct Connection {
+    slot: Arc<Slot>,
     peer: SocketAddr,
     shared: Arc<Shared>,
     builder: Arc<auto::Builder<TokioExecutor>>,
@@ -349,6 +375,7 @@ impl Connection {
     {
         let signals = Arc::new(ConnSignals::default());
         let info = Arc::new(ConnInfo {
+            slot: self.slot,
             peer: self.peer,
             tls,
             client_cert_subject,
