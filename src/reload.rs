@@ -110,6 +110,9 @@ pub fn apply(shared: &Shared, config: Config) -> Result<ReloadSummary, ReloadErr
     let new = State::build(config, Some(&old), old.version + 1, &shared.metrics)?;
     shared.metrics.config_version.set(new.version as i64);
     shared.state.store(Arc::new(new));
+    // Unless a request still holds it, the old snapshot goes here.
+    drop(old);
+    crate::state::release_freed_memory();
     Ok(summary)
 }
 
@@ -118,6 +121,9 @@ pub fn apply(shared: &Shared, config: Config) -> Result<ReloadSummary, ReloadErr
 fn warn_start_only(started: &Config, new: &Config) {
     if new.listen != started.listen {
         tracing::warn!("[listen] differs from the one specter started with; listener addresses are read at start only: restart specter to apply them (the rest of the config is applied now)");
+    }
+    if started.listen.https.is_some() && new.tls.is_none() {
+        tracing::warn!("[tls] was removed but the HTTPS listener runs until restart: it refuses every connection until [tls] is back");
     }
     let (a, b) = (&started.limits, &new.limits);
     if (a.max_connections, a.max_header_bytes, a.max_headers)

@@ -97,11 +97,11 @@ impl State {
             .zip(key_lists)
             .collect();
         let keys = KeyTable::build(lists, previous.map(|p| &p.keys));
+        // Built whenever [tls] is there: an HTTPS listener runs from start to exit, even
+        // when a reloaded [listen] no longer names it.
         let tls = match &config.tls {
-            Some(t) if config.listen.https.is_some() => {
-                Some(tls::server_config(t).map_err(|e| BuildError::ServerTls(Box::new(e)))?)
-            }
-            _ => None,
+            Some(t) => Some(tls::server_config(t).map_err(|e| BuildError::ServerTls(Box::new(e)))?),
+            None => None,
         };
         #[cfg(feature = "redis")]
         let store = crate::ratelimit::redis::carry_over(
@@ -109,7 +109,6 @@ impl State {
             previous.and_then(|p| p.store.as_ref()),
         )
         .map_err(BuildError::Store)?;
-        release_freed_memory();
         Ok(State {
             #[cfg(feature = "redis")]
             store,
@@ -127,9 +126,10 @@ impl State {
     }
 }
 
-/// Parsing a large config leaves freed memory that glibc keeps mapped; hand it back so
-/// the resident size reflects what the snapshot holds.
-fn release_freed_memory() {
+/// Parsing a large config, and dropping a replaced snapshot, leave freed memory that
+/// glibc keeps mapped; hand it back so the resident size reflects what is held. Called
+/// once the parse and the old snapshot are gone, not while building.
+pub fn release_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only releases free heap pages; it has no preconditions.
     unsafe {

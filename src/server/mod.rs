@@ -69,6 +69,7 @@ impl Gateway {
         let listen = config.listen.clone();
         let metrics = crate::metrics::Metrics::new();
         let state = State::build(config, None, 1, &metrics)?;
+        crate::state::release_freed_memory();
         let shared = Arc::new(Shared::new(metrics, state));
         let (stop_accepting, stop_rx) = watch::channel(false);
         let connections = Arc::new(GracefulShutdown::new());
@@ -336,6 +337,7 @@ impl Connection {
     /// The TLS handshake, too, must finish within `header_read_timeout`.
     async fn serve_tls(self, stream: TcpStream) {
         let Some(config) = self.shared.state.load().tls.clone() else {
+            tracing::debug!(peer = %self.peer, "HTTPS connection refused: the config has no [tls]");
             return;
         };
         let peer = self.peer;
@@ -401,8 +403,11 @@ impl Connection {
             .into_owned();
         let connection = self.watcher.watch(connection);
         tokio::pin!(connection);
-        // Idle watchdog: four quiet ticks of a quarter of the timeout each.
-        let tick = self.idle_timeout / 4;
+        // Idle watchdog: four quiet ticks of a quarter of the timeout each. One interval
+        // for the connection's life: the other branches firing does not restart it.
+        let period = self.idle_timeout / 4;
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let (mut last_seen, mut quiet) = (signals.activity.load(Ordering::Relaxed), 0);
         let first_deadline = tokio::time::sleep(self.header_read_timeout);
         tokio::pin!(first_deadline);
@@ -450,7 +455,7 @@ impl Connection {
                     }
                     awaiting_first = false;
                 }
-                _ = tokio::time::sleep(tick) => {
+                _ = tick.tick() => {
                     let now = signals.activity.load(Ordering::Relaxed);
                     let busy = signals.in_flight.load(Ordering::Relaxed) > 0;
                     quiet = if now == last_seen && !busy { quiet + 1 } else { 0 };
