@@ -327,6 +327,34 @@ fn every_bad_value_of_a_section_is_reported_in_one_run() {
     }
 }
 
+/// A number or a boolean written as a string gets the fix, not only the type name.
+#[test]
+fn quoted_numbers_and_booleans_are_told_how_to_write_them() {
+    for (line, hint) in [
+        (
+            "[limits]\nmax_connections = \"100\"\n",
+            "write a whole number without quotes",
+        ),
+        (
+            "[environments.qa]\nupstream = \"http://127.0.0.1:9001\"\nhttp2 = \"yes\"\n",
+            "write true or false",
+        ),
+    ] {
+        let body = if line.contains("[environments.qa]") {
+            line.to_owned()
+        } else {
+            format!("{line}[environments.qa]\nupstream = \"http://127.0.0.1:9001\"\n")
+        };
+        let run = Fixture::new(&body).check(&[]);
+        assert_eq!(run.code, 1, "{}", run.stderr);
+        assert!(
+            run.stderr.contains(hint),
+            "{hint:?} missing:\n{}",
+            run.stderr
+        );
+    }
+}
+
 #[test]
 fn zero_timeouts_are_rejected() {
     for zero in ["0s", "0ms"] {

@@ -59,6 +59,10 @@ pub fn parse_and_validate(
             message.push_str("; remove it or check its spelling");
         } else if message.contains("expected a string") || message.contains("must be quoted") {
             message.push_str("; write the value as a quoted string (durations like \"30s\", sizes like \"10MiB\")");
+        } else if message.contains("expected i64") || message.contains("expected u") {
+            message.push_str("; write a whole number without quotes, e.g. 100");
+        } else if message.contains("expected a boolean") {
+            message.push_str("; write true or false, without quotes");
         }
         ConfigErrors(vec![map.error(span, message)])
     })?;
