@@ -653,31 +653,41 @@ async fn status_of(url: &str) -> Option<u16> {
 async fn sigterm_drains_in_flight_requests_and_exits_0() {
     let up =
         Upstream::start_with("production", Behaviour::Delay(Duration::from_millis(1500))).await;
-    let (http, admin) = (free_addr().port(), free_addr().port());
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("specter.toml");
-    let text = format!(
-        "[listen]\nhttp = \"127.0.0.1:{http}\"\nadmin = \"127.0.0.1:{admin}\"\n\n{}",
-        config("shutdown_grace = \"10s\"", &[up.url()])
-    );
-    std::fs::write(&path, text).unwrap();
-    let log = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
-    let mut child = Child(
-        Command::new(specter_bin())
-            .args(["run", "--config"])
-            .arg(&path)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
-    let readyz = format!("http://127.0.0.1:{admin}/readyz");
-    let url = format!("http://127.0.0.1:{http}/slow");
+    let (http, admin, mut child) = on_free_ports(|http, admin| {
+        let (dir, up) = (dir.path(), &up);
+        async move {
+            let path = dir.join("specter.toml");
+            let text = format!(
+                "[listen]\nhttp = \"{http}\"\nadmin = \"{admin}\"\n\n{}",
+                config("shutdown_grace = \"10s\"", &[up.url()])
+            );
+            std::fs::write(&path, text).unwrap();
+            let log = dir.join("stderr.log");
+            let child = Child(
+                Command::new(specter_bin())
+                    .args(["run", "--config"])
+                    .arg(&path)
+                    .stdout(Stdio::null())
+                    .stderr(std::fs::File::create(&log).unwrap())
+                    .spawn()
+                    .unwrap(),
+            );
+            let readyz = format!("http://{admin}/readyz");
+            let ready = poll_until(Duration::from_secs(10), || async {
+                status_of(&readyz).await == Some(200)
+            });
+            if ready.await {
+                Ok((http, admin, child))
+            } else {
+                Err(std::fs::read_to_string(&log).unwrap_or_default())
+            }
+        }
+    })
+    .await;
+    let readyz = format!("http://{admin}/readyz");
+    let url = format!("http://{http}/slow");
     let outcome = tokio::time::timeout(Duration::from_secs(30), async {
-        let ready = poll_until(Duration::from_secs(10), || async {
-            status_of(&readyz).await == Some(200)
-        });
-        assert!(ready.await, "specter never became ready");
         let mut requests = JoinSet::new();
         for _ in 0..20 {
             let url = url.clone();
@@ -704,9 +714,8 @@ async fn sigterm_drains_in_flight_requests_and_exits_0() {
         assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
         let signalled = Instant::now();
 
-        let addr: SocketAddr = format!("127.0.0.1:{http}").parse().unwrap();
         let refused = poll_until(Duration::from_secs(1), || async {
-            TcpStream::connect(addr).await.is_err()
+            TcpStream::connect(http).await.is_err()
         });
         assert!(
             refused.await,

@@ -713,21 +713,17 @@ struct Running {
 }
 
 /// `specter run --config F --log-format json`, stderr into a file beside the config.
-/// The ports are picked free just before the start, so another test may take one in
-/// between: a start that fails with "address in use" is retried on fresh ports.
 async fn run_binary(dir: &Path, body: &str, rust_log: Option<&str>) -> Running {
-    for _ in 0..3 {
-        match try_run_binary(dir, body, rust_log).await {
-            Ok(running) => return running,
-            Err(log) if log.contains("in use") => continue,
-            Err(log) => panic!("specter not ready; log:\n{log}"),
-        }
-    }
-    panic!("specter never found free ports")
+    on_free_ports(|http, admin| try_run_binary(dir, body, rust_log, http, admin)).await
 }
 
-async fn try_run_binary(dir: &Path, body: &str, rust_log: Option<&str>) -> Result<Running, String> {
-    let (http, admin) = (free_addr(), free_addr());
+async fn try_run_binary(
+    dir: &Path,
+    body: &str,
+    rust_log: Option<&str>,
+    http: SocketAddr,
+    admin: SocketAddr,
+) -> Result<Running, String> {
     let text = format!(
         "[listen]\nhttp = \"{http}\"\nadmin = \"{admin}\"\n\n[limits]\nshutdown_grace = \"2s\"\n\n{body}"
     );

@@ -699,7 +699,10 @@ async fn admin_version(client: &TestClient, admin: SocketAddr) -> Value {
 
 /// Starts `specter run` and waits until it is ready and its reload handlers are in
 /// place (the "specter running" line is logged after the watcher and SIGHUP handler).
-async fn spawn_specter(path: &Path, admin: SocketAddr) -> (Child, Arc<Mutex<String>>) {
+async fn spawn_specter(
+    path: &Path,
+    admin: SocketAddr,
+) -> Result<(Child, Arc<Mutex<String>>), String> {
     let mut child = Child(
         Command::new(specter_bin())
             .args(["--log-format", "json", "run", "--config"])
@@ -715,14 +718,12 @@ async fn spawn_specter(path: &Path, admin: SocketAddr) -> (Child, Arc<Mutex<Stri
     loop {
         let running = log.lock().unwrap().contains("specter running");
         if running && try_status(&c, &readyz).await == Some(200) {
-            return (child, log);
+            return Ok((child, log));
         }
         let exited = child.0.try_wait().unwrap();
-        assert!(
-            exited.is_none() && Instant::now() < deadline,
-            "specter not ready (exit: {exited:?}); log:\n{}",
-            log.lock().unwrap()
-        );
+        if exited.is_some() || Instant::now() >= deadline {
+            return Err(format!("(exit: {exited:?})\n{}", log.lock().unwrap()));
+        }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -732,11 +733,19 @@ async fn sighup_reloads_the_running_binary_and_sigterm_exits_zero() {
     let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
     let dir = TempDir::new().unwrap();
     let path = dir.path().join("specter.toml");
-    let (http, admin) = (free_addr(), free_addr());
-    let listen = listen_block(&http.to_string(), &admin.to_string());
-    let config = |up: &Upstream| listen.clone() + &env_block("development", &[up], &[("svc", KEY)]);
-    std::fs::write(&path, config(&a)).unwrap();
-    let (child, log) = spawn_specter(&path, admin).await;
+    let config = |http: SocketAddr, admin: SocketAddr, up: &Upstream| {
+        listen_block(&http.to_string(), &admin.to_string())
+            + &env_block("development", &[up], &[("svc", KEY)])
+    };
+    let (http, admin, child, log) = on_free_ports(|http, admin| {
+        std::fs::write(&path, config(http, admin, &a)).unwrap();
+        let path = &path;
+        async move {
+            let (child, log) = spawn_specter(path, admin).await?;
+            Ok((http, admin, child, log))
+        }
+    })
+    .await;
     let c = client();
     let route = |c: &TestClient| {
         let url = format!("http://{http}/hup");
@@ -759,7 +768,7 @@ async fn sighup_reloads_the_running_binary_and_sigterm_exits_zero() {
     assert_eq!(second["last_reload_error"], Value::Null);
     assert_eq!(route(&c).await, "a");
 
-    write_and_rename(&path, &config(&b));
+    write_and_rename(&path, &config(http, admin, &b));
     eventually("version 3 after the file changed", move || async move {
         admin_version(cc, admin).await["version"] == 3
     })

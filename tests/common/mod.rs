@@ -362,3 +362,22 @@ where
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// Runs `start` on two fresh loopback addresses (for `http` and `admin`). The addresses
+/// are picked free just before, so another test may take one in between: a start that
+/// fails with "address in use" (in its error text, e.g. the binary's log) is tried again
+/// on new ones; any other failure fails the test with that text.
+pub async fn on_free_ports<T, F, Fut>(mut start: F) -> T
+where
+    F: FnMut(SocketAddr, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    for _ in 0..3 {
+        match start(free_addr(), free_addr()).await {
+            Ok(started) => return started,
+            Err(why) if why.contains("in use") => continue,
+            Err(why) => panic!("specter did not start:\n{why}"),
+        }
+    }
+    panic!("three starts found their ports taken")
+}
