@@ -75,6 +75,16 @@ impl Redis {
             .get_multiplexed_async_connection()
             .await
     }
+
+    /// A rate-limit store on this server that answers `deny` when it fails.
+    fn store(&self) -> RedisStore {
+        RedisStore::new(&StoreConfig {
+            redis: self.url(),
+            timeout: Duration::from_secs(1),
+            on_error: StoreErrorMode::Deny,
+        })
+        .unwrap()
+    }
 }
 
 fn quota(requests: u32, per: Duration, burst: u32) -> QuotaConfig {
@@ -213,32 +223,24 @@ async fn redis_failure_follows_on_error_and_recovery_needs_no_restart() {
         .assert_error(429, "rate_limited");
 }
 
+/// The remaining lifetime of a Redis key, in milliseconds.
+async fn pttl(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> i64 {
+    redis::cmd("PTTL").arg(key).query_async(conn).await.unwrap()
+}
+
 #[tokio::test]
 async fn idle_keys_expire_from_redis() {
     let redis = Redis::start().await;
-    let store = RedisStore::new(&StoreConfig {
-        redis: redis.url(),
-        timeout: Duration::from_secs(1),
-        on_error: StoreErrorMode::Deny,
-    })
-    .unwrap();
+    let store = redis.store();
     let limits = RateLimitConfig {
         per_key: Some(quota(10, Duration::from_secs(1), 2)),
         total: Some(quota(100, Duration::from_secs(1), 5)),
     };
     store.check("qa", "k1", &limits).await.unwrap().unwrap();
     let mut conn = redis.connection().await.unwrap();
-    let ttl: i64 = redis::cmd("PTTL")
-        .arg("specter:rl:qa:k1")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let ttl = pttl(&mut conn, "specter:rl:qa:k1").await;
     assert!((1..=1100).contains(&ttl), "per-key TTL {ttl} ms");
-    let ttl: i64 = redis::cmd("PTTL")
-        .arg("specter:rl:qa:_total")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let ttl = pttl(&mut conn, "specter:rl:qa:_total").await;
     assert!((1..=1010).contains(&ttl), "total TTL {ttl} ms");
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -260,12 +262,7 @@ async fn idle_keys_expire_from_redis() {
 #[tokio::test]
 async fn script_decides_like_the_local_limiter() {
     let redis = Redis::start().await;
-    let store = RedisStore::new(&StoreConfig {
-        redis: redis.url(),
-        timeout: Duration::from_secs(1),
-        on_error: StoreErrorMode::Deny,
-    })
-    .unwrap();
+    let store = redis.store();
     let ms = Duration::from_millis;
     let cases: Vec<(QuotaConfig, Vec<u64>)> = vec![
         (

@@ -94,6 +94,11 @@ fn promote(file: &Path, from: &str, to: &str, extra: &[&str]) -> Run {
     specter(&args)
 }
 
+/// `specter diff A B --config FILE`
+fn diff(file: &Path, a: &str, b: &str) -> Run {
+    specter(&["diff", a, b, "--config", file.to_str().unwrap()])
+}
+
 fn fixture(text: &str) -> (TempDir, PathBuf) {
     let dir = TempDir::new().unwrap();
     let file = dir.path().join("specter.toml");
@@ -545,13 +550,7 @@ fn a_file_changed_during_promotion_is_not_overwritten() {
 fn diff_shows_promotable_settings_side_by_side_and_writes_nothing() {
     let (_dir, file) = fixture(STYLES);
     let before = file_sha(&file);
-    let run = specter(&[
-        "diff",
-        "development",
-        "qa",
-        "--config",
-        file.to_str().unwrap(),
-    ]);
+    let run = diff(&file, "development", "qa");
     assert_eq!(run.code, 0, "{run:?}");
     assert_eq!(file_sha(&file), before);
     let lines: Vec<&str> = run.stdout.lines().collect();
@@ -583,13 +582,7 @@ fn diff_shows_promotable_settings_side_by_side_and_writes_nothing() {
         "keys are not shown: {run:?}"
     );
 
-    let unknown = specter(&[
-        "diff",
-        "development",
-        "nope",
-        "--config",
-        file.to_str().unwrap(),
-    ]);
+    let unknown = diff(&file, "development", "nope");
     assert_eq!(unknown.code, 1, "{unknown:?}");
     assert!(
         unknown.stderr.contains("unknown environment \"nope\""),
