@@ -352,8 +352,13 @@ fn tls_section(settings: &str, certs: &[(PathBuf, PathBuf)]) -> String {
 }
 
 fn production(upstream: &str) -> String {
+    production_with(upstream, "")
+}
+
+/// The production environment with more settings (`extra`, TOML lines) and its key.
+fn production_with(upstream: &str, extra: &str) -> String {
     format!(
-        "[environments.production]\nupstream = \"{upstream}\"\n{}",
+        "[environments.production]\nupstream = \"{upstream}\"\n{extra}{}",
         key_block("production", "billing-service", KEY)
     )
 }
@@ -879,12 +884,9 @@ async fn secure_upstream(leaf: &Leaf) -> (SocketAddr, Arc<AtomicUsize>) {
     (addr, served)
 }
 
-async fn through_gateway(environment: &str) -> Answer {
-    let gw = TestGateway::start(&format!(
-        "{environment}{}",
-        key_block("production", "billing-service", KEY)
-    ))
-    .await;
+/// One GET through a plain-HTTP gateway in front of `upstream`, with `extra` settings.
+async fn through_gateway(upstream: &str, extra: &str) -> Answer {
+    let gw = TestGateway::start(&production_with(upstream, extra)).await;
     timeout(T, get(&client(), &gw.url("/"), &[("x-api-key", KEY)]))
         .await
         .expect("gateway answers in time")
@@ -900,35 +902,38 @@ async fn https_upstream_is_verified_against_upstream_ca() {
     let (addr, served) = secure_upstream(&ca.server(&["localhost"])).await;
     let port = addr.port();
 
-    let answer = through_gateway(&format!(
-        "[environments.production]\nupstream = \"https://localhost:{port}\"\nupstream_ca = \"{}\"\n",
-        ca_path.display()
-    ))
+    let answer = through_gateway(
+        &format!("https://localhost:{port}"),
+        &format!("upstream_ca = \"{}\"\n", ca_path.display()),
+    )
     .await;
     assert_eq!(answer.status, 200, "{}", answer.text());
     assert_eq!(answer.text(), "secure");
 
-    let answer = through_gateway(&format!(
-        "[environments.production]\nupstream = \"https://localhost:{port}\"\nupstream_ca = \"{}\"\n",
-        other_path.display()
-    ))
+    let answer = through_gateway(
+        &format!("https://localhost:{port}"),
+        &format!("upstream_ca = \"{}\"\n", other_path.display()),
+    )
     .await;
     answer.assert_error(502, "upstream_unavailable");
 
-    let answer = through_gateway(&format!(
-        "[environments.production]\nupstream = \"https://127.0.0.1:{port}\"\nupstream_ca = \"{}\"\nupstream_sni = \"localhost\"\n",
-        ca_path.display()
-    ))
+    let answer = through_gateway(
+        &format!("https://127.0.0.1:{port}"),
+        &format!(
+            "upstream_ca = \"{}\"\nupstream_sni = \"localhost\"\n",
+            ca_path.display()
+        ),
+    )
     .await;
     assert_eq!(answer.status, 200, "{}", answer.text());
     assert_eq!(answer.text(), "secure");
 
     // Control: without upstream_sni the certificate (localhost only) does not cover
     // 127.0.0.1, so the SNI setting is what made the previous case work.
-    let answer = through_gateway(&format!(
-        "[environments.production]\nupstream = \"https://127.0.0.1:{port}\"\nupstream_ca = \"{}\"\n",
-        ca_path.display()
-    ))
+    let answer = through_gateway(
+        &format!("https://127.0.0.1:{port}"),
+        &format!("upstream_ca = \"{}\"\n", ca_path.display()),
+    )
     .await;
     answer.assert_error(502, "upstream_unavailable");
 
