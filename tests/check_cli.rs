@@ -137,6 +137,29 @@ fn assert_rejected_anywhere(f: &Fixture, run: &Run, candidates: &[Expect]) -> St
     rejected(f, run, candidates, false)
 }
 
+/// `specter check` rejects `value`, found on the line holding `line_needle`, naming
+/// `path` and a fix containing `hint`. Returns the record.
+fn assert_value_rejected(
+    f: &Fixture,
+    line_needle: &str,
+    value: &str,
+    path: &str,
+    hint: &str,
+) -> String {
+    let run = f.check(&[]);
+    let at = f.locate(line_needle, value);
+    assert_rejected(
+        f,
+        &run,
+        &[Expect {
+            at,
+            path,
+            value,
+            hint,
+        }],
+    )
+}
+
 fn rejected(f: &Fixture, run: &Run, candidates: &[Expect], located: bool) -> String {
     let describe = |run: &Run| {
         let wanted: Vec<String> = candidates
@@ -260,17 +283,7 @@ fn unknown_key_is_pointed_at_and_the_valid_spelling_offered() {
     ];
     for (body, typo, table, valid) in cases {
         let f = Fixture::new(body);
-        let run = f.check(&[]);
-        let record = assert_rejected(
-            &f,
-            &run,
-            &[Expect {
-                at: f.locate(typo, typo),
-                path: table,
-                value: typo,
-                hint: "spelling",
-            }],
-        );
+        let record = assert_value_rejected(&f, typo, typo, table, "spelling");
         assert!(
             record.contains(&format!("`{valid}`")),
             "the valid key {valid:?} is offered:\n{record}"
@@ -284,16 +297,12 @@ fn bad_durations_are_rejected() {
         let f = Fixture::new(&format!(
             "[environments.qa]\nupstream = \"http://127.0.0.1:9001\"\nconnect_timeout = \"{bad}\"\n"
         ));
-        let run = f.check(&[]);
-        assert_rejected(
+        assert_value_rejected(
             &f,
-            &run,
-            &[Expect {
-                at: f.locate("connect_timeout", &format!("\"{bad}\"")),
-                path: "environments.qa.connect_timeout",
-                value: &format!("\"{bad}\""),
-                hint: "write e.g.",
-            }],
+            "connect_timeout",
+            &format!("\"{bad}\""),
+            "environments.qa.connect_timeout",
+            "write e.g.",
         );
     }
 }
@@ -361,16 +370,12 @@ fn zero_timeouts_are_rejected() {
         let f = Fixture::new(&format!(
             "[environments.qa]\nupstream = \"http://127.0.0.1:9001\"\nrequest_timeout = \"{zero}\"\n"
         ));
-        let run = f.check(&[]);
-        assert_rejected(
+        assert_value_rejected(
             &f,
-            &run,
-            &[Expect {
-                at: f.locate("request_timeout", &format!("\"{zero}\"")),
-                path: "environments.qa.request_timeout",
-                value: &format!("\"{zero}\""),
-                hint: "positive duration",
-            }],
+            "request_timeout",
+            &format!("\"{zero}\""),
+            "environments.qa.request_timeout",
+            "positive duration",
         );
     }
 }
@@ -386,16 +391,12 @@ fn bad_upstream_urls_are_rejected() {
         let f = Fixture::new(&format!(
             "[environments.qa]\nconnect_timeout = \"2s\"\nupstreams = [\"http://127.0.0.1:9002\", \"{bad}\"]\n"
         ));
-        let run = f.check(&[]);
-        let record = assert_rejected(
+        let record = assert_value_rejected(
             &f,
-            &run,
-            &[Expect {
-                at: f.locate("upstreams", &format!("\"{bad}\"")),
-                path: "environments.qa.upstreams",
-                value: &format!("\"{bad}\""),
-                hint: "write e.g.",
-            }],
+            "upstreams",
+            &format!("\"{bad}\""),
+            "environments.qa.upstreams",
+            "write e.g.",
         );
         assert!(
             record.contains(why),
@@ -426,16 +427,12 @@ fn upstream_port_out_of_range_is_rejected() {
 #[test]
 fn single_upstream_errors_name_the_upstream_key() {
     let f = Fixture::new("[environments.qa]\nupstream = \"ftp://127.0.0.1:9001\"\n");
-    let run = f.check(&[]);
-    assert_rejected(
+    assert_value_rejected(
         &f,
-        &run,
-        &[Expect {
-            at: f.locate("upstream =", "\"ftp://127.0.0.1:9001\""),
-            path: "environments.qa.upstream:",
-            value: "\"ftp://127.0.0.1:9001\"",
-            hint: "write e.g.",
-        }],
+        "upstream =",
+        "\"ftp://127.0.0.1:9001\"",
+        "environments.qa.upstream:",
+        "write e.g.",
     );
 }
 
@@ -561,17 +558,7 @@ fn toml_syntax_error_is_pointed_at() {
 #[test]
 fn toml_syntax_error_names_key_and_value() {
     let f = syntax_error_fixture();
-    let run = f.check(&[]);
-    assert_rejected(
-        &f,
-        &run,
-        &[Expect {
-            at: f.locate("connect_timeout", "2s"),
-            path: "connect_timeout",
-            value: "2s",
-            hint: "quoted",
-        }],
-    );
+    assert_value_rejected(&f, "connect_timeout", "2s", "connect_timeout", "quoted");
 }
 
 #[test]
@@ -612,16 +599,12 @@ fn bad_cidr_in_allow_ips_is_rejected() {
         "[environments.qa]\nupstream = \"http://127.0.0.1:9001\"\n\n\
          [environments.qa.policy]\nallow_ips = [\"10.0.0.0/8\", \"10.0.0.0/33\"]\n",
     );
-    let run = f.check(&[]);
-    assert_rejected(
+    assert_value_rejected(
         &f,
-        &run,
-        &[Expect {
-            at: f.locate("allow_ips", "\"10.0.0.0/33\""),
-            path: "environments.qa.policy.allow_ips",
-            value: "\"10.0.0.0/33\"",
-            hint: "write e.g.",
-        }],
+        "allow_ips",
+        "\"10.0.0.0/33\"",
+        "environments.qa.policy.allow_ips",
+        "write e.g.",
     );
 }
 
