@@ -27,3 +27,17 @@ pub const HOP_BY_HOP: [HeaderName; 9] = [
     http::header::TRANSFER_ENCODING,
     http::header::UPGRADE,
 ];
+
+/// A header map from `(name, value)` pairs, in order (repeated names append), for unit
+/// tests.
+#[cfg(test)]
+pub fn map(pairs: &[(&str, &str)]) -> http::HeaderMap {
+    let mut h = http::HeaderMap::new();
+    for (k, v) in pairs {
+        h.append(
+            HeaderName::from_bytes(k.as_bytes()).expect("a valid header name"),
+            v.parse().expect("a valid header value"),
+        );
+    }
+    h
+}

@@ -1083,6 +1083,24 @@ async fn websocket_upgrades_tunnel_only_after_the_checks_and_a_101() {
 // ---------------------------------------------------------------------------------
 // 10. Idle HTTP/2 connections
 
+/// An HTTP/2 (prior knowledge) client connection, ready to send; the connection task
+/// ends when the gateway closes the connection.
+async fn h2_connect(
+    addr: SocketAddr,
+) -> (
+    h2::client::SendRequest<Bytes>,
+    JoinHandle<Result<(), h2::Error>>,
+) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (send, connection) = h2::client::handshake(tcp).await.unwrap();
+    let connection = tokio::spawn(connection);
+    (send.ready().await.unwrap(), connection)
+}
+
+fn keyed_get(url: &str) -> Request<()> {
+    Request::get(url).header("x-api-key", KEY).body(()).unwrap()
+}
+
 /// An HTTP/2 connection with nothing in flight is closed after `idle_timeout`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_http2_connection_is_closed_after_idle_timeout() {
@@ -1094,15 +1112,8 @@ async fn an_idle_http2_connection_is_closed_after_idle_timeout() {
     .await;
     let (addr, url) = (gw.http, gw.url("/once"));
     bounded(Duration::from_secs(10), async move {
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        let (send, connection) = h2::client::handshake(tcp).await.unwrap();
-        let mut connection = tokio::spawn(connection);
-        let mut send = send.ready().await.unwrap();
-        let request = Request::get(&url)
-            .header("x-api-key", KEY)
-            .body(())
-            .unwrap();
-        let (response, _) = send.send_request(request, true).unwrap();
+        let (mut send, mut connection) = h2_connect(addr).await;
+        let (response, _) = send.send_request(keyed_get(&url), true).unwrap();
         let response = response.await.unwrap();
         assert_eq!(response.status(), 200);
         let mut body = response.into_body();
@@ -1143,15 +1154,8 @@ async fn a_reset_http2_stream_does_not_keep_its_connection_open() {
     .await;
     let (addr, url) = (gw.http, gw.url("/slow"));
     bounded(Duration::from_secs(10), async move {
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        let (send, connection) = h2::client::handshake(tcp).await.unwrap();
-        let mut connection = tokio::spawn(connection);
-        let mut send = send.ready().await.unwrap();
-        let request = Request::get(&url)
-            .header("x-api-key", KEY)
-            .body(())
-            .unwrap();
-        let (_response, mut stream) = send.send_request(request, true).unwrap();
+        let (mut send, mut connection) = h2_connect(addr).await;
+        let (_response, mut stream) = send.send_request(keyed_get(&url), true).unwrap();
         // The request reaches the (slow) upstream, then the client gives up on it.
         while up.count() == 0 {
             tokio::task::yield_now().await;

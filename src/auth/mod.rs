@@ -140,16 +140,7 @@ pub fn lookup<'t>(
 mod tests {
     use super::*;
 
-    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.append(
-                HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                v.parse().unwrap(),
-            );
-        }
-        h
-    }
+    use crate::headers::map as headers;
 
     const H: HeaderName = HeaderName::from_static("x-api-key");
 
