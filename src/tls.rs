@@ -18,6 +18,12 @@ use crate::config::{TlsConfig, TlsVersion};
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("cannot read {path}: {source}")]
+    File {
+        path: PathBuf,
+        #[source]
+        source: crate::config::read::ReadError,
+    },
+    #[error("cannot read {path}: {source}")]
     Read {
         path: PathBuf,
         #[source]
@@ -48,9 +54,17 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// The file's bytes, read as [`crate::config::read`] reads every operator-named file.
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    crate::config::read::read_regular(path).map_err(|source| TlsError::File {
+        path: path.to_owned(),
+        source,
+    })
+}
+
 fn certs_from(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+    let certs = CertificateDer::pem_slice_iter(&read(path)?)
+        .collect::<Result<Vec<_>, _>>()
         .map_err(|source| TlsError::Read {
             path: path.to_owned(),
             source,
@@ -66,7 +80,7 @@ fn certs_from(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 /// Loads a PEM chain and its key (PKCS#8, PKCS#1 RSA or SEC1 EC) and checks they match.
 pub fn load_certified_key(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, TlsError> {
     let chain = certs_from(cert)?;
-    let der = PrivateKeyDer::from_pem_file(key).map_err(|source| TlsError::Read {
+    let der = PrivateKeyDer::from_pem_slice(&read(key)?).map_err(|source| TlsError::Read {
         path: key.to_owned(),
         source,
     })?;

@@ -979,3 +979,34 @@ fn keys_hash_reads_the_key_from_stdin_and_never_prints_it() {
         "the key itself is never printed: {run:?}"
     );
 }
+
+/// Config and certificate paths that are not regular files are refused at once, by
+/// name, instead of being read forever (`/dev/zero`) or blocking (a FIFO).
+///
+/// Failing when written: `check` on a config linked to `/dev/zero` read until memory
+/// ran out.
+#[test]
+fn paths_that_are_not_regular_files_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("specter.toml");
+    std::os::unix::fs::symlink("/dev/zero", &link).unwrap();
+    let run = specter(&["check", "--config", link.to_str().unwrap()], None);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        run.stderr
+            .contains("it is a character device, not a regular file"),
+        "{run:?}"
+    );
+
+    let f = Fixture::new(
+        "[tls]\n[[tls.certificates]]\ncert = \"/dev/zero\"\nkey = \"/dev/null\"\n\n\
+         [environments.qa]\nupstream = \"http://127.0.0.1:9001\"\n",
+    );
+    let run = f.check(&[]);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        run.stderr
+            .contains("cannot read /dev/zero: it is a character device"),
+        "{run:?}"
+    );
+}

@@ -3,6 +3,7 @@
 
 pub mod error;
 pub mod file;
+pub mod read;
 mod validate;
 
 use std::net::SocketAddr;
@@ -264,7 +265,7 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigErrors> {
 }
 
 pub fn load_with(path: &Path, options: CheckOptions) -> Result<Loaded, ConfigErrors> {
-    let bytes = std::fs::read(path).map_err(|e| {
+    let bytes = read::read_regular(path).map_err(|e| {
         ConfigErrors(vec![ConfigError {
             file: path.to_path_buf(),
             line: 1,
