@@ -1010,3 +1010,20 @@ fn paths_that_are_not_regular_files_are_refused() {
         "{run:?}"
     );
 }
+
+/// `h2c` can never be listed as an upgrade: specter speaks HTTP/2 itself, and an h2c
+/// tunnel would carry streams no check sees.
+#[test]
+fn h2c_cannot_be_allowed_as_an_upgrade() {
+    let f = Fixture::new(
+        "[environments.qa]\nupstream = \"http://127.0.0.1:9001\"\n\
+         [environments.qa.policy]\nupgrades = [\"websocket\", \"h2c\"]\n",
+    );
+    assert_value_rejected(
+        &f,
+        "upgrades",
+        "\"h2c\"",
+        "environments.qa.policy.upgrades",
+        "speaks HTTP/2 itself",
+    );
+}

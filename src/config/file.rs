@@ -120,6 +120,12 @@ pub struct RawPolicy {
     pub request_headers: RawHeaderRules,
     #[serde(default)]
     pub response_headers: RawHeaderRules,
+    #[serde(default)]
+    pub upgrades: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub case_insensitive_paths: bool,
+    #[serde(default)]
+    pub allow_underscore_headers: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -192,6 +192,15 @@ pub struct PolicyConfig {
     pub max_body: Option<u64>,
     pub request_headers: HeaderRules,
     pub response_headers: HeaderRules,
+    /// `Upgrade` protocols tunnelled besides `websocket`, lower-case (never `h2c`): a
+    /// tunnel's bytes are opaque to the policy, so each protocol is an explicit choice.
+    pub upgrades: Vec<String>,
+    /// Path rules ignore ASCII case, for upstreams that do (IIS, case-folding routers).
+    pub case_insensitive_paths: bool,
+    /// Forward request headers whose name has a `_` (dropped by default: CGI and WSGI
+    /// upstreams read `x_a` and `x-a` as one variable). Never one that spells a
+    /// gateway-owned header.
+    pub allow_underscore_headers: bool,
 }
 
 impl Default for PolicyConfig {
@@ -204,6 +213,9 @@ impl Default for PolicyConfig {
             max_body: None,
             request_headers: HeaderRules::default(),
             response_headers: HeaderRules::default(),
+            upgrades: Vec::new(),
+            case_insensitive_paths: false,
+            allow_underscore_headers: false,
         }
     }
 }

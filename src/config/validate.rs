@@ -568,6 +568,11 @@ impl Validator<'_> {
             self.header_rules(&format!("{p}.request_headers"), &raw.request_headers);
         let response_headers =
             self.header_rules(&format!("{p}.response_headers"), &raw.response_headers);
+        let upgrades = raw
+            .upgrades
+            .iter()
+            .filter_map(|u| self.upgrade(&format!("{p}.upgrades"), u))
+            .collect();
         if self.errors.len() != before {
             return None;
         }
@@ -579,7 +584,31 @@ impl Validator<'_> {
             max_body,
             request_headers: request_headers?,
             response_headers: response_headers?,
+            upgrades,
+            case_insensitive_paths: raw.case_insensitive_paths,
+            allow_underscore_headers: raw.allow_underscore_headers,
         })
+    }
+
+    fn upgrade(&mut self, path: &str, raw: &Spanned<String>) -> Option<String> {
+        let token = raw.get_ref().to_ascii_lowercase();
+        let name = token.split('/').next().unwrap_or_default();
+        if name == "h2c" {
+            return self.fail(
+                raw.span(),
+                format!("{path}: \"{}\" is always refused: specter speaks HTTP/2 itself (TLS with ALPN, or prior knowledge); remove it", raw.get_ref()),
+            );
+        }
+        if name.is_empty() || HeaderName::from_bytes(name.as_bytes()).is_err() {
+            return self.fail(
+                raw.span(),
+                format!(
+                    "{path}: \"{}\" is not an Upgrade protocol name; write e.g. \"websocket\"",
+                    raw.get_ref()
+                ),
+            );
+        }
+        Some(name.to_owned())
     }
 
     fn method(&mut self, path: &str, raw: &Spanned<String>) -> Option<Method> {

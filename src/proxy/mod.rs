@@ -203,10 +203,13 @@ async fn admit<'s>(
     outcome: &mut Outcome,
 ) -> Result<Admitted<'s>, GatewayError> {
     crate::framing::check_request(req.version(), req.headers(), &conn.signals)?;
+    crate::framing::check_host(req.version(), req.uri(), req.headers())?;
+    crate::framing::check_h2c(req.headers())?;
     if shared.draining.load(Ordering::Relaxed) {
         return Err(GatewayError::ShuttingDown);
     }
-    if req.method() == Method::CONNECT || req.method() == Method::TRACE {
+    let method = req.method().as_str();
+    if method.eq_ignore_ascii_case("CONNECT") || method.eq_ignore_ascii_case("TRACE") {
         return Err(GatewayError::MethodNotAllowed {
             allow: HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
         });
@@ -239,6 +242,9 @@ async fn admit<'s>(
     env.policy.check_ip(client_ip)?;
     env.policy.check_method(req.method())?;
     env.policy.check_path(target.path())?;
+    if let Some(protocol) = upgrade::requested(req) {
+        env.policy.check_upgrade(&protocol)?;
+    }
     env.policy.check_declared_body(req.headers())?;
 
     match check_limits(shared, state, env, &key_id).await {
@@ -307,7 +313,8 @@ fn upstream_request(
         key_source: a.key_source,
         client_ip: a.client_ip,
         peer_ip,
-        extend_forwarded_for: trusted.iter().any(|n| n.contains(&peer_ip)),
+        trusted_peer: trusted.iter().any(|n| n.contains(&peer_ip)),
+        allow_underscores: env.policy.config.allow_underscore_headers,
         tls: conn.tls,
         host: original_host.clone(),
         request_id,
