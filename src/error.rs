@@ -55,6 +55,8 @@ pub enum GatewayError {
     ShuttingDown,
     #[error("the rate-limit store is unavailable")]
     RateLimitStoreUnavailable(#[source] BoxError),
+    #[error("the gateway failed internally")]
+    Internal,
 }
 
 impl GatewayError {
@@ -73,6 +75,7 @@ impl GatewayError {
             NoHealthyUpstream | ShuttingDown | RateLimitStoreUnavailable(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -97,6 +100,7 @@ impl GatewayError {
             NoHealthyUpstream => "no_healthy_upstream",
             ShuttingDown => "shutting_down",
             RateLimitStoreUnavailable(_) => "rate_limit_store_unavailable",
+            Internal => "internal_error",
         }
     }
 

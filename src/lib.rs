@@ -31,6 +31,7 @@
 //! - [`tls`]: rustls server and client configs, SNI certificate choice
 //! - [`admin`]: health, readiness, metrics, redacted config, key usage
 //! - [`metrics`]: Prometheus registry
+//! - [`panics`]: every task's panic caught, logged and counted
 //! - [`commands`]: `check`, `keys`, `demo`, `promote`/`diff`, `certs`: what the CLI runs
 
 pub mod admin;
@@ -42,6 +43,7 @@ pub mod error;
 pub mod framing;
 pub mod headers;
 pub mod metrics;
+pub mod panics;
 pub mod policy;
 pub mod proxy;
 pub mod ratelimit;

@@ -55,6 +55,11 @@ pub struct ResultLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TaskLabels {
+    pub task: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ListenerLabels {
     pub listener: &'static str,
 }
@@ -118,6 +123,7 @@ pub struct Metrics {
     pub tls_handshake_failures: Counter,
     pub upstream_healthy: Family<UpstreamLabels, Gauge>,
     pub rate_limit_store_errors: Counter,
+    pub panics: Family<TaskLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -195,6 +201,12 @@ impl Metrics {
             "Rate-limit store checks that failed or timed out",
             rate_limit_store_errors.clone(),
         );
+        let panics = Family::<TaskLabels, Counter>::default();
+        registry.register(
+            "specter_panics",
+            "Panics caught in a request, connection, stream or reload task (each one is a bug)",
+            panics.clone(),
+        );
         let build = Family::<BuildLabels, Gauge>::default();
         build
             .get_or_create(&BuildLabels {
@@ -214,6 +226,7 @@ impl Metrics {
             tls_handshake_failures,
             upstream_healthy,
             rate_limit_store_errors,
+            panics,
         }
     }
 

@@ -300,6 +300,9 @@ pub fn watch(shared: Arc<Shared>, path: PathBuf) -> notify::Result<tokio::task::
             if let Err(e) = tokio::task::spawn_blocking(move || reload_now(&s, &p)).await {
                 // A panic while building the snapshot: the running one stays, say so.
                 tracing::error!(error = %e, "reload aborted; the running config stays");
+                if e.is_panic() {
+                    crate::panics::record(&shared.metrics, "reload", &*e.into_panic());
+                }
             }
             if let Err(e) = watched.follow(&shared.state.load().config) {
                 tracing::warn!(

@@ -1027,3 +1027,32 @@ fn h2c_cannot_be_allowed_as_an_upgrade() {
         "speaks HTTP/2 itself",
     );
 }
+
+/// Values that `run` could not use are refused by `check`, naming the documented range.
+///
+/// Failing when written: `idle_timeout = "1ns"` and `per = "585y"` were accepted, and
+/// panicked every connection and the limiter.
+#[test]
+fn values_outside_their_documented_range_are_refused() {
+    let f = Fixture::new(
+        "[limits]\nidle_timeout = \"1ns\"\n\n[environments.qa]\nupstream = \"http://127.0.0.1:9001\"\n",
+    );
+    assert_value_rejected(
+        &f,
+        "idle_timeout",
+        "\"1ns\"",
+        "limits.idle_timeout",
+        "use between \"1s\" and \"1day\"",
+    );
+    let f = Fixture::new(
+        "[environments.qa]\nupstream = \"http://127.0.0.1:9001\"\n\
+         [environments.qa.rate_limit]\nper_key = { requests = 5, per = \"585y\" }\n",
+    );
+    assert_value_rejected(
+        &f,
+        "per_key",
+        "\"585y\"",
+        "environments.qa.rate_limit.per_key.per",
+        "out of range",
+    );
+}

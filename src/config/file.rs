@@ -43,6 +43,7 @@ pub struct RawLimits {
     pub max_headers: Option<Spanned<i64>>,
     pub shutdown_grace: Option<Spanned<String>>,
     pub body_read_timeout: Option<Spanned<String>>,
+    pub body_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

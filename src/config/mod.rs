@@ -16,7 +16,7 @@ use http::{HeaderValue, Method, Uri};
 use ipnet::IpNet;
 
 pub use error::{ConfigError, ConfigErrors, ConfigWarning};
-pub use validate::KEY_EXPIRY_WARNING;
+pub use validate::{range, KEY_EXPIRY_WARNING};
 
 /// SHA-256 digest of an API key: the only form in which keys are stored.
 pub type KeyDigest = [u8; 32];
@@ -59,6 +59,9 @@ pub struct LimitsConfig {
     pub shutdown_grace: Duration,
     /// Longest pause between two pieces of a client's request body (408 when exceeded).
     pub body_read_timeout: Duration,
+    /// Longest a whole request body may take (408 when exceeded); `None`: no bound
+    /// beyond `body_read_timeout` per pause.
+    pub body_timeout: Option<Duration>,
 }
 
 impl Default for LimitsConfig {
@@ -71,6 +74,7 @@ impl Default for LimitsConfig {
             max_headers: 100,
             shutdown_grace: Duration::from_secs(30),
             body_read_timeout: Duration::from_secs(30),
+            body_timeout: None,
         }
     }
 }

@@ -71,7 +71,10 @@ pub async fn handle(
         bytes_in: access::enabled().then(Default::default),
         ..Outcome::default()
     };
-    let result = inner(&shared, &state, &conn, req, &request_id, &mut outcome).await;
+    let handled = inner(&shared, &state, &conn, req, &request_id, &mut outcome);
+    let result = crate::panics::caught(&shared.metrics, "request", handled)
+        .await
+        .unwrap_or(Err(GatewayError::Internal));
     let env = outcome.environment.map(|i| &state.environments[i]);
     let (mut response, error) = match result {
         Ok(response) => (response, None),
@@ -358,7 +361,7 @@ fn upstream_request(
         Guarded::new(
             incoming,
             env.policy.config.max_body,
-            limits.body_read_timeout,
+            (limits.body_read_timeout, limits.body_timeout),
             bytes_in,
         )
         .boxed()

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use prometheus_client::metrics::gauge::Gauge;
@@ -19,6 +19,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::{Config, LimitsConfig};
 use crate::metrics::ListenerLabels;
+use crate::panics::CatchingExecutor;
 use crate::proxy::{self, ConnInfo};
 use crate::state::{BuildError, Shared, State};
 use io::{ClientIo, ConnSignals};
@@ -74,7 +75,7 @@ impl Gateway {
         let (stop_accepting, stop_rx) = watch::channel(false);
         let connections = Arc::new(GracefulShutdown::new());
         let semaphore = Arc::new(Semaphore::new(limits.max_connections));
-        let builder = Arc::new(connection_builder(&limits));
+        let builder = Arc::new(connection_builder(&limits, &shared));
         let mut tasks = Vec::new();
         let mut bound =
             |kind: Kind, addr: Option<SocketAddr>| -> Result<Option<SocketAddr>, StartError> {
@@ -202,8 +203,11 @@ fn bind(listener: &'static str, addr: SocketAddr) -> Result<TcpListener, StartEr
     })
 }
 
-fn connection_builder(limits: &LimitsConfig) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+fn connection_builder(
+    limits: &LimitsConfig,
+    shared: &Arc<Shared>,
+) -> auto::Builder<CatchingExecutor> {
+    let mut builder = auto::Builder::new(CatchingExecutor(shared.clone()));
     builder
         .http1()
         .timer(TokioTimer::new())
@@ -232,7 +236,7 @@ struct Acceptor {
     kind: Kind,
     shared: Arc<Shared>,
     semaphore: Arc<Semaphore>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builder: Arc<auto::Builder<CatchingExecutor>>,
     connections: Arc<GracefulShutdown>,
 }
 
@@ -283,12 +287,15 @@ impl Acceptor {
                 idle_timeout: limits.idle_timeout,
                 header_read_timeout: limits.header_read_timeout,
             };
-            let kind = self.kind;
+            let (kind, shared) = (self.kind, self.shared.clone());
             tokio::spawn(async move {
-                match kind {
-                    Kind::Http => conn.serve(stream, false, None).await,
-                    Kind::Https => conn.serve_tls(stream).await,
-                }
+                let served = async move {
+                    match kind {
+                        Kind::Http => conn.serve(stream, false, None).await,
+                        Kind::Https => conn.serve_tls(stream).await,
+                    }
+                };
+                crate::panics::caught(&shared.metrics, "connection", served).await
             });
         }
     }
@@ -325,7 +332,7 @@ struct Connection {
     slot: Arc<Slot>,
     peer: SocketAddr,
     shared: Arc<Shared>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builder: Arc<auto::Builder<CatchingExecutor>>,
     watcher: Watcher,
     idle_timeout: Duration,
     /// The first request must arrive within this of the accept (HTTP/2 has no header
