@@ -1,0 +1,463 @@
+//! `keys add`, `keys revoke`, `keys rotate`: edits of the config file that go through
+//! `commands::edit` like `promote` does (layout kept, validated as `check` does,
+//! atomic, refused when the file changed since it was read, `--dry-run` shows the
+//! diff). The plaintext key goes to `out` (stdout) once the file is written, and
+//! nowhere else; everything said to the operator goes to `err` (stderr).
+
+use std::io::Write;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use toml_edit::{DocumentMut, Item};
+
+use super::entries::{self, Entry, NewKey, REVOKED_BY};
+use super::{environment_of, generate, when, KeysError};
+use crate::commands::edit::{self, document, EditError};
+use crate::config::{self, hex, sha256, valid_key_id, KeyDigest};
+
+/// Where and how a writing key command runs.
+#[derive(Debug, Clone, Copy)]
+pub struct EditOptions<'a> {
+    pub config: &'a Path,
+    /// Print the diff instead of writing.
+    pub dry_run: bool,
+    /// ANSI colours in the diff (only when stdout is a terminal).
+    pub colour: bool,
+    pub now: SystemTime,
+}
+
+/// `keys add`.
+#[derive(Debug, Clone, Default)]
+pub struct AddRequest<'a> {
+    pub env: &'a str,
+    pub id: Option<&'a str>,
+    pub not_before: Option<SystemTime>,
+    pub not_after: Option<SystemTime>,
+    /// Lifetime from `not_before` (or now): another way to give `not_after`.
+    pub ttl: Option<Duration>,
+    /// An existing key (`--from-stdin`) instead of a minted one.
+    pub key: Option<String>,
+}
+
+/// `keys add`: mints (or takes) a key and appends its hashed block to the environment.
+pub fn add(
+    opts: &EditOptions<'_>,
+    req: &AddRequest<'_>,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<(), KeysError> {
+    let mut file = ConfigEdit::open(opts.config, req.env)?;
+    let existing = file.entries();
+    let id = match req.id {
+        Some(id) => id.to_owned(),
+        None => entries::next_numbered_id(req.env, &existing),
+    };
+    check_new_id(req.env, &id, &existing)?;
+    let (key, minted) = match &req.key {
+        Some(key) => (given_key(key, req.env)?, false),
+        None => (generate(req.env), true),
+    };
+    let not_after = req
+        .not_after
+        .or_else(|| req.ttl.map(|ttl| req.not_before.unwrap_or(opts.now) + ttl));
+    if let (Some(nb), Some(na)) = (req.not_before, not_after) {
+        if when::floor_second(nb) >= when::floor_second(na) {
+            return Err(KeysError::Window {
+                not_before: when::format(nb),
+                not_after: when::format(na),
+            });
+        }
+    }
+    let note = format!("added {} by specter keys add", when::format(opts.now));
+    let digest = hex(&sha256(key.as_bytes()));
+    file.append(
+        &NewKey {
+            id: &id,
+            sha256_hex: &digest,
+            not_before: req.not_before,
+            not_after,
+            note: &note,
+        },
+        None,
+    );
+    let mut said = format!("added key \"{id}\" to {}", req.env);
+    said.push_str(&window_text(req.not_before, not_after));
+    let action = format!("adding key \"{id}\" to {}", req.env);
+    let shown = minted.then_some(key.as_str());
+    file.finish(opts, &action, &[said], None, shown, out, err)?;
+    if opts.dry_run && minted {
+        let _ = writeln!(
+            err,
+            "the key minted for this dry run was not kept; the real run mints another"
+        );
+    }
+    Ok(())
+}
+
+/// `keys revoke`: the key stops working at `at` (default now) and keeps its block, with
+/// a comment saying who revoked it when; or, with `remove`, its block goes.
+pub fn revoke(
+    opts: &EditOptions<'_>,
+    env: &str,
+    id: &str,
+    at: Option<SystemTime>,
+    remove: bool,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<(), KeysError> {
+    let mut file = ConfigEdit::open(opts.config, env)?;
+    let old = file.entry(id)?;
+    let action = format!("revoking key \"{id}\" in {env}");
+    if remove {
+        entries::remove(file.environment_mut(), id);
+        let said = format!("removed key \"{id}\" from {env}");
+        return file.finish(opts, &action, &[said], Some(id), None, out, err);
+    }
+    let at = when::floor_second(at.unwrap_or(opts.now));
+    if let Some(na) = old.not_after.filter(|na| *na <= at) {
+        let how = if old.revoked {
+            "was revoked"
+        } else {
+            "expired"
+        };
+        let _ = writeln!(
+            err,
+            "key \"{id}\" in {env} already {how} at {}; nothing to change, nothing written",
+            when::format(na)
+        );
+        return Ok(());
+    }
+    let mut note = format!("revoked {} {REVOKED_BY}", when::format(opts.now));
+    if let Some(na) = old.not_after {
+        note.push_str(&format!("; not_after was {}", when::format(na)));
+    }
+    let mut key = file.key_mut(id)?;
+    if let Some(nb) = old.not_before.filter(|nb| *nb >= at) {
+        // A staged key that never started: not_before >= not_after would not validate,
+        // and without not_before the key is simply past its end.
+        key.remove("not_before");
+        note.push_str(&format!("; it was staged from {}", when::format(nb)));
+    }
+    key.set_not_after(at, &note);
+    let when_text = if at <= when::floor_second(opts.now) {
+        "it stops working at the next reload".to_owned()
+    } else {
+        format!("it stops working at {}", when::format(at))
+    };
+    let said = format!(
+        "revoked key \"{id}\" in {env}: not_after = {}; {when_text}",
+        when::format(at)
+    );
+    file.finish(opts, &action, &[said], Some(id), None, out, err)
+}
+
+/// `keys rotate`.
+#[derive(Debug, Clone)]
+pub struct RotateRequest<'a> {
+    pub env: &'a str,
+    pub id: &'a str,
+    /// How long the old key keeps working next to the new one.
+    pub overlap: Duration,
+    /// Defaults to `ID.2`, `ID.3`, ...
+    pub new_id: Option<&'a str>,
+    /// Lifetime of the new key.
+    pub ttl: Option<Duration>,
+}
+
+/// `keys rotate`: a new key beside the old one, the old one ending after the overlap.
+pub fn rotate(
+    opts: &EditOptions<'_>,
+    req: &RotateRequest<'_>,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<(), KeysError> {
+    let (env, id) = (req.env, req.id);
+    let mut file = ConfigEdit::open(opts.config, env)?;
+    let old = file.entry(id)?;
+    let existing = file.entries();
+    let new_id = match req.new_id {
+        Some(n) => n.to_owned(),
+        None => entries::next_rotation_id(id, &existing),
+    };
+    check_new_id(env, &new_id, &existing)?;
+    let mut until = when::floor_second(opts.now + req.overlap);
+    let mut said = Vec::new();
+    if let Some(na) = old.not_after.filter(|na| *na < until) {
+        until = na;
+        said.push(format!(
+            "key \"{id}\" already ends at {}, before the overlap would; left as it is",
+            when::format(na)
+        ));
+    }
+    if let Some(nb) = old.not_before.filter(|nb| *nb >= until) {
+        return Err(KeysError::StagedRotation {
+            id: id.to_owned(),
+            env: env.to_owned(),
+            not_before: when::format(nb),
+        });
+    }
+    let key = generate(env);
+    let digest = hex(&sha256(key.as_bytes()));
+    let now = when::format(opts.now);
+    let new_note = format!("rotated from \"{id}\" {now} by specter keys rotate");
+    let not_after = req.ttl.map(|t| opts.now + t);
+    file.append(
+        &NewKey {
+            id: &new_id,
+            sha256_hex: &digest,
+            not_before: None,
+            not_after,
+            note: &new_note,
+        },
+        Some(id),
+    );
+    if old.not_after != Some(until) {
+        let note = format!("rotated to \"{new_id}\" {now} by specter keys rotate");
+        file.key_mut(id)?.set_not_after(until, &note);
+    }
+    said.insert(
+        0,
+        format!(
+            "added key \"{new_id}\" to {env}{}",
+            window_text(None, not_after)
+        ),
+    );
+    said.push(format!(
+        "key \"{id}\" keeps working until {} (overlap {}); `specter keys usage` shows when it was last seen",
+        when::format(until),
+        humantime::format_duration(req.overlap)
+    ));
+    let action = format!("rotating key \"{id}\" in {env}");
+    file.finish(opts, &action, &said, Some(id), Some(&key), out, err)
+}
+
+/// The config being edited: its text as read, the digest that detects a concurrent
+/// edit, and the document the command changes.
+struct ConfigEdit<'a> {
+    path: &'a Path,
+    env: &'a str,
+    text: String,
+    digest: KeyDigest,
+    doc: DocumentMut,
+    ends: document::LineEnds,
+}
+
+impl<'a> ConfigEdit<'a> {
+    fn open(path: &'a Path, env: &'a str) -> Result<ConfigEdit<'a>, KeysError> {
+        let (text, digest) = edit::read_config(path)?;
+        let (doc, ends) = document::parse(&text, path)?;
+        document::require_environment(&doc, env, path)?;
+        Ok(ConfigEdit {
+            path,
+            env,
+            text,
+            digest,
+            doc,
+            ends,
+        })
+    }
+
+    fn environment(&self) -> &Item {
+        document::environment(&self.doc, self.env).expect("checked when opened")
+    }
+
+    fn environment_mut(&mut self) -> &mut Item {
+        document::environment_mut(&mut self.doc, self.env).expect("checked when opened")
+    }
+
+    fn entries(&self) -> Vec<Entry> {
+        entries::entries(self.environment())
+    }
+
+    fn entry(&self, id: &str) -> Result<Entry, KeysError> {
+        let all = self.entries();
+        all.iter()
+            .find(|e| e.id == id)
+            .cloned()
+            .ok_or_else(|| KeysError::UnknownKey {
+                id: id.to_owned(),
+                env: self.env.to_owned(),
+                known: known_ids(&all),
+            })
+    }
+
+    fn key_mut(&mut self, id: &str) -> Result<entries::KeyMut<'_>, KeysError> {
+        let env = self.env.to_owned();
+        entries::find_mut(self.environment_mut(), id).ok_or(KeysError::UnknownKey {
+            id: id.to_owned(),
+            env,
+            known: String::new(),
+        })
+    }
+
+    fn append(&mut self, key: &NewKey<'_>, after: Option<&str>) {
+        entries::append(self.environment_mut(), key, after);
+    }
+
+    /// Validates the edited file, then prints the diff (dry run) or writes it and
+    /// prints what changed and `key`. Warnings the edit brings are shown, except those
+    /// about key `touched`, whose expiry the command set on purpose.
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        self,
+        opts: &EditOptions<'_>,
+        action: &str,
+        said: &[String],
+        touched: Option<&str>,
+        key: Option<&str>,
+        out: &mut dyn Write,
+        err: &mut dyn Write,
+    ) -> Result<(), KeysError> {
+        let new_text = self.ends.render(&self.doc);
+        let loaded = edit::validate(
+            &new_text,
+            &self.text,
+            self.path,
+            || action.to_owned(),
+            "the edit",
+        )?;
+        let before: Vec<String> = config::parse(&self.text, self.path)
+            .map(|l| l.warnings.iter().map(|w| w.message.clone()).collect())
+            .unwrap_or_default();
+        let quiet = touched.map(|id| format!("(id \"{id}\")"));
+        for w in &loaded.warnings {
+            let about_touched = quiet.as_ref().is_some_and(|q| w.message.contains(q));
+            if !before.contains(&w.message) && !about_touched {
+                let _ = writeln!(err, "{w}");
+            }
+        }
+        if opts.dry_run {
+            let label = format!("(after {action})");
+            let (old, new) = (redact_hashes(&self.text), redact_hashes(&new_text));
+            let _ = write!(
+                out,
+                "{}",
+                edit::unified_diff(&old, &new, self.path, &label, opts.colour)
+            );
+            for line in said {
+                let _ = writeln!(err, "would have {}", line);
+            }
+            let _ = writeln!(
+                err,
+                "dry run: nothing written to {}; key hashes in the diff are shortened",
+                self.path.display()
+            );
+            return Ok(());
+        }
+        let written = edit::write_atomically(self.path, new_text.as_bytes(), &self.digest)?;
+        for line in said {
+            let _ = writeln!(err, "{line}");
+        }
+        let _ = writeln!(
+            err,
+            "wrote {} (sha256 {}); a gateway watching it reloads it now",
+            self.path.display(),
+            hex(&written)
+        );
+        if let Some(key) = key {
+            let _ = writeln!(out, "{key}");
+        }
+        Ok(())
+    }
+}
+
+fn check_new_id(env: &str, id: &str, existing: &[Entry]) -> Result<(), KeysError> {
+    if !valid_key_id(id) {
+        return Err(KeysError::BadId(id.to_owned()));
+    }
+    if existing.iter().any(|e| e.id == id) {
+        return Err(KeysError::IdTaken {
+            id: id.to_owned(),
+            env: env.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// A key from `--from-stdin`, refused when it names another environment: pasting the
+/// wrong environment's key is the mistake this catches.
+fn given_key(input: &str, env: &str) -> Result<String, KeysError> {
+    let key = input.trim();
+    if key.is_empty() {
+        return Err(KeysError::Empty);
+    }
+    match environment_of(key) {
+        Some(named) if named != env => Err(KeysError::WrongEnvironment {
+            named: named.to_owned(),
+            env: env.to_owned(),
+        }),
+        _ => Ok(key.to_owned()),
+    }
+}
+
+fn known_ids(all: &[Entry]) -> String {
+    if all.is_empty() {
+        "it has no keys".to_owned()
+    } else {
+        let ids: Vec<&str> = all.iter().map(|e| e.id.as_str()).collect();
+        format!("it has: {}", ids.join(", "))
+    }
+}
+
+fn window_text(not_before: Option<SystemTime>, not_after: Option<SystemTime>) -> String {
+    match (not_before, not_after) {
+        (None, None) => String::new(),
+        (Some(nb), None) => format!(" (valid from {})", when::format(when::floor_second(nb))),
+        (None, Some(na)) => format!(" (valid until {})", when::format(when::floor_second(na))),
+        (Some(nb), Some(na)) => format!(
+            " (valid from {} until {})",
+            when::format(when::floor_second(nb)),
+            when::format(when::floor_second(na))
+        ),
+    }
+}
+
+/// Shortens every 64-hex-digit run (a key hash) to its first 6 digits, as the
+/// validator's messages do: diffs of key blocks show which key, not its hash.
+fn redact_hashes(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let run = bytes[i..]
+            .iter()
+            .take_while(|b| b.is_ascii_hexdigit())
+            .count();
+        let bounded = i == 0 || !bytes[i - 1].is_ascii_alphanumeric();
+        if run == 64 && bounded {
+            out.push_str(&text[i..i + 6]);
+            out.push_str("...");
+            i += 64;
+        } else {
+            let step = run.max(1);
+            let end = (i + step..=text.len())
+                .find(|e| text.is_char_boundary(*e))
+                .unwrap_or(text.len());
+            out.push_str(&text[i..end]);
+            i = end;
+        }
+    }
+    out
+}
+
+impl From<EditError> for KeysError {
+    fn from(e: EditError) -> Self {
+        KeysError::Edit(Box::new(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hashes_are_shortened_and_nothing_else_changes() {
+        let h = "ab".repeat(32);
+        let text = format!("id = \"é\"\nsha256 = \"{h}\"\nx = \"{h}1\"\n");
+        let r = redact_hashes(&text);
+        assert_eq!(
+            r,
+            format!("id = \"é\"\nsha256 = \"ababab...\"\nx = \"{h}1\"\n")
+        );
+    }
+}
