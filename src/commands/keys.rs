@@ -13,7 +13,10 @@ pub mod when;
 
 use rand::Rng;
 
-pub use change::{add, revoke, rotate, AddRequest, EditOptions, RotateRequest};
+pub use change::{
+    add, plan_add, plan_revoke, plan_rotate, revoke, rotate, AddRequest, EditOptions, Plan,
+    RotateRequest,
+};
 pub use list::{list, ListRequest, State};
 
 use crate::config::{hex, sha256, valid_environment_name, valid_key_id};

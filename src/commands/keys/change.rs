@@ -46,6 +46,11 @@ pub fn add(
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> Result<(), KeysError> {
+    plan_add(opts, req)?.finish(opts, out, err)
+}
+
+/// What `keys add` would write, without writing it.
+pub fn plan_add<'a>(opts: &EditOptions<'a>, req: &AddRequest<'_>) -> Result<Plan<'a>, KeysError> {
     let mut file = ConfigEdit::open(opts.config, req.env)?;
     let existing = file.entries();
     let id = match req.id {
@@ -83,15 +88,11 @@ pub fn add(
     let mut said = format!("added key \"{id}\" to {}", req.env);
     said.push_str(&window_text(req.not_before, not_after));
     let action = format!("adding key \"{id}\" to {}", req.env);
-    let shown = minted.then_some(key.as_str());
-    file.finish(opts, &action, &[said], None, shown, out, err)?;
-    if opts.dry_run && minted {
-        let _ = writeln!(
-            err,
-            "the key minted for this dry run was not kept; the real run mints another"
-        );
+    let mut plan = file.plan(action, vec![said], None);
+    if minted {
+        plan.key = Some(key);
     }
-    Ok(())
+    Ok(plan)
 }
 
 /// `keys revoke`: the key stops working at `at` (default now) and keeps its block, with
@@ -105,13 +106,24 @@ pub fn revoke(
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> Result<(), KeysError> {
+    plan_revoke(opts, env, id, at, remove)?.finish(opts, out, err)
+}
+
+/// What `keys revoke` would write, without writing it.
+pub fn plan_revoke<'a>(
+    opts: &EditOptions<'a>,
+    env: &str,
+    id: &str,
+    at: Option<SystemTime>,
+    remove: bool,
+) -> Result<Plan<'a>, KeysError> {
     let mut file = ConfigEdit::open(opts.config, env)?;
     let old = file.entry(id)?;
     let action = format!("revoking key \"{id}\" in {env}");
     if remove {
         entries::remove(file.environment_mut(), id);
         let said = format!("removed key \"{id}\" from {env}");
-        return file.finish(opts, &action, &[said], Some(id), None, out, err);
+        return Ok(file.plan(action, vec![said], Some(id)));
     }
     let at = when::floor_second(at.unwrap_or(opts.now));
     if let Some(na) = old.not_after.filter(|na| *na <= at) {
@@ -120,12 +132,12 @@ pub fn revoke(
         } else {
             "expired"
         };
-        let _ = writeln!(
-            err,
+        let mut plan = file.plan(action, Vec::new(), Some(id));
+        plan.nothing_to_do = Some(format!(
             "key \"{id}\" in {env} already {how} at {}; nothing to change, nothing written",
             when::format(na)
-        );
-        return Ok(());
+        ));
+        return Ok(plan);
     }
     let mut note = format!("revoked {} {REVOKED_BY}", when::format(opts.now));
     if let Some(na) = old.not_after {
@@ -148,7 +160,7 @@ pub fn revoke(
         "revoked key \"{id}\" in {env}: not_after = {}; {when_text}",
         when::format(at)
     );
-    file.finish(opts, &action, &[said], Some(id), None, out, err)
+    Ok(file.plan(action, vec![said], Some(id)))
 }
 
 /// `keys rotate`.
@@ -171,6 +183,14 @@ pub fn rotate(
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> Result<(), KeysError> {
+    plan_rotate(opts, req)?.finish(opts, out, err)
+}
+
+/// What `keys rotate` would write, without writing it.
+pub fn plan_rotate<'a>(
+    opts: &EditOptions<'a>,
+    req: &RotateRequest<'_>,
+) -> Result<Plan<'a>, KeysError> {
     let (env, id) = (req.env, req.id);
     let mut file = ConfigEdit::open(opts.config, env)?;
     let old = file.entry(id)?;
@@ -228,14 +248,16 @@ pub fn rotate(
         humantime::format_duration(req.overlap)
     ));
     let action = format!("rotating key \"{id}\" in {env}");
-    file.finish(opts, &action, &said, Some(id), Some(&key), out, err)
+    let mut plan = file.plan(action, said, Some(id));
+    plan.key = Some(key);
+    Ok(plan)
 }
 
 /// The config being edited: its text as read, the digest that detects a concurrent
 /// edit, and the document the command changes.
 struct ConfigEdit<'a> {
     path: &'a Path,
-    env: &'a str,
+    env: String,
     text: String,
     digest: KeyDigest,
     doc: DocumentMut,
@@ -243,13 +265,13 @@ struct ConfigEdit<'a> {
 }
 
 impl<'a> ConfigEdit<'a> {
-    fn open(path: &'a Path, env: &'a str) -> Result<ConfigEdit<'a>, KeysError> {
+    fn open(path: &'a Path, env: &str) -> Result<ConfigEdit<'a>, KeysError> {
         let (text, digest) = edit::read_config(path)?;
         let (doc, ends) = document::parse(&text, path)?;
         document::require_environment(&doc, env, path)?;
         Ok(ConfigEdit {
             path,
-            env,
+            env: env.to_owned(),
             text,
             digest,
             doc,
@@ -258,11 +280,11 @@ impl<'a> ConfigEdit<'a> {
     }
 
     fn environment(&self) -> &Item {
-        document::environment(&self.doc, self.env).expect("checked when opened")
+        document::environment(&self.doc, &self.env).expect("checked when opened")
     }
 
     fn environment_mut(&mut self) -> &mut Item {
-        document::environment_mut(&mut self.doc, self.env).expect("checked when opened")
+        document::environment_mut(&mut self.doc, &self.env).expect("checked when opened")
     }
 
     fn entries(&self) -> Vec<Entry> {
@@ -276,13 +298,13 @@ impl<'a> ConfigEdit<'a> {
             .cloned()
             .ok_or_else(|| KeysError::UnknownKey {
                 id: id.to_owned(),
-                env: self.env.to_owned(),
+                env: self.env.clone(),
                 known: known_ids(&all),
             })
     }
 
     fn key_mut(&mut self, id: &str) -> Result<entries::KeyMut<'_>, KeysError> {
-        let env = self.env.to_owned();
+        let env = self.env.clone();
         entries::find_mut(self.environment_mut(), id).ok_or(KeysError::UnknownKey {
             id: id.to_owned(),
             env,
@@ -294,32 +316,75 @@ impl<'a> ConfigEdit<'a> {
         entries::append(self.environment_mut(), key, after);
     }
 
-    /// Validates the edited file, then prints the diff (dry run) or writes it and
-    /// prints what changed and `key`. Warnings the edit brings are shown, except those
-    /// about key `touched`, whose expiry the command set on purpose.
-    #[allow(clippy::too_many_arguments)]
-    fn finish(
+    fn plan(self, action: String, said: Vec<String>, touched: Option<&str>) -> Plan<'a> {
+        Plan {
+            file: self,
+            action,
+            said,
+            touched: touched.map(str::to_owned),
+            key: None,
+            nothing_to_do: None,
+        }
+    }
+}
+
+/// An edit worked out but not yet validated or written; [`Plan::finish`] does both.
+pub struct Plan<'a> {
+    file: ConfigEdit<'a>,
+    /// e.g. `adding key "qa-2" to qa`, for the error when validation fails.
+    action: String,
+    /// What changed, one line each, told on stderr.
+    said: Vec<String>,
+    /// The key whose expiry the command set on purpose: no warnings about it.
+    touched: Option<String>,
+    /// The plaintext key, printed on stdout once the file is written.
+    key: Option<String>,
+    /// Set when the file already says what was asked: nothing is written.
+    nothing_to_do: Option<String>,
+}
+
+impl std::fmt::Debug for Plan<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("Plan")
+            .field("action", &self.action)
+            .field("said", &self.said)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Plan<'_> {
+    /// The config text the plan would write.
+    pub fn new_text(&self) -> String {
+        self.file.ends.render(&self.file.doc)
+    }
+
+    /// Validates the edited file, then prints the diff (dry run) or writes it (refused
+    /// when the file changed since it was read) and prints what changed, and the key
+    /// on `out` only once the file holds its hash.
+    pub fn finish(
         self,
         opts: &EditOptions<'_>,
-        action: &str,
-        said: &[String],
-        touched: Option<&str>,
-        key: Option<&str>,
         out: &mut dyn Write,
         err: &mut dyn Write,
     ) -> Result<(), KeysError> {
-        let new_text = self.ends.render(&self.doc);
+        if let Some(why) = &self.nothing_to_do {
+            let _ = writeln!(err, "{why}");
+            return Ok(());
+        }
+        let file = &self.file;
+        let new_text = self.new_text();
         let loaded = edit::validate(
             &new_text,
-            &self.text,
-            self.path,
-            || action.to_owned(),
+            &file.text,
+            file.path,
+            || self.action.clone(),
             "the edit",
         )?;
-        let before: Vec<String> = config::parse(&self.text, self.path)
+        let before: Vec<String> = config::parse(&file.text, file.path)
             .map(|l| l.warnings.iter().map(|w| w.message.clone()).collect())
             .unwrap_or_default();
-        let quiet = touched.map(|id| format!("(id \"{id}\")"));
+        let quiet = self.touched.as_ref().map(|id| format!("(id \"{id}\")"));
         for w in &loaded.warnings {
             let about_touched = quiet.as_ref().is_some_and(|q| w.message.contains(q));
             if !before.contains(&w.message) && !about_touched {
@@ -327,34 +392,40 @@ impl<'a> ConfigEdit<'a> {
             }
         }
         if opts.dry_run {
-            let label = format!("(after {action})");
-            let (old, new) = (redact_hashes(&self.text), redact_hashes(&new_text));
+            let label = format!("(after {})", self.action);
+            let (old, new) = (redact_hashes(&file.text), redact_hashes(&new_text));
             let _ = write!(
                 out,
                 "{}",
-                edit::unified_diff(&old, &new, self.path, &label, opts.colour)
+                edit::unified_diff(&old, &new, file.path, &label, opts.colour)
             );
-            for line in said {
-                let _ = writeln!(err, "would have {}", line);
+            for line in &self.said {
+                let _ = writeln!(err, "would have {line}");
             }
             let _ = writeln!(
                 err,
                 "dry run: nothing written to {}; key hashes in the diff are shortened",
-                self.path.display()
+                file.path.display()
             );
+            if self.key.is_some() {
+                let _ = writeln!(
+                    err,
+                    "the key minted for this dry run was not kept; the real run mints another"
+                );
+            }
             return Ok(());
         }
-        let written = edit::write_atomically(self.path, new_text.as_bytes(), &self.digest)?;
-        for line in said {
+        let written = edit::write_atomically(file.path, new_text.as_bytes(), &file.digest)?;
+        for line in &self.said {
             let _ = writeln!(err, "{line}");
         }
         let _ = writeln!(
             err,
             "wrote {} (sha256 {}); a gateway watching it reloads it now",
-            self.path.display(),
+            file.path.display(),
             hex(&written)
         );
-        if let Some(key) = key {
+        if let Some(key) = &self.key {
             let _ = writeln!(out, "{key}");
         }
         Ok(())
