@@ -702,3 +702,70 @@ fn list_shows_each_state_and_hashes_only_when_asked() {
         "{wide:?}"
     );
 }
+
+/// Keys written as an inline array get inline entries; an environment without keys
+/// gets its first `[[...keys]]` table after its own tables, not after another's.
+#[test]
+fn other_layouts_are_edited_in_their_own_style() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("specter.toml");
+    let text = format!(
+        r#"[listen]
+http = "127.0.0.1:1"
+
+[environments.qa]
+upstream = "http://127.0.0.1:9001"
+keys = [
+  {{ id = "a", sha256 = "{}" }},   # a's comment
+]
+
+[environments.development]
+upstream = "http://127.0.0.1:9003"
+
+[environments.development.policy]
+methods = ["GET"]   # dev reads
+
+[environments.production]
+upstream = "http://127.0.0.1:9002"
+"#,
+        hash(STEADY)
+    );
+    std::fs::write(&path, &text).unwrap();
+
+    let key = printed_key(&keys(&path, &["add", "--env", "qa"], None), "qa");
+    let run = keys(&path, &["revoke", "--env", "qa", "--id", "a"], None);
+    assert_eq!(run.code, 0, "{run:?}");
+    let dev = printed_key(
+        &keys(&path, &["add", "--env", "development"], None),
+        "development",
+    );
+
+    let after = read(&path);
+    let check = run_specter(&["check", "--config", path.to_str().unwrap()], None);
+    assert_eq!(check.code, 0, "{check:?}\n{after}");
+    let (gone, added) = changed_lines(&text, &after);
+    assert_eq!(gone.len(), 1, "{gone:?}");
+    assert!(gone[0].contains("id = \"a\""), "{gone:?}");
+    let a = added.iter().find(|l| l.contains("id = \"a\"")).unwrap();
+    assert!(
+        a.contains("not_after = ") && a.ends_with("},   # a's comment"),
+        "{added:?}"
+    );
+    let qa1 = format!("  {{ id = \"qa-1\", sha256 = \"{}\" }},", hash(&key));
+    assert!(added.contains(&qa1), "{added:?}");
+    let dev_at = after.find("[[environments.development.keys]]").unwrap();
+    assert!(
+        after.find("methods = [\"GET\"]").unwrap() < dev_at
+            && dev_at < after.find("[environments.production]").unwrap(),
+        "{after}"
+    );
+    assert!(after.contains(&hash(&dev)));
+
+    let list = keys(&path, &["list", "--env", "qa"], None);
+    assert!(
+        list.stdout
+            .lines()
+            .any(|l| l.contains(" a ") && l.contains("expired")),
+        "inline keys carry no comment, so a revoked one lists as expired: {list:?}"
+    );
+}

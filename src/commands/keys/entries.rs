@@ -108,6 +108,10 @@ impl KeyMut<'_> {
                 table.insert("not_after", Item::Value(value));
             }
         }
+        if let KeyMut::Inline(t) = self {
+            // The entry before it kept its closing space: `"..." , not_after`.
+            t.fmt();
+        }
         if let KeyMut::Table(table) = self {
             if let Some(mut key) = table.key_mut("not_after") {
                 let decor = key.leaf_decor_mut();
@@ -185,6 +189,9 @@ impl NewKey<'_> {
             .cloned()
             .expect("the block holds one table");
         table.decor_mut().set_prefix(format!("\n# {}\n", self.note));
+        // Its place in the scratch document means nothing in the real one; without a
+        // position a table is written after the one before it in the document tree.
+        table.set_position(None);
         table
     }
 
@@ -216,15 +223,6 @@ pub fn append(env: &mut Item, key: &NewKey<'_>, after: Option<&str>) {
     match table.get_mut("keys") {
         Some(Item::ArrayOfTables(a)) => push_table(a, key.table(), after),
         Some(Item::Value(Value::Array(a))) => {
-            let prefix = a
-                .iter()
-                .last()
-                .and_then(|v| v.decor().prefix())
-                .and_then(|p| p.as_str())
-                .unwrap_or(" ")
-                .to_owned();
-            let mut value = Value::InlineTable(key.inline());
-            value.decor_mut().set_prefix(prefix);
             let at = after
                 .and_then(|id| {
                     a.iter().position(|v| {
@@ -235,7 +233,7 @@ pub fn append(env: &mut Item, key: &NewKey<'_>, after: Option<&str>) {
                     })
                 })
                 .map_or(a.len(), |i| i + 1);
-            a.insert_formatted(at, value);
+            insert_inline(a, at, Value::InlineTable(key.inline()));
         }
         _ if inline_env => {
             let mut a = toml_edit::Array::new();
@@ -248,6 +246,44 @@ pub fn append(env: &mut Item, key: &NewKey<'_>, after: Option<&str>) {
             table.insert("keys", Item::ArrayOfTables(a));
         }
     }
+}
+
+/// Inserts `value` at `at` on a line of its own when the array is laid out one entry
+/// per line. What follows an entry up to the next line break (its comment) stays with
+/// that entry, so it moves to the new entry's prefix, and the entry that follows gets
+/// a plain line break.
+fn insert_inline(a: &mut toml_edit::Array, at: usize, mut value: Value) {
+    let text = |d: &toml_edit::Decor| d.prefix().and_then(|p| p.as_str()).unwrap_or("").to_owned();
+    let last_prefix = a.iter().last().map(|v| text(v.decor())).unwrap_or_default();
+    let indent = last_prefix.rsplit_once('\n').map(|(_, i)| i.to_owned());
+    let Some(indent) = indent else {
+        value
+            .decor_mut()
+            .set_prefix(if a.is_empty() { "" } else { " " });
+        a.insert_formatted(at, value);
+        return;
+    };
+    let trailing_comma = a.trailing_comma();
+    let prefix = match a.get_mut(at) {
+        Some(next) => {
+            let p = text(next.decor());
+            next.decor_mut().set_prefix(format!("\n{indent}"));
+            p
+        }
+        None if trailing_comma => {
+            let trailing = a.trailing().as_str().unwrap_or("").to_owned();
+            match trailing.rsplit_once('\n') {
+                Some((comment, rest)) => {
+                    a.set_trailing(format!("\n{rest}"));
+                    format!("{comment}\n{indent}")
+                }
+                None => format!("\n{indent}"),
+            }
+        }
+        None => format!("\n{indent}"),
+    };
+    value.decor_mut().set_prefix(prefix);
+    a.insert_formatted(at, value);
 }
 
 /// Pushes `table` and gives it the document position of the table it follows, so it
