@@ -61,7 +61,7 @@ enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
-    /// Mint API keys and the TOML blocks that store their hashes.
+    /// Mint API keys; add, revoke, rotate and list the keys of a config file.
     Keys {
         #[command(subcommand)]
         command: KeysCommand,
@@ -156,8 +156,10 @@ enum KeysCommand {
     Revoke {
         #[command(flatten)]
         file: KeysFile,
+        /// The environment the key belongs to.
         #[arg(long)]
         env: String,
+        /// The key's id.
         #[arg(long)]
         id: String,
         /// When the key stops working (now, +2h, 2026-12-01T00:00:00Z, 2026-12-01).
@@ -172,6 +174,7 @@ enum KeysCommand {
     Rotate {
         #[command(flatten)]
         file: KeysFile,
+        /// The environment the key belongs to.
         #[arg(long)]
         env: String,
         /// The key being replaced.
@@ -190,6 +193,7 @@ enum KeysCommand {
     /// The config's keys: id, environment, not_before, not_after and state (active,
     /// staged, expiring, expired, revoked); with usage from a running gateway.
     List {
+        /// The config file whose keys are listed.
         #[arg(long, default_value = "config/specter.toml")]
         config: PathBuf,
         /// Only this environment's keys.
@@ -211,6 +215,7 @@ enum KeysCommand {
 /// The config file a writing `keys` command edits.
 #[derive(clap::Args)]
 struct KeysFile {
+    /// The config file to edit (a running gateway watching it reloads it).
     #[arg(long, default_value = "config/specter.toml")]
     config: PathBuf,
     /// Print the change as a unified diff and write nothing.
