@@ -655,7 +655,19 @@ fn list_shows_each_state_and_hashes_only_when_asked() {
     ]);
     ok(&["revoke", "--env", "qa", "--id", "doomed"]);
     let again = ok(&["revoke", "--env", "qa", "--id", "doomed"]);
-    assert!(again.stderr.contains("already was revoked"), "{again:?}");
+    assert!(again.stderr.contains("already was revoked at"), "{again:?}");
+    let before = read(&path);
+    let later = ok(&["revoke", "--env", "qa", "--id", "soon", "--at", "+30d"]);
+    assert!(
+        later.stderr.contains("already ends earlier, at"),
+        "never extended: {later:?}"
+    );
+    assert_eq!(read(&path), before);
+    let planned = ok(&["revoke", "--env", "qa", "--id", "old", "--at", "+2d"]);
+    assert!(
+        planned.stderr.contains("it stops working at 20"),
+        "{planned:?}"
+    );
 
     let list = ok(&["list"]);
     assert!(
@@ -678,6 +690,7 @@ fn list_shows_each_state_and_hashes_only_when_asked() {
     assert_eq!(state("soon"), "expiring");
     assert_eq!(state("past"), "expired");
     assert_eq!(state("doomed"), "revoked");
+    assert_eq!(state("old"), "expiring", "revoked for later, still working");
     assert_eq!(state("billing"), "active");
     assert!(
         list.stdout.contains("2020-05-31T22:00:00Z"),

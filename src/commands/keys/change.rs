@@ -127,14 +127,15 @@ pub fn plan_revoke<'a>(
     }
     let at = when::floor_second(at.unwrap_or(opts.now));
     if let Some(na) = old.not_after.filter(|na| *na <= at) {
-        let how = if old.revoked {
-            "was revoked"
-        } else {
-            "expired"
+        // Revoking never extends a key's life.
+        let how = match (na <= opts.now, old.revoked) {
+            (true, true) => "was revoked at",
+            (true, false) => "expired at",
+            (false, _) => "ends earlier, at",
         };
         let mut plan = file.plan(action, Vec::new(), Some(id));
         plan.nothing_to_do = Some(format!(
-            "key \"{id}\" in {env} already {how} at {}; nothing to change, nothing written",
+            "key \"{id}\" in {env} already {how} {}; nothing to change, nothing written",
             when::format(na)
         ));
         return Ok(plan);
@@ -204,10 +205,6 @@ pub fn plan_rotate<'a>(
     let mut said = Vec::new();
     if let Some(na) = old.not_after.filter(|na| *na < until) {
         until = na;
-        said.push(format!(
-            "key \"{id}\" already ends at {}, before the overlap would; left as it is",
-            when::format(na)
-        ));
     }
     if let Some(nb) = old.not_before.filter(|nb| *nb >= until) {
         return Err(KeysError::StagedRotation {
@@ -242,11 +239,23 @@ pub fn plan_rotate<'a>(
             window_text(None, not_after)
         ),
     );
-    said.push(format!(
-        "key \"{id}\" keeps working until {} (overlap {}); `specter keys usage` shows when it was last seen",
-        when::format(until),
-        humantime::format_duration(req.overlap)
-    ));
+    said.push(if old.not_after == Some(until) && until <= opts.now {
+        format!(
+            "key \"{id}\" already stopped working at {}; left as it is",
+            when::format(until)
+        )
+    } else if old.not_after == Some(until) {
+        format!(
+            "key \"{id}\" already ends at {}, before the overlap would; left as it is",
+            when::format(until)
+        )
+    } else {
+        format!(
+            "key \"{id}\" keeps working until {} (overlap {}); `specter keys usage` shows when it was last seen",
+            when::format(until),
+            humantime::format_duration(req.overlap)
+        )
+    });
     let action = format!("rotating key \"{id}\" in {env}");
     let mut plan = file.plan(action, said, Some(id));
     plan.key = Some(key);
