@@ -9,15 +9,16 @@
 mod change;
 mod entries;
 mod list;
+mod plan;
 pub mod when;
 
 use rand::Rng;
 
 pub use change::{
-    add, plan_add, plan_revoke, plan_rotate, revoke, rotate, AddRequest, EditOptions, Plan,
-    RotateRequest,
+    add, plan_add, plan_revoke, plan_rotate, revoke, rotate, AddRequest, EditOptions, RotateRequest,
 };
 pub use list::{list, ListRequest, State};
+pub use plan::Plan;
 
 use crate::config::{hex, sha256, valid_environment_name, valid_key_id};
 
