@@ -782,3 +782,27 @@ upstream = "http://127.0.0.1:9002"
         "inline keys carry no comment, so a revoked one lists as expired: {list:?}"
     );
 }
+
+/// A file `toml_edit` would not write back byte for byte (dotted keys of one table
+/// split by another key) is refused by the editing commands, and still listed.
+#[test]
+fn a_layout_that_cannot_be_kept_is_listed_but_not_edited() {
+    let (_dir, path) = offline_fixture();
+    let split = read(&path).replace(
+        "upstream = \"http://127.0.0.1:9001\"   # echo upstream\n",
+        "policy.methods = [\"GET\"]\nupstream = \"http://127.0.0.1:9001\"\npolicy.max_body = \"1MiB\"\n",
+    );
+    std::fs::write(&path, &split).unwrap();
+    let check = run_specter(&["check", "--config", path.to_str().unwrap()], None);
+    assert_eq!(check.code, 0, "{check:?}");
+
+    let run = keys(&path, &["add", "--env", "qa"], None);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.stderr.contains("layout could not be kept"), "{run:?}");
+    assert!(run.stdout.is_empty(), "{run:?}");
+    assert_eq!(read(&path), split);
+
+    let list = keys(&path, &["list", "--env", "qa"], None);
+    assert_eq!(list.code, 0, "{list:?}");
+    assert!(list.stdout.contains("steady"), "{list:?}");
+}

@@ -12,6 +12,20 @@ use crate::config::error::SourceMap;
 /// Parses `text`, refusing a file whose untouched parts `toml_edit` would not write
 /// back byte for byte.
 pub fn parse(text: &str, path: &Path) -> Result<(DocumentMut, LineEnds), EditError> {
+    let (doc, ends) = parse_to_read(text, path)?;
+    let again = ends.render(&doc);
+    if again != text {
+        let line = first_different_line(text, &again);
+        return Err(EditError::Layout {
+            path: path.to_path_buf(),
+            line,
+        });
+    }
+    Ok((doc, ends))
+}
+
+/// Parses `text` for reading only: a layout that could not be written back is fine.
+pub fn parse_to_read(text: &str, path: &Path) -> Result<(DocumentMut, LineEnds), EditError> {
     let ends = LineEnds::of(text);
     let lf = if ends.crlf {
         text.replace("\r\n", "\n")
@@ -32,14 +46,6 @@ pub fn parse(text: &str, path: &Path) -> Result<(DocumentMut, LineEnds), EditErr
             source: Box::new(source),
         }
     })?;
-    let again = ends.render(&doc);
-    if again != text {
-        let line = first_different_line(text, &again);
-        return Err(EditError::Layout {
-            path: path.to_path_buf(),
-            line,
-        });
-    }
     Ok((doc, ends))
 }
 

@@ -70,7 +70,7 @@ pub async fn list(
     err: &mut dyn Write,
 ) -> Result<(), KeysError> {
     let (text, _) = edit::read_config(req.config)?;
-    let (doc, _) = document::parse(&text, req.config)?;
+    let (doc, _) = document::parse_to_read(&text, req.config)?;
     let names = match req.env {
         Some(env) => {
             document::require_environment(&doc, env, req.config)?;
