@@ -159,6 +159,10 @@ impl Plan<'_> {
         );
         if let Some(key) = &self.key {
             let _ = writeln!(out, "{key}");
+            let _ = writeln!(
+                err,
+                "the new key is on stdout, shown this once (the file holds only its SHA-256): hand it to its owner now"
+            );
         }
         Ok(())
     }
