@@ -3,7 +3,7 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use specter::commands::{certs, check, demo, keys, promote};
@@ -61,7 +61,7 @@ enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
-    /// Mint API keys and the TOML blocks that store their hashes.
+    /// Mint API keys; add, revoke, rotate and list the keys of a config file.
     Keys {
         #[command(subcommand)]
         command: KeysCommand,
@@ -126,6 +126,112 @@ enum KeysCommand {
         #[arg(long)]
         id: Option<String>,
     },
+    /// Mint a key and add its hashed block to the config (validated, atomic write).
+    /// The key is printed once, alone on stdout; everything else goes to stderr.
+    Add {
+        #[command(flatten)]
+        file: KeysFile,
+        /// The environment the key belongs to.
+        #[arg(long)]
+        env: String,
+        /// The key's id (default: ENV-N, one more than the highest in use).
+        #[arg(long)]
+        id: Option<String>,
+        /// The key works from this time on: now, +2h, 2026-12-01T00:00:00Z, 2026-12-01.
+        #[arg(long, value_parser = keys::when::parse_arg)]
+        not_before: Option<SystemTime>,
+        /// The key stops working at this time (same forms as --not-before).
+        #[arg(long, value_parser = keys::when::parse_arg, conflicts_with = "ttl")]
+        not_after: Option<SystemTime>,
+        /// The key stops working this long after --not-before (or now), e.g. 90d.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+        /// Store an existing key read from stdin (not echoed) instead of minting one;
+        /// it is not printed back.
+        #[arg(long)]
+        from_stdin: bool,
+    },
+    /// Make a key stop working: set its not_after to now (or --at), with a comment
+    /// saying when it was revoked; --remove deletes its block instead.
+    Revoke {
+        #[command(flatten)]
+        file: KeysFile,
+        /// The environment the key belongs to.
+        #[arg(long)]
+        env: String,
+        /// The key's id.
+        #[arg(long)]
+        id: String,
+        /// When the key stops working (now, +2h, 2026-12-01T00:00:00Z, 2026-12-01).
+        #[arg(long, value_parser = keys::when::parse_arg, conflicts_with = "remove")]
+        at: Option<SystemTime>,
+        /// Delete the key's block instead of keeping it with a not_after.
+        #[arg(long)]
+        remove: bool,
+    },
+    /// Add a new key (id ID.2, ID.3, ...) printed once on stdout, and end the old one
+    /// after --overlap; both work until then.
+    Rotate {
+        #[command(flatten)]
+        file: KeysFile,
+        /// The environment the key belongs to.
+        #[arg(long)]
+        env: String,
+        /// The key being replaced.
+        #[arg(long)]
+        id: String,
+        /// How long the old key keeps working beside the new one.
+        #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+        overlap: Duration,
+        /// The new key's id (default: ID.2, then ID.3, ...).
+        #[arg(long)]
+        new_id: Option<String>,
+        /// The new key stops working this long from now, e.g. 90d.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+    },
+    /// The config's keys: id, environment, not_before, not_after and state (active,
+    /// staged, expiring, expired, revoked); with usage from a running gateway.
+    List {
+        /// The config file whose keys are listed.
+        #[arg(long, default_value = "config/specter.toml")]
+        config: PathBuf,
+        /// Only this environment's keys.
+        #[arg(long)]
+        env: Option<String>,
+        /// The gateway's admin listener (default: listen.admin of the config, if it
+        /// answers).
+        #[arg(long)]
+        admin: Option<String>,
+        /// Also print each key's SHA-256.
+        #[arg(long)]
+        show_hashes: bool,
+        /// Keys ending within this window are listed as expiring.
+        #[arg(long, default_value = "14d", value_parser = humantime::parse_duration)]
+        expiry_warning: Duration,
+    },
+}
+
+/// The config file a writing `keys` command edits.
+#[derive(clap::Args)]
+struct KeysFile {
+    /// The config file to edit (a running gateway watching it reloads it).
+    #[arg(long, default_value = "config/specter.toml")]
+    config: PathBuf,
+    /// Print the change as a unified diff and write nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+impl KeysFile {
+    fn options(&self) -> keys::EditOptions<'_> {
+        keys::EditOptions {
+            config: &self.config,
+            dry_run: self.dry_run,
+            colour: std::io::stdout().is_terminal(),
+            now: SystemTime::now(),
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -194,12 +300,98 @@ fn keys_command(command: KeysCommand) -> ExitCode {
         KeysCommand::Hash { env, id } => keys::read_secret_line()
             .and_then(|line| keys::hash(env.as_deref(), id.as_deref(), &line))
             .map_err(Into::into),
+        edit => return keys_edit_command(edit),
     };
     match result {
         Ok(text) => {
             print!("{text}");
             ExitCode::SUCCESS
         }
+        Err(e) => {
+            eprintln!("specter keys: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The keys subcommands that read or edit the config file: they print on stdout and
+/// stderr themselves (the plaintext key alone on stdout).
+fn keys_edit_command(command: KeysCommand) -> ExitCode {
+    let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+    let result = match command {
+        KeysCommand::Add {
+            file,
+            env,
+            id,
+            not_before,
+            not_after,
+            ttl,
+            from_stdin,
+        } => {
+            let key = if from_stdin {
+                keys::read_secret_line().map(Some)
+            } else {
+                Ok(None)
+            };
+            key.and_then(|key| {
+                let request = keys::AddRequest {
+                    env: &env,
+                    id: id.as_deref(),
+                    not_before,
+                    not_after,
+                    ttl,
+                    key,
+                };
+                keys::add(&file.options(), &request, &mut out, &mut err)
+            })
+        }
+        KeysCommand::Revoke {
+            file,
+            env,
+            id,
+            at,
+            remove,
+        } => keys::revoke(&file.options(), &env, &id, at, remove, &mut out, &mut err),
+        KeysCommand::Rotate {
+            file,
+            env,
+            id,
+            overlap,
+            new_id,
+            ttl,
+        } => {
+            let request = keys::RotateRequest {
+                env: &env,
+                id: &id,
+                overlap,
+                new_id: new_id.as_deref(),
+                ttl,
+            };
+            keys::rotate(&file.options(), &request, &mut out, &mut err)
+        }
+        KeysCommand::List {
+            config,
+            env,
+            admin,
+            show_hashes,
+            expiry_warning,
+        } => {
+            let request = keys::ListRequest {
+                config: &config,
+                env: env.as_deref(),
+                admin: admin.as_deref(),
+                show_hashes,
+                expiry_warning,
+                now: SystemTime::now(),
+            };
+            runtime().block_on(keys::list(&request, &mut out, &mut err))
+        }
+        KeysCommand::New { .. } | KeysCommand::Usage { .. } | KeysCommand::Hash { .. } => {
+            unreachable!("handled by keys_command")
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("specter keys: {e}");
             ExitCode::FAILURE

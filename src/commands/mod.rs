@@ -3,5 +3,6 @@
 pub mod certs;
 pub mod check;
 pub mod demo;
+pub mod edit;
 pub mod keys;
 pub mod promote;
