@@ -124,6 +124,7 @@ pub struct Metrics {
     pub upstream_healthy: Family<UpstreamLabels, Gauge>,
     pub rate_limit_store_errors: Counter,
     pub panics: Family<TaskLabels, Counter>,
+    pub connections_over_ip_limit: Counter,
 }
 
 impl Default for Metrics {
@@ -207,6 +208,12 @@ impl Metrics {
             "Panics caught in a request, connection, stream or reload task (each one is a bug)",
             panics.clone(),
         );
+        let connections_over_ip_limit = Counter::default();
+        registry.register(
+            "specter_connections_over_ip_limit",
+            "Connections closed at accept because their address held max_connections_per_ip",
+            connections_over_ip_limit.clone(),
+        );
         let build = Family::<BuildLabels, Gauge>::default();
         build
             .get_or_create(&BuildLabels {
@@ -227,6 +234,7 @@ impl Metrics {
             upstream_healthy,
             rate_limit_store_errors,
             panics,
+            connections_over_ip_limit,
         }
     }
 

@@ -32,6 +32,8 @@ pub struct State {
     pub keys: KeyTable,
     pub environments: Vec<Environment>,
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// `[limits] unauthenticated`: failed authentications per client address.
+    pub failed_auth: Option<crate::ratelimit::failures::FailedAuthLimiter>,
     /// Fleet mode: shared rate-limit counters (kept across reloads while unchanged).
     #[cfg(feature = "redis")]
     pub store: Option<Arc<crate::ratelimit::redis::RedisStore>>,
@@ -109,9 +111,16 @@ impl State {
             previous.and_then(|p| p.store.as_ref()),
         )
         .map_err(BuildError::Store)?;
+        let failed_auth = config.limits.unauthenticated.map(|q| {
+            crate::ratelimit::failures::FailedAuthLimiter::carry_over(
+                q,
+                previous.and_then(|p| p.failed_auth.as_ref()),
+            )
+        });
         Ok(State {
             #[cfg(feature = "redis")]
             store,
+            failed_auth,
             config: Arc::new(config),
             keys,
             environments,

@@ -348,3 +348,86 @@ async fn minor_head_forms() {
     assert_eq!(status, 400, "{answer}");
     assert_eq!(up.heads().len(), before);
 }
+
+/// A connection from `from` (any 127.0.0.0/8 address) to the gateway.
+async fn connect_from(gw: &TestGateway, from: &str) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    socket.connect(gw.http).await.unwrap()
+}
+
+/// One address holding its `max_connections_per_ip` has further connections closed
+/// unanswered, while another address is still served under `max_connections`.
+///
+/// Failing when written: there was no per-address limit, so 4 idle connections from
+/// one address under `max_connections = 4` locked every other client out.
+#[tokio::test]
+async fn one_address_cannot_take_every_connection() {
+    let up = RawUpstream::start().await;
+    let gw = gateway(
+        &up,
+        "[limits]\nmax_connections = 4\nmax_connections_per_ip = 2\n",
+    )
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(connect_from(&gw, "127.0.0.1").await);
+    }
+    let mut third = connect_from(&gw, "127.0.0.1").await;
+    let _ = third
+        .write_all(b"GET /v1/x HTTP/1.1\r\nhost: g\r\n\r\n")
+        .await;
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(WAIT, third.read(&mut buf))
+        .await
+        .expect("the over-limit connection is closed at once");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+
+    let mut other = connect_from(&gw, "127.0.0.2").await;
+    let head =
+        format!("GET /v1/x HTTP/1.1\r\nhost: g\r\nx-api-key: {KEY}\r\nconnection: close\r\n\r\n");
+    other.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, other.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    let (status, answer) = status_of(String::from_utf8_lossy(&answer).into_owned());
+    assert_eq!(status, 200, "{answer}");
+    drop(held);
+}
+
+/// Past its allowance of failed authentications an address gets 429 with
+/// `Retry-After`; a valid key from the same address still works.
+///
+/// Failing when written: wrong keys were answered 401 at any rate.
+#[tokio::test]
+async fn failed_authentications_are_limited_per_address() {
+    let up = RawUpstream::start().await;
+    let gw = gateway(
+        &up,
+        "[limits]\nunauthenticated = { requests = 3, per = \"1m\" }\n",
+    )
+    .await;
+    let c = client();
+    let url = gw.url("/v1/x");
+    for _ in 0..3 {
+        get(
+            &c,
+            &url,
+            &[("x-api-key", "spk_production_guess00000000000000000000")],
+        )
+        .await
+        .assert_error(401, "invalid_api_key");
+    }
+    let limited = get(&c, &url, &[]).await;
+    limited.assert_error(429, "too_many_failed_authentications");
+    let retry: u64 = limited.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=20).contains(&retry), "Retry-After {retry}");
+    let ok = get(&c, &url, &[("x-api-key", KEY)]).await;
+    assert_eq!(ok.status, 200, "{}", ok.text());
+}

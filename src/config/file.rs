@@ -44,6 +44,8 @@ pub struct RawLimits {
     pub shutdown_grace: Option<Spanned<String>>,
     pub body_read_timeout: Option<Spanned<String>>,
     pub body_timeout: Option<Spanned<String>>,
+    pub max_connections_per_ip: Option<Spanned<i64>>,
+    pub unauthenticated: Option<Spanned<RawQuota>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -62,6 +62,10 @@ pub struct LimitsConfig {
     /// Longest a whole request body may take (408 when exceeded); `None`: no bound
     /// beyond `body_read_timeout` per pause.
     pub body_timeout: Option<Duration>,
+    /// Connections one client address may hold at once; `None`: only `max_connections`.
+    pub max_connections_per_ip: Option<usize>,
+    /// Failed authentications a client address may make (429 beyond); `None`: no limit.
+    pub unauthenticated: Option<QuotaConfig>,
 }
 
 impl Default for LimitsConfig {
@@ -75,6 +79,8 @@ impl Default for LimitsConfig {
             shutdown_grace: Duration::from_secs(30),
             body_read_timeout: Duration::from_secs(30),
             body_timeout: None,
+            max_connections_per_ip: None,
+            unauthenticated: None,
         }
     }
 }

@@ -246,6 +246,14 @@ impl Validator<'_> {
                 self.duration_in("limits.body_read_timeout", d, range::BODY_READ_TIMEOUT),
             );
         }
+        if let Some(n) = &raw.max_connections_per_ip {
+            let n = self.positive("limits.max_connections_per_ip", n, 1 << 24);
+            keep(&mut l.max_connections_per_ip, n.map(|n| Some(n as usize)));
+        }
+        if let Some(q) = &raw.unauthenticated {
+            let q = self.quota("limits.unauthenticated", q);
+            keep(&mut l.unauthenticated, q.map(Some));
+        }
         if let Some(d) = &raw.body_timeout {
             let whole = self.duration_in("limits.body_timeout", d, range::BODY_TIMEOUT);
             keep(&mut l.body_timeout, whole.map(Some));

@@ -224,9 +224,13 @@ async fn admit<'s>(
         outcome.target = Some(target.clone());
     }
 
-    let (key, key_source) = crate::auth::extract(req.headers(), &state.config.auth.header)?;
     let now = SystemTime::now();
-    let key = crate::auth::lookup(&state.keys, key, now)?;
+    let found =
+        crate::auth::extract(req.headers(), &state.config.auth.header).and_then(|(key, source)| {
+            crate::auth::lookup(&state.keys, key, now).map(|key| (key, source))
+        });
+    let (key, key_source) =
+        found.map_err(|refused| failed_authentication(state, conn, req, refused))?;
     let env = &state.environments[key.environment()];
     let key_id = key.id();
     if logged {
@@ -264,6 +268,25 @@ async fn admit<'s>(
         target,
         client_ip,
     })
+}
+
+/// A refused key is charged to the client's address when `[limits] unauthenticated`
+/// is set; past its allowance the answer is 429 instead of 401.
+fn failed_authentication(
+    state: &State,
+    conn: &ConnInfo,
+    req: &Request<Incoming>,
+    refused: GatewayError,
+) -> GatewayError {
+    let Some(failures) = &state.failed_auth else {
+        return refused;
+    };
+    let trusted = &state.config.listen.trusted_proxies;
+    let ip = policy::client_ip(conn.peer.ip(), req.headers(), trusted);
+    match failures.charge(ip) {
+        Ok(()) => refused,
+        Err(retry_after) => GatewayError::TooManyFailedAuthentications { retry_after },
+    }
 }
 
 /// The normalised path with the client's query, built once: `PathAndQuery` shares its

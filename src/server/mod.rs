@@ -1,6 +1,7 @@
 //! Listeners, the accept loop, the connection cap, idle connections, and graceful drain.
 
 pub mod io;
+mod per_ip;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -75,6 +76,7 @@ impl Gateway {
         let (stop_accepting, stop_rx) = watch::channel(false);
         let connections = Arc::new(GracefulShutdown::new());
         let semaphore = Arc::new(Semaphore::new(limits.max_connections));
+        let per_ip = Arc::new(per_ip::PerIp::default());
         let builder = Arc::new(connection_builder(&limits, &shared));
         let mut tasks = Vec::new();
         let mut bound =
@@ -90,6 +92,7 @@ impl Gateway {
                     kind,
                     shared: shared.clone(),
                     semaphore: semaphore.clone(),
+                    per_ip: per_ip.clone(),
                     builder: builder.clone(),
                     connections: connections.clone(),
                 };
@@ -179,8 +182,12 @@ async fn reclaim_idle_limiters(shared: Arc<Shared>, mut stop: watch::Receiver<bo
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                for env in &shared.state.load().environments {
+                let state = shared.state.load();
+                for env in &state.environments {
                     env.limiter.retain_recent();
+                }
+                if let Some(failures) = &state.failed_auth {
+                    failures.retain_recent();
                 }
             }
             _ = stop.changed() => return,
@@ -236,6 +243,8 @@ struct Acceptor {
     kind: Kind,
     shared: Arc<Shared>,
     semaphore: Arc<Semaphore>,
+    /// Shared by every listener: the limit is per address, not per port.
+    per_ip: Arc<per_ip::PerIp>,
     builder: Arc<auto::Builder<CatchingExecutor>>,
     connections: Arc<GracefulShutdown>,
 }
@@ -275,11 +284,26 @@ impl Acceptor {
                 },
                 _ = stop.changed() => return,
             };
-            let _ = stream.set_nodelay(true);
-            // Per-connection timeouts follow reloads: read from the current snapshot.
+            // Per-connection limits follow reloads: read from the current snapshot.
             let limits = &self.shared.state.load().config.limits;
+            let ip_slot = match limits.max_connections_per_ip {
+                Some(max) => match self
+                    .per_ip
+                    .enter(crate::policy::canonical_ip(peer.ip()), max)
+                {
+                    Some(slot) => Some(slot),
+                    None => {
+                        // Closed unanswered, as nginx's limit_conn does for streams:
+                        // the permit goes back at once.
+                        self.shared.metrics.connections_over_ip_limit.inc();
+                        continue;
+                    }
+                },
+                None => None,
+            };
+            let _ = stream.set_nodelay(true);
             let conn = Connection {
-                slot: Arc::new(Slot::new(permit, gauge.clone())),
+                slot: Arc::new(Slot::new(permit, gauge.clone(), ip_slot)),
                 peer,
                 shared: self.shared.clone(),
                 builder: self.builder.clone(),
@@ -309,14 +333,17 @@ impl Acceptor {
 pub struct Slot {
     _permit: OwnedSemaphorePermit,
     gauge: Gauge,
+    /// The place under `max_connections_per_ip`, when that is set.
+    _ip: Option<per_ip::IpSlot>,
 }
 
 impl Slot {
-    fn new(permit: OwnedSemaphorePermit, gauge: Gauge) -> Slot {
+    fn new(permit: OwnedSemaphorePermit, gauge: Gauge, ip: Option<per_ip::IpSlot>) -> Slot {
         gauge.inc();
         Slot {
             _permit: permit,
             gauge,
+            _ip: ip,
         }
     }
 }
