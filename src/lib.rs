@@ -31,6 +31,7 @@
 //! - [`tls`]: rustls server and client configs, SNI certificate choice
 //! - [`admin`]: health, readiness, metrics, redacted config, key usage
 //! - [`metrics`]: Prometheus registry
+//! - [`logthrottle`]: a warning any request can trigger, logged once per interval with a count
 //! - [`commands`]: `check`, `keys`, `demo`, `promote`/`diff`, `certs`: what the CLI runs
 
 pub mod admin;
@@ -41,6 +42,7 @@ pub mod config;
 pub mod error;
 pub mod framing;
 pub mod headers;
+pub mod logthrottle;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;

@@ -1,0 +1,304 @@
+//! Repeated warnings become one line per interval: a warning that any request or
+//! connection can trigger (an upstream down, the rate-limit store down, an accept
+//! failure) is logged the first time at once, then at most once per [`INTERVAL`], with
+//! the number of occurrences it stood for: `... (1,234 more in the last 10s)`.
+//!
+//! A call site owns a `static` [`Throttle`] and names what it reports on with a key
+//! (an environment, an upstream, a listener: names from the config, never from a
+//! client), so one failing upstream does not hide the first failure of another.
+//!
+//! Cost, per call: one `arc-swap` load (lock-free), a SipHash of the key parts, a
+//! hash-map probe, a monotonic clock read and one or two relaxed atomics on the key's
+//! slot; no lock and no allocation. A key's first call copies the site's small map
+//! (allocation, once per key). Each site keeps at most [`MAX_KEYS`] slots (an `Arc` of
+//! two `AtomicU64`s, 32 bytes, plus its map entry); further keys share one overflow slot, so a config with
+//! more names than that loses their independence, never the bound.
+//!
+//! Occurrences suppressed after the last line are reported with the next one; the
+//! exact totals are on `/metrics` (`specter_upstream_errors_total`,
+//! `specter_requests_total`, `specter_rate_limit_store_errors_total`).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+
+/// The shortest gap between two lines from one site and key.
+pub const INTERVAL: Duration = Duration::from_secs(10);
+
+/// Keys one site tells apart; see the module docs.
+pub const MAX_KEYS: usize = 64;
+
+/// A fixed-key hasher: keys come from the config and static strings, not from clients,
+/// so there is nothing to randomise against, and a fixed hasher needs no state.
+type Fixed = BuildHasherDefault<DefaultHasher>;
+
+/// One site's slots by key hash, replaced whole (copy on write) when a key is added.
+type Slots = HashMap<u64, Arc<Slot>, BuildHasherDefault<IdentityHasher>>;
+
+/// The state behind one site's warning lines.
+pub struct Throttle {
+    slots: ArcSwapOption<Slots>,
+}
+
+impl Default for Throttle {
+    fn default() -> Self {
+        Throttle::new()
+    }
+}
+
+impl Throttle {
+    pub const fn new() -> Throttle {
+        Throttle {
+            slots: ArcSwapOption::const_empty(),
+        }
+    }
+
+    /// `Some` when this occurrence should be logged now (append the [`Report`] to the
+    /// message); `None` when it was counted for the next line instead.
+    pub fn check(&self, key: &[&str]) -> Option<Report> {
+        self.check_at(key, now_ms())
+    }
+
+    fn check_at(&self, key: &[&str], now_ms: u64) -> Option<Report> {
+        let hash = hash_key(key);
+        let slots = self.slots.load();
+        match slots.as_deref().and_then(|s| s.get(&hash)) {
+            Some(slot) => slot.admit(now_ms),
+            None => {
+                drop(slots);
+                self.insert(hash).admit(now_ms)
+            }
+        }
+    }
+
+    /// The slot for `hash`, made on first use (or the overflow slot once full).
+    fn insert(&self, hash: u64) -> Arc<Slot> {
+        let mut found = None;
+        self.slots.rcu(|current| {
+            let mut next = current.as_deref().cloned().unwrap_or_default();
+            let key = if next.len() >= MAX_KEYS && !next.contains_key(&hash) {
+                OVERFLOW
+            } else {
+                hash
+            };
+            let slot = next.entry(key).or_default().clone();
+            found = Some(slot);
+            Some(Arc::new(next))
+        });
+        found.unwrap_or_default()
+    }
+}
+
+/// The key hash the overflow slot lives under (a real key landing on it merely shares it).
+const OVERFLOW: u64 = u64::MAX;
+
+fn hash_key(parts: &[&str]) -> u64 {
+    let mut hasher = Fixed::default().build_hasher();
+    parts.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// Milliseconds since the first call in this process, plus one (0 means "never").
+fn now_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
+
+#[derive(Default)]
+struct Slot {
+    /// `now_ms()` of the last line; 0 before the first.
+    last_ms: AtomicU64,
+    /// Occurrences since the last line that were not logged.
+    suppressed: AtomicU64,
+}
+
+impl Slot {
+    fn admit(&self, now_ms: u64) -> Option<Report> {
+        let interval = INTERVAL.as_millis() as u64;
+        let last = self.last_ms.load(Ordering::Relaxed);
+        let due = last == 0 || now_ms.saturating_sub(last) >= interval;
+        // One winner per interval: a thread that loses the exchange was concurrent
+        // with the line being written, and is counted in the next one.
+        if !due
+            || self
+                .last_ms
+                .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(Report {
+            suppressed: self.suppressed.swap(0, Ordering::Relaxed),
+            since: Duration::from_millis(now_ms.saturating_sub(last)),
+        })
+    }
+}
+
+/// What a line stands for besides itself. Displays as nothing when it stands for
+/// itself only, else as ` (1,234 more in the last 10s)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Report {
+    pub suppressed: u64,
+    /// Time since the previous line from the same site and key.
+    pub since: Duration,
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.suppressed == 0 {
+            return Ok(());
+        }
+        write!(
+            f,
+            " ({} more in the last {}s)",
+            Grouped(self.suppressed),
+            self.since.as_secs()
+        )
+    }
+}
+
+/// A count with thousands separators, as people read it in a log line.
+struct Grouped(u64);
+
+impl fmt::Display for Grouped {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let digits = self.0.to_string();
+        for (i, c) in digits.chars().enumerate() {
+            if i > 0 && (digits.len() - i) % 3 == 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{c}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The slots map's keys are already hashes: use them as they are.
+#[derive(Default)]
+struct IdentityHasher(u64);
+
+impl Hasher for IdentityHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1000;
+
+    #[test]
+    fn first_is_logged_then_one_line_per_interval_with_the_count() {
+        let t = Throttle::new();
+        let first = t
+            .check_at(&["upstream_unavailable", "qa"], 1)
+            .expect("first line");
+        assert_eq!(first.to_string(), "", "a first line stands for itself");
+        for ms in 2..1236 {
+            assert_eq!(t.check_at(&["upstream_unavailable", "qa"], ms), None);
+        }
+        assert_eq!(t.check_at(&["upstream_unavailable", "qa"], 1 + 9 * S), None);
+        let next = t
+            .check_at(&["upstream_unavailable", "qa"], 1 + 10 * S)
+            .expect("due after the interval");
+        assert_eq!(next.suppressed, 1235);
+        assert_eq!(next.to_string(), " (1,235 more in the last 10s)");
+        // The count restarts with each line.
+        assert_eq!(
+            t.check_at(&["upstream_unavailable", "qa"], 2 + 10 * S),
+            None
+        );
+        let third = t
+            .check_at(&["upstream_unavailable", "qa"], 1 + 25 * S)
+            .unwrap();
+        assert_eq!(third.to_string(), " (1 more in the last 15s)");
+    }
+
+    #[test]
+    fn keys_are_throttled_apart() {
+        let t = Throttle::new();
+        assert!(t.check_at(&["upstream_unavailable", "qa"], 1).is_some());
+        assert!(t.check_at(&["upstream_unavailable", "qa"], 2).is_none());
+        assert!(t
+            .check_at(&["upstream_unavailable", "production"], 3)
+            .is_some());
+        assert!(t.check_at(&["upstream_timeout", "qa"], 4).is_some());
+        // Parts are not concatenated: ("ab", "c") is not ("a", "bc").
+        assert!(t.check_at(&["ab", "c"], 5).is_some());
+        assert!(t.check_at(&["a", "bc"], 6).is_some());
+    }
+
+    #[test]
+    fn keys_beyond_the_bound_share_one_slot() {
+        let t = Throttle::new();
+        let names: Vec<String> = (0..MAX_KEYS + 10).map(|i| format!("env{i}")).collect();
+        for name in &names[..MAX_KEYS] {
+            assert!(t.check_at(&[name], 1).is_some(), "{name}");
+        }
+        assert!(
+            t.check_at(&[&names[MAX_KEYS]], 2).is_some(),
+            "overflow's first"
+        );
+        for name in &names[MAX_KEYS + 1..] {
+            assert!(
+                t.check_at(&[name], 3).is_none(),
+                "{name} shares the overflow"
+            );
+        }
+        assert_eq!(
+            t.slots.load().as_deref().map(HashMap::len),
+            Some(MAX_KEYS + 1)
+        );
+    }
+
+    #[test]
+    fn concurrent_callers_log_once_and_lose_no_count() {
+        let t = Arc::new(Throttle::new());
+        let logged = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| {
+                    let t = t.clone();
+                    s.spawn(move || {
+                        (0..1000)
+                            .filter(|_| t.check_at(&["x"], 1).is_some())
+                            .count()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .sum::<usize>()
+        });
+        assert_eq!(logged, 1);
+        assert_eq!(t.check_at(&["x"], 1 + 10 * S).unwrap().suppressed, 3999);
+    }
+
+    #[test]
+    fn counts_are_grouped_by_thousands() {
+        for (n, text) in [
+            (1, "1"),
+            (999, "999"),
+            (1000, "1,000"),
+            (1234567, "1,234,567"),
+        ] {
+            assert_eq!(Grouped(n).to_string(), text);
+        }
+    }
+}
