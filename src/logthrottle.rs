@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher, Hash, Hasher};
+use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -98,9 +98,7 @@ impl Throttle {
 const OVERFLOW: u64 = u64::MAX;
 
 fn hash_key(parts: &[&str]) -> u64 {
-    let mut hasher = Fixed::default().build_hasher();
-    parts.hash(&mut hasher);
-    hasher.finish()
+    Fixed::default().hash_one(parts)
 }
 
 /// Milliseconds since the first call in this process, plus one (0 means "never").
