@@ -9,7 +9,10 @@
 //!
 //! Cost, per call: one `arc-swap` load (lock-free), a SipHash of the key parts, a
 //! hash-map probe, a monotonic clock read and one or two relaxed atomics on the key's
-//! slot; no lock and no allocation. A key's first call copies the site's small map
+//! slot; no lock and no allocation. Measured (`cargo bench --bench logthrottle`, this
+//! 2-core host under other builds): ~140 ns for a suppressed occurrence, ~290 ns while a
+//! second thread hits the same key; formatting and writing the line it replaces costs
+//! microseconds. A key's first call copies the site's small map
 //! (allocation, once per key). Each site keeps at most [`MAX_KEYS`] slots (an `Arc` of
 //! two `AtomicU64`s, 32 bytes, plus its map entry); further keys share one overflow slot, so a config with
 //! more names than that loses their independence, never the bound.
