@@ -236,3 +236,41 @@ pub fn subject_header(leaf: &CertificateDer<'_>) -> Option<http::HeaderValue> {
     let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
     http::HeaderValue::from_str(&cert.subject().to_string()).ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io;
+
+    /// The reasons tests/log_hygiene.rs cannot provoke over a socket cheaply; the others
+    /// (eof, timeout, invalid_message, protocol_version, no_shared_cipher,
+    /// alert_received) are asserted there against real handshakes.
+    #[test]
+    fn handshake_errors_map_to_a_reason_of_the_closed_set() {
+        let wrapped = |e: rustls::Error| io::Error::new(io::ErrorKind::InvalidData, e);
+        let cases = [
+            (
+                wrapped(rustls::Error::NoCertificatesPresented),
+                "bad_certificate",
+            ),
+            (
+                wrapped(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::UnknownIssuer,
+                )),
+                "bad_certificate",
+            ),
+            (wrapped(rustls::Error::DecryptError), "peer_misbehaved"),
+            (
+                wrapped(rustls::Error::NoApplicationProtocol),
+                "peer_incompatible",
+            ),
+            (wrapped(rustls::Error::General("x".into())), "other"),
+            (io::ErrorKind::ConnectionReset.into(), "io"),
+            (io::ErrorKind::UnexpectedEof.into(), "eof"),
+        ];
+        for (error, reason) in cases {
+            assert_eq!(handshake_error_reason(&error), reason, "{error:?}");
+            assert!(HANDSHAKE_ERROR_REASONS.contains(&reason));
+        }
+    }
+}
