@@ -10,7 +10,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use specter::logthrottle::Throttle;
 
 fn check(c: &mut Criterion) {
-    static SITE: Throttle = Throttle::new();
+    static SITE: Throttle = Throttle::new("bench");
     // Many keys already known, like a config with many environments.
     let names: Vec<String> = (0..32).map(|i| format!("environment-{i}")).collect();
     for name in &names {

@@ -17,14 +17,16 @@
 //! two `AtomicU64`s, 32 bytes, plus its map entry); further keys share one overflow slot, so a config with
 //! more names than that loses their independence, never the bound.
 //!
-//! Occurrences suppressed after the last line are reported with the next one; the
-//! exact totals are on `/metrics` (`specter_upstream_errors_total`,
-//! `specter_requests_total`, `specter_rate_limit_store_errors_total`).
+//! Occurrences suppressed after a line are reported with the next one, or, when none
+//! comes within the interval, by a background thread in a summary line of their own
+//! (the message, the key and the count; the cause went with the first line). Exact
+//! totals are on `/metrics` (`specter_upstream_errors_total`, `specter_requests_total`,
+//! `specter_rate_limit_store_errors_total`).
 
 use std::collections::HashMap;
 use std::fmt;
 use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -45,25 +47,33 @@ type Slots = HashMap<u64, Arc<Slot>, BuildHasherDefault<IdentityHasher>>;
 
 /// The state behind one site's warning lines.
 pub struct Throttle {
+    /// The site's message, for the summaries the flusher writes by itself.
+    message: &'static str,
+    /// Whether the flusher knows this site (set with its first key).
+    registered: AtomicBool,
     slots: ArcSwapOption<Slots>,
 }
 
-impl Default for Throttle {
-    fn default() -> Self {
-        Throttle::new()
-    }
-}
-
 impl Throttle {
-    pub const fn new() -> Throttle {
+    /// `message` is the text the site logs, repeated in the flusher's summaries.
+    pub const fn new(message: &'static str) -> Throttle {
         Throttle {
+            message,
+            registered: AtomicBool::new(false),
             slots: ArcSwapOption::const_empty(),
         }
     }
 
     /// `Some` when this occurrence should be logged now (append the [`Report`] to the
-    /// message); `None` when it was counted for the next line instead.
-    pub fn check(&self, key: &[&str]) -> Option<Report> {
+    /// message); `None` when it was counted for the next line instead. Counts nobody
+    /// reports within an interval are logged by a background thread as a summary of
+    /// their own (`MESSAGE (12 more in the last 10s)`, with the key).
+    pub fn check(&'static self, key: &[&str]) -> Option<Report> {
+        if !self.registered.load(Ordering::Relaxed)
+            && !self.registered.swap(true, Ordering::Relaxed)
+        {
+            flusher::register(self);
+        }
         self.check_at(key, now_ms())
     }
 
@@ -74,26 +84,82 @@ impl Throttle {
             Some(slot) => slot.admit(now_ms),
             None => {
                 drop(slots);
-                self.insert(hash).admit(now_ms)
+                self.insert(hash, key).admit(now_ms)
             }
         }
     }
 
     /// The slot for `hash`, made on first use (or the overflow slot once full).
-    fn insert(&self, hash: u64) -> Arc<Slot> {
+    fn insert(&self, hash: u64, key: &[&str]) -> Arc<Slot> {
         let mut found = None;
         self.slots.rcu(|current| {
             let mut next = current.as_deref().cloned().unwrap_or_default();
-            let key = if next.len() >= MAX_KEYS && !next.contains_key(&hash) {
-                OVERFLOW
+            let (hash, label) = if next.len() >= MAX_KEYS && !next.contains_key(&hash) {
+                (OVERFLOW, "(other keys)".to_owned())
             } else {
-                hash
+                (hash, key.join(" "))
             };
-            let slot = next.entry(key).or_default().clone();
-            found = Some(slot);
+            let slot = next
+                .entry(hash)
+                .or_insert_with(|| Arc::new(Slot::new(label)));
+            found = Some(slot.clone());
             Some(Arc::new(next))
         });
-        found.unwrap_or_default()
+        found.unwrap_or_else(|| Arc::new(Slot::new(String::new())))
+    }
+
+    /// Hands `emit` the key and the count of every slot whose occurrences have waited
+    /// an interval without a line, and restarts their interval.
+    fn flush_at(&self, now_ms: u64, mut emit: impl FnMut(&str, Report)) {
+        let Some(slots) = self.slots.load_full() else {
+            return;
+        };
+        for slot in slots.values() {
+            if slot.suppressed.load(Ordering::Relaxed) > 0 {
+                if let Some(report) = slot.due(now_ms) {
+                    emit(&slot.label, report);
+                }
+            }
+        }
+    }
+}
+
+/// The background thread that writes the summaries no later occurrence triggered.
+/// A thread rather than a task: it serves every runtime, and exists only once a
+/// throttled warning happened.
+mod flusher {
+    use std::sync::{Mutex, OnceLock};
+    use std::time::Duration;
+
+    use super::{now_ms, Throttle};
+
+    static SITES: Mutex<Vec<&'static Throttle>> = Mutex::new(Vec::new());
+
+    /// Once per site: never on the path of a suppressed occurrence.
+    pub(super) fn register(site: &'static Throttle) {
+        SITES.lock().unwrap_or_else(|e| e.into_inner()).push(site);
+        static STARTED: OnceLock<()> = OnceLock::new();
+        STARTED.get_or_init(|| {
+            let spawned = std::thread::Builder::new()
+                .name("specter-logthrottle".into())
+                .spawn(run);
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "cannot start the thread that summarises repeated warnings");
+            }
+        });
+    }
+
+    fn run() {
+        loop {
+            // A second's tick: a summary comes at most a second after it is due.
+            std::thread::sleep(Duration::from_secs(1));
+            let sites = SITES.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            for site in sites {
+                site.flush_at(now_ms(), |key, report| {
+                    tracing::warn!(key, "{}{report}", site.message);
+                });
+            }
+        }
     }
 }
 
@@ -110,28 +176,44 @@ fn now_ms() -> u64 {
     EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
 }
 
-#[derive(Default)]
 struct Slot {
     /// `now_ms()` of the last line; 0 before the first.
     last_ms: AtomicU64,
     /// Occurrences since the last line that were not logged.
     suppressed: AtomicU64,
+    /// The key's parts, for the flusher's summaries (never a client's value).
+    label: String,
 }
 
 impl Slot {
+    fn new(label: String) -> Slot {
+        Slot {
+            last_ms: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+            label,
+        }
+    }
+
     fn admit(&self, now_ms: u64) -> Option<Report> {
+        let report = self.due(now_ms);
+        if report.is_none() {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+        }
+        report
+    }
+
+    /// Takes the line of the current interval if it is free. One taker per interval: a
+    /// thread that loses the exchange was concurrent with the line being written.
+    fn due(&self, now_ms: u64) -> Option<Report> {
         let interval = INTERVAL.as_millis() as u64;
         let last = self.last_ms.load(Ordering::Relaxed);
         let due = last == 0 || now_ms.saturating_sub(last) >= interval;
-        // One winner per interval: a thread that loses the exchange was concurrent
-        // with the line being written, and is counted in the next one.
         if !due
             || self
                 .last_ms
                 .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
                 .is_err()
         {
-            self.suppressed.fetch_add(1, Ordering::Relaxed);
             return None;
         }
         Some(Report {
@@ -155,11 +237,12 @@ impl fmt::Display for Report {
         if self.suppressed == 0 {
             return Ok(());
         }
+        let since = Duration::from_secs(self.since.as_secs().max(1));
         write!(
             f,
-            " ({} more in the last {}s)",
+            " ({} more in the last {})",
             Grouped(self.suppressed),
-            self.since.as_secs()
+            humantime::format_duration(since)
         )
     }
 }
@@ -206,7 +289,7 @@ mod tests {
 
     #[test]
     fn first_is_logged_then_one_line_per_interval_with_the_count() {
-        let t = Throttle::new();
+        let t = Throttle::new("test");
         let first = t
             .check_at(&["upstream_unavailable", "qa"], 1)
             .expect("first line");
@@ -233,7 +316,7 @@ mod tests {
 
     #[test]
     fn keys_are_throttled_apart() {
-        let t = Throttle::new();
+        let t = Throttle::new("test");
         assert!(t.check_at(&["upstream_unavailable", "qa"], 1).is_some());
         assert!(t.check_at(&["upstream_unavailable", "qa"], 2).is_none());
         assert!(t
@@ -247,7 +330,7 @@ mod tests {
 
     #[test]
     fn keys_beyond_the_bound_share_one_slot() {
-        let t = Throttle::new();
+        let t = Throttle::new("test");
         let names: Vec<String> = (0..MAX_KEYS + 10).map(|i| format!("env{i}")).collect();
         for name in &names[..MAX_KEYS] {
             assert!(t.check_at(&[name], 1).is_some(), "{name}");
@@ -270,7 +353,7 @@ mod tests {
 
     #[test]
     fn concurrent_callers_log_once_and_lose_no_count() {
-        let t = Arc::new(Throttle::new());
+        let t = Arc::new(Throttle::new("test"));
         let logged = std::thread::scope(|s| {
             let handles: Vec<_> = (0..4)
                 .map(|_| {
@@ -289,6 +372,32 @@ mod tests {
         });
         assert_eq!(logged, 1);
         assert_eq!(t.check_at(&["x"], 1 + 10 * S).unwrap().suppressed, 3999);
+    }
+
+    #[test]
+    fn a_count_left_without_a_line_is_flushed_once_due() {
+        let t = Throttle::new("test");
+        assert!(t.check_at(&["upstream_unavailable", "qa"], 1).is_some());
+        assert!(t.check_at(&["upstream_timeout", "qa"], 1).is_some());
+        for ms in 2..=13 {
+            assert!(t.check_at(&["upstream_unavailable", "qa"], ms).is_none());
+        }
+        let flushed = |now| {
+            let mut lines = Vec::new();
+            t.flush_at(now, |key, report| lines.push(format!("{key}{report}")));
+            lines
+        };
+        assert!(flushed(9 * S).is_empty(), "not due within the interval");
+        assert_eq!(
+            flushed(1 + 10 * S),
+            ["upstream_unavailable qa (12 more in the last 10s)"],
+            "a key with nothing suppressed gets no summary"
+        );
+        assert!(flushed(1 + 30 * S).is_empty(), "counted once");
+        // The summary took the interval's line: the next occurrence waits for the next.
+        assert!(t
+            .check_at(&["upstream_unavailable", "qa"], 2 + 10 * S)
+            .is_none());
     }
 
     #[test]

@@ -498,3 +498,48 @@ async fn handshake_failures_are_counted_by_reason() {
     );
     assert_eq!(up.count(), 0);
 }
+
+/// Occurrences no later line reported are summarised by themselves once the interval
+/// passed: the first lines plus the summaries' counts account for every failure.
+#[tokio::test]
+async fn suppressed_failures_are_summarised_with_their_count() {
+    const SENT: usize = 50;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = start(dir.path(), &environment(&dead_upstream()), None).await;
+    let c = client();
+    for _ in 0..SENT {
+        let answer = get(
+            &c,
+            &format!("http://{}/v1/x", gw.http),
+            &[("x-api-key", KEY)],
+        )
+        .await;
+        assert!(answer.status.is_server_error(), "{}", answer.text());
+    }
+    let accounted = || {
+        let (mut lines, mut more) = (0, 0);
+        for line in json_lines(&gw.log()) {
+            let message = line["message"].as_str().unwrap_or_default();
+            let Some(rest) = message.strip_prefix("gateway answered with an error") else {
+                continue;
+            };
+            match rest.strip_prefix(" (") {
+                Some(summary) => {
+                    let (count, tail) = summary.split_once(" more in the last ").unwrap();
+                    assert!(tail.ends_with("s)"), "{message}");
+                    more += count.replace(',', "").parse::<usize>().unwrap();
+                }
+                None => lines += 1,
+            }
+        }
+        (lines, more)
+    };
+    let mut seen = (0, 0);
+    let complete = poll_until(Duration::from_secs(15), || {
+        seen = accounted();
+        std::future::ready(seen.0 + seen.1 == SENT)
+    })
+    .await;
+    assert!(complete, "{seen:?} of {SENT} accounted for:\n{}", gw.log());
+    assert!(seen.1 > 0, "some were summarised: {seen:?}");
+}

@@ -132,7 +132,8 @@ fn error_response(
         shared.metrics.rate_limited.get_or_create(&labels).inc();
     }
     if err.status().is_server_error() {
-        static ANSWERED: crate::logthrottle::Throttle = crate::logthrottle::Throttle::new();
+        static ANSWERED: crate::logthrottle::Throttle =
+            crate::logthrottle::Throttle::new("gateway answered with an error");
         if let Some(more) = ANSWERED.check(&[err.code(), env.map_or("", |e| &e.config.name)]) {
             tracing::warn!(request_id = request_id.to_str().unwrap_or(""), error = err.code(), cause = %ErrorChain(&err), "gateway answered with an error{more}");
         }
@@ -424,7 +425,9 @@ async fn send(
         let connect = err.is_connect();
         upstream_error(shared, env, if connect { "connect" } else { "protocol" });
         if connect && env.upstreams.record_connect_failure(upstream) {
-            static EJECTED: crate::logthrottle::Throttle = crate::logthrottle::Throttle::new();
+            static EJECTED: crate::logthrottle::Throttle = crate::logthrottle::Throttle::new(
+                "upstream ejected after repeated connect failures",
+            );
             let up = &env.upstreams.slots[upstream].upstream;
             if let Some(more) = EJECTED.check(&[&env.config.name, up.authority()]) {
                 tracing::warn!(environment = %env.config.name, upstream = %up.uri, "upstream ejected after repeated connect failures{more}");

@@ -155,7 +155,8 @@ impl RedisStore {
 
     /// Logs a store failure: the first at once, then one line per interval with a count.
     pub fn report(&self, error: &StoreError) {
-        static STORE_FAILED: crate::logthrottle::Throttle = crate::logthrottle::Throttle::new();
+        static STORE_FAILED: crate::logthrottle::Throttle =
+            crate::logthrottle::Throttle::new("rate-limit store check failed");
         if let Some(more) = STORE_FAILED.check(&[]) {
             tracing::warn!(error = %crate::proxy::ErrorChain(error), on_error = ?self.config.on_error, "rate-limit store check failed{more}");
         }

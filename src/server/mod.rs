@@ -263,7 +263,8 @@ impl Acceptor {
                         accepted
                     }
                     Err(e) => {
-                        static ACCEPT_FAILED: crate::logthrottle::Throttle = crate::logthrottle::Throttle::new();
+                        static ACCEPT_FAILED: crate::logthrottle::Throttle =
+                            crate::logthrottle::Throttle::new("accept failed; backing off");
                         if let Some(more) = ACCEPT_FAILED.check(&[self.kind.label()]) {
                             tracing::warn!(listener = self.kind.label(), error = %e, "accept failed; backing off{more}");
                         }
