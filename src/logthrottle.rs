@@ -156,7 +156,7 @@ mod flusher {
             let sites = SITES.lock().unwrap_or_else(|e| e.into_inner()).clone();
             for site in sites {
                 site.flush_at(now_ms(), |key, report| {
-                    tracing::warn!(key, "{}{report}", site.message);
+                    tracing::warn!(about = key, "{}{report}", site.message);
                 });
             }
         }
