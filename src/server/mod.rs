@@ -368,8 +368,7 @@ impl Connection {
             .and_then(|chain| chain.first())
             .and_then(crate::tls::subject_header);
         if let Some(subject) = &subject {
-            // debug: a line per connection is a client's to cause; the access log
-            // carries the subject's requests.
+            // debug, not info: a client could otherwise write a line per connection.
             tracing::debug!(%peer, subject = subject.to_str().unwrap_or(""), "client certificate verified");
         }
         self.serve(tls, true, subject).await;
