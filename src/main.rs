@@ -300,10 +300,10 @@ async fn wait_for_stop() {
 
 /// Libraries whose records a client can trigger (rustls warns about every ClientHello
 /// with an IP address as its server name; hyper, h2 and tokio describe every broken
-/// connection). They log at `error` only, unless `RUST_LOG` names them: what a client
-/// did is counted on `/metrics` instead. rustls keeps its `logging` feature so that
-/// `RUST_LOG=rustls=debug` can still explain an interop problem; a filtered record
-/// costs a directive match, never formatting.
+/// connection). They log at `error` only, unless `RUST_LOG` names them or asks for
+/// `debug`/`trace` overall: what a client did is counted on `/metrics` instead. rustls
+/// keeps its `logging` feature so that `RUST_LOG=rustls=debug` can still explain an
+/// interop problem; a filtered record costs a directive match, never formatting.
 const QUIET_LIBRARIES: &[&str] = &[
     "rustls",
     "tokio_rustls",
@@ -316,16 +316,25 @@ const QUIET_LIBRARIES: &[&str] = &[
     "redis",
 ];
 
-/// `info` for specter, `error` for [`QUIET_LIBRARIES`], then `RUST_LOG`'s directives:
-/// a directive for the same target replaces the default (`RUST_LOG=rustls=debug`), and
-/// a bare level (`RUST_LOG=debug`) applies to everything not named.
+/// `info`, [`QUIET_LIBRARIES`] at `error`, then `RUST_LOG`'s directives on top (a
+/// directive for the same target replaces the default). A bare `info`, `warn` or
+/// `error` (the usual production setting) keeps the libraries quiet; a bare `debug` or
+/// `trace` is a debugging session and shows everything.
 fn log_filter(rust_log: Option<&str>) -> tracing_subscriber::EnvFilter {
-    let defaults = QUIET_LIBRARIES
-        .iter()
-        .fold(String::from("info"), |all, library| {
-            all + "," + library + "=error"
-        });
-    let Some(extra) = rust_log.filter(|s| !s.trim().is_empty()) else {
+    let rust_log = rust_log.map(str::trim).filter(|s| !s.is_empty());
+    let debugging = rust_log.is_some_and(|directives| {
+        directives.split(',').any(|d| {
+            let d = d.trim();
+            d.eq_ignore_ascii_case("debug") || d.eq_ignore_ascii_case("trace")
+        })
+    });
+    let mut defaults = String::from("info");
+    if !debugging {
+        for library in QUIET_LIBRARIES {
+            defaults = defaults + "," + library + "=error";
+        }
+    }
+    let Some(extra) = rust_log else {
         return tracing_subscriber::EnvFilter::new(defaults);
     };
     tracing_subscriber::EnvFilter::try_new(format!("{defaults},{extra}")).unwrap_or_else(|e| {
