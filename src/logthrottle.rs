@@ -8,20 +8,21 @@
 //! client), so one failing upstream does not hide the first failure of another.
 //!
 //! Cost, per call: one `arc-swap` load (lock-free), a SipHash of the key parts, a
-//! hash-map probe, a monotonic clock read and one or two relaxed atomics on the key's
-//! slot; no lock and no allocation. Measured (`cargo bench --bench logthrottle`, this
-//! 2-core host under other builds): ~140 ns for a suppressed occurrence, ~290 ns while a
-//! second thread hits the same key; formatting and writing the line it replaces costs
-//! microseconds. A key's first call copies the site's small map
-//! (allocation, once per key). Each site keeps at most [`MAX_KEYS`] slots (an `Arc` of
-//! two `AtomicU64`s, 32 bytes, plus its map entry); further keys share one overflow slot, so a config with
-//! more names than that loses their independence, never the bound.
+//! hash-map probe, a monotonic clock read and two or three relaxed atomics; no lock and
+//! no allocation. Measured (`cargo bench --bench logthrottle`, this 2-core host under
+//! other builds): ~140 ns for a suppressed occurrence, ~290 ns while a second thread
+//! hits the same key; formatting and writing the line it replaces costs microseconds.
+//! A key's first call copies the site's small map (allocation, once per key). Each site
+//! keeps at most [`MAX_KEYS`] slots (two `AtomicU64`s and the key's text); further keys
+//! share one overflow slot, so a config with more names than that loses their
+//! independence, never the bound.
 //!
 //! Occurrences suppressed after a line are reported with the next one, or, when none
-//! comes within the interval, by a background thread in a summary line of their own
-//! (the message, the key and the count; the cause went with the first line). Exact
-//! totals are on `/metrics` (`specter_upstream_errors_total`, `specter_requests_total`,
-//! `specter_rate_limit_store_errors_total`).
+//! comes within the interval, in a summary line of their own (the message, what it is
+//! about and the count; the cause went with the first line) written by one background
+//! thread that wakes once a second and exists only once a throttled warning happened.
+//! Exact totals are on `/metrics` (`specter_upstream_errors_total`,
+//! `specter_requests_total`, `specter_rate_limit_store_errors_total`).
 
 use std::collections::HashMap;
 use std::fmt;
