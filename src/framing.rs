@@ -131,6 +131,26 @@ pub fn check_h2c(headers: &HeaderMap) -> Result<(), GatewayError> {
     Ok(())
 }
 
+/// The status hyper answered a connection's request head with by itself, before any
+/// handler ran (so `specter_requests_total` would otherwise never see it): 400 for a
+/// malformed method, target, version or header, 431 for too many or too large headers,
+/// 414 for a target over hyper's limit. `None` for any other connection error.
+pub fn parser_refusal(error: &(dyn std::error::Error + 'static)) -> Option<u16> {
+    let error = error.downcast_ref::<hyper::Error>()?;
+    if !error.is_parse() || error.is_parse_version_h2() {
+        return None;
+    }
+    if error.is_parse_too_large() {
+        // hyper says which of its two "too large" kinds only in the message.
+        return Some(if error.to_string().contains("URI") {
+            414
+        } else {
+            431
+        });
+    }
+    Some(400)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -32,6 +32,7 @@
 //! - [`admin`]: health, readiness, metrics, redacted config, key usage
 //! - [`metrics`]: Prometheus registry
 //! - [`panics`]: every task's panic caught, logged and counted
+//! - [`logthrottle`]: a warning any request can trigger, logged once per interval with a count
 //! - [`commands`]: `check`, `keys`, `demo`, `promote`/`diff`, `certs`: what the CLI runs
 
 pub mod admin;
@@ -42,6 +43,7 @@ pub mod config;
 pub mod error;
 pub mod framing;
 pub mod headers;
+pub mod logthrottle;
 pub mod metrics;
 pub mod panics;
 pub mod policy;

@@ -490,10 +490,54 @@ async fn wait_for_stop() {
     }
 }
 
+/// Libraries whose records a client can trigger (rustls warns about every ClientHello
+/// with an IP address as its server name; hyper, h2 and tokio describe every broken
+/// connection). They log at `error` only, unless `RUST_LOG` names them or asks for
+/// `debug`/`trace` overall: what a client did is counted on `/metrics` instead. rustls
+/// keeps its `logging` feature so that `RUST_LOG=rustls=debug` can still explain an
+/// interop problem; a filtered record costs a directive match, never formatting.
+const QUIET_LIBRARIES: &[&str] = &[
+    "rustls",
+    "tokio_rustls",
+    "hyper",
+    "hyper_util",
+    "h2",
+    "tokio",
+    "mio",
+    "notify",
+    "redis",
+];
+
+/// `info`, [`QUIET_LIBRARIES`] at `error`, then `RUST_LOG`'s directives on top (a
+/// directive for the same target replaces the default). A bare `info`, `warn` or
+/// `error` (the usual production setting) keeps the libraries quiet; a bare `debug` or
+/// `trace` is a debugging session and shows everything.
+fn log_filter(rust_log: Option<&str>) -> tracing_subscriber::EnvFilter {
+    let rust_log = rust_log.map(str::trim).filter(|s| !s.is_empty());
+    let debugging = rust_log.is_some_and(|directives| {
+        directives.split(',').any(|d| {
+            let d = d.trim();
+            d.eq_ignore_ascii_case("debug") || d.eq_ignore_ascii_case("trace")
+        })
+    });
+    let mut defaults = String::from("info");
+    if !debugging {
+        for library in QUIET_LIBRARIES {
+            defaults = defaults + "," + library + "=error";
+        }
+    }
+    let Some(extra) = rust_log else {
+        return tracing_subscriber::EnvFilter::new(defaults);
+    };
+    tracing_subscriber::EnvFilter::try_new(format!("{defaults},{extra}")).unwrap_or_else(|e| {
+        eprintln!("specter: RUST_LOG={extra:?} is not a log filter ({e}); using the default");
+        tracing_subscriber::EnvFilter::new(defaults)
+    })
+}
+
 fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
-    use tracing_subscriber::EnvFilter;
     let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = log_filter(std::env::var("RUST_LOG").ok().as_deref());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

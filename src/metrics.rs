@@ -65,6 +65,11 @@ pub struct ListenerLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UpstreamLabels {
     pub environment: Label,
     pub upstream: String,
@@ -102,6 +107,12 @@ impl RequestMetrics {
         };
     }
 
+    /// Counts an answer that had no handler behind it (hyper refused the request head
+    /// itself), so no duration is observed.
+    pub fn count(&self, metrics: &Metrics, status: u16) {
+        self.counter(metrics, status).inc();
+    }
+
     fn counter(&self, metrics: &Metrics, status: u16) -> Counter {
         let labels = RequestLabels {
             environment: self.label.clone(),
@@ -120,7 +131,7 @@ pub struct Metrics {
     pub reloads: Family<ResultLabels, Counter>,
     pub active_connections: Family<ListenerLabels, Gauge>,
     pub config_version: Gauge,
-    pub tls_handshake_failures: Counter,
+    pub tls_handshake_errors: Family<ReasonLabels, Counter>,
     pub upstream_healthy: Family<UpstreamLabels, Gauge>,
     pub rate_limit_store_errors: Counter,
     pub panics: Family<TaskLabels, Counter>,
@@ -184,11 +195,14 @@ impl Metrics {
             "Version counter of the config in force",
             config_version.clone(),
         );
-        let tls_handshake_failures = Counter::default();
+        let tls_handshake_errors = Family::<ReasonLabels, Counter>::default();
+        for &reason in crate::tls::HANDSHAKE_ERROR_REASONS {
+            let _ = tls_handshake_errors.get_or_create(&ReasonLabels { reason });
+        }
         registry.register(
-            "specter_tls_handshake_failures",
-            "TLS handshakes that failed or timed out",
-            tls_handshake_failures.clone(),
+            "specter_tls_handshake_errors",
+            "TLS handshakes that failed, by reason (a closed set: see README, Logging)",
+            tls_handshake_errors.clone(),
         );
         let upstream_healthy = Family::<UpstreamLabels, Gauge>::default();
         registry.register(
@@ -230,7 +244,7 @@ impl Metrics {
             reloads,
             active_connections,
             config_version,
-            tls_handshake_failures,
+            tls_handshake_errors,
             upstream_healthy,
             rate_limit_store_errors,
             panics,

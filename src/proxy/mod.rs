@@ -135,7 +135,11 @@ fn error_response(
         shared.metrics.rate_limited.get_or_create(&labels).inc();
     }
     if err.status().is_server_error() {
-        tracing::warn!(request_id = request_id.to_str().unwrap_or(""), error = err.code(), cause = %ErrorChain(&err), "gateway answered with an error");
+        static ANSWERED: crate::logthrottle::Throttle =
+            crate::logthrottle::Throttle::new("gateway answered with an error");
+        if let Some(more) = ANSWERED.check(&[err.code(), env.map_or("", |e| &e.config.name)]) {
+            tracing::warn!(request_id = request_id.to_str().unwrap_or(""), error = err.code(), cause = %ErrorChain(&err), "gateway answered with an error{more}");
+        }
     }
     let close = err.status() == http::StatusCode::BAD_REQUEST && version < Version::HTTP_2;
     let mut response = err.into_response(request_id);
@@ -454,7 +458,13 @@ async fn send(
         let connect = err.is_connect();
         upstream_error(shared, env, if connect { "connect" } else { "protocol" });
         if connect && env.upstreams.record_connect_failure(upstream) {
-            tracing::warn!(environment = %env.config.name, upstream = %env.upstreams.slots[upstream].upstream.uri, "upstream ejected after repeated connect failures");
+            static EJECTED: crate::logthrottle::Throttle = crate::logthrottle::Throttle::new(
+                "upstream ejected after repeated connect failures",
+            );
+            let up = &env.upstreams.slots[upstream].upstream;
+            if let Some(more) = EJECTED.check(&[&env.config.name, up.authority()]) {
+                tracing::warn!(environment = %env.config.name, upstream = %up.uri, "upstream ejected after repeated connect failures{more}");
+            }
         }
         // Retried once elsewhere: a failed connect (nothing was sent), or an idempotent
         // request whose connection closed before any response byte (like nginx's

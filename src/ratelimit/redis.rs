@@ -11,9 +11,8 @@
 //! When Redis is slow or down, `on_error` decides: this instance's own limiters
 //! (`local`), admit (`allow`) or refuse with 503 (`deny`).
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::HeaderValue;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -72,9 +71,6 @@ pub struct RedisStore {
     pub config: StoreConfig,
     conn: ConnectionManager,
     script: redis::Script,
-    epoch: Instant,
-    /// Milliseconds since `epoch` of the last logged error: at most one line a second.
-    last_logged_ms: AtomicU64,
 }
 
 impl RedisStore {
@@ -91,8 +87,6 @@ impl RedisStore {
             config: config.clone(),
             conn,
             script: redis::Script::new(GCRA),
-            epoch: Instant::now(),
-            last_logged_ms: AtomicU64::new(0),
         })
     }
 
@@ -159,18 +153,12 @@ impl RedisStore {
         }
     }
 
-    /// Logs a store failure, at most once a second.
+    /// Logs a store failure: the first at once, then one line per interval with a count.
     pub fn report(&self, error: &StoreError) {
-        let now = self.epoch.elapsed().as_millis() as u64;
-        let last = self.last_logged_ms.load(Ordering::Relaxed);
-        let due = last == 0 || now.saturating_sub(last) >= 1000;
-        if due
-            && self
-                .last_logged_ms
-                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            tracing::warn!(error = %crate::proxy::ErrorChain(error), on_error = ?self.config.on_error, "rate-limit store check failed");
+        static STORE_FAILED: crate::logthrottle::Throttle =
+            crate::logthrottle::Throttle::new("rate-limit store check failed");
+        if let Some(more) = STORE_FAILED.check(&[]) {
+            tracing::warn!(error = %crate::proxy::ErrorChain(error), on_error = ?self.config.on_error, "rate-limit store check failed{more}");
         }
     }
 

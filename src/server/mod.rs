@@ -276,7 +276,11 @@ impl Acceptor {
                         accepted
                     }
                     Err(e) => {
-                        tracing::warn!(listener = self.kind.label(), error = %e, "accept failed; backing off");
+                        static ACCEPT_FAILED: crate::logthrottle::Throttle =
+                            crate::logthrottle::Throttle::new("accept failed; backing off");
+                        if let Some(more) = ACCEPT_FAILED.check(&[self.kind.label()]) {
+                            tracing::warn!(listener = self.kind.label(), error = %e, "accept failed; backing off{more}");
+                        }
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(1));
                         continue;
@@ -380,12 +384,13 @@ impl Connection {
         let tls = match handshake.await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
-                self.shared.metrics.tls_handshake_failures.inc();
-                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                let reason = crate::tls::handshake_error_reason(&e);
+                self.count_handshake_error(reason);
+                tracing::debug!(%peer, error = %e, reason, "TLS handshake failed");
                 return;
             }
             Err(_) => {
-                self.shared.metrics.tls_handshake_failures.inc();
+                self.count_handshake_error("timeout");
                 tracing::debug!(%peer, "TLS handshake timed out");
                 return;
             }
@@ -397,9 +402,19 @@ impl Connection {
             .and_then(|chain| chain.first())
             .and_then(crate::tls::subject_header);
         if let Some(subject) = &subject {
-            tracing::info!(%peer, subject = subject.to_str().unwrap_or(""), "client certificate verified");
+            // debug, not info: a client could otherwise write a line per connection.
+            tracing::debug!(%peer, subject = subject.to_str().unwrap_or(""), "client certificate verified");
         }
         self.serve(tls, true, subject).await;
+    }
+
+    fn count_handshake_error(&self, reason: &'static str) {
+        let labels = crate::metrics::ReasonLabels { reason };
+        self.shared
+            .metrics
+            .tls_handshake_errors
+            .get_or_create(&labels)
+            .inc();
     }
 
     /// Serves HTTP/1.1 or HTTP/2 until the client leaves, the connection has been idle
@@ -417,7 +432,7 @@ impl Connection {
             client_cert_subject,
             signals: signals.clone(),
         });
-        let shared = self.shared;
+        let shared = self.shared.clone();
         let service = service_fn(move |req| {
             let (shared, info) = (shared.clone(), info.clone());
             async move {
@@ -464,6 +479,9 @@ impl Connection {
                 biased;
                 result = &mut connection => {
                     if let Err(e) = result {
+                        if let Some(status) = crate::framing::parser_refusal(&*e) {
+                            self.shared.unidentified.count(&self.shared.metrics, status);
+                        }
                         tracing::debug!(peer = %self.peer, error = %e, "connection ended with an error");
                     }
                     return;
