@@ -132,11 +132,12 @@ impl GatewayError {
         }
     }
 
-    pub fn into_response(self, request_id: &HeaderValue) -> Response<Body> {
+    pub fn into_response(self, request_id: &HeaderValue, trace_id: &str) -> Response<Body> {
         let json = serde_json::json!({
             "error": self.code(),
             "message": self.message(),
             "request_id": request_id.to_str().unwrap_or_default(),
+            "trace_id": trace_id,
         });
         let mut response = Response::new(body::full(Bytes::from(json.to_string())));
         *response.status_mut() = self.status();

@@ -22,6 +22,7 @@
 //!   `ratelimit::redis`: the fleet's shared counters
 //! - [`error`]: `GatewayError` -> status + JSON body
 //! - [`body`]: the body type; the streaming size limit and read timeout
+//! - [`trace`]: W3C trace context: the client's `traceparent` continued, or a new trace
 //!
 //! Around it:
 //!
@@ -53,5 +54,6 @@ pub mod reload;
 pub mod server;
 pub mod state;
 pub mod tls;
+pub mod trace;
 
 pub use server::Gateway;

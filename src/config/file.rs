@@ -21,6 +21,7 @@ pub struct RawConfig {
     #[serde(default)]
     pub environments: BTreeMap<Spanned<String>, Spanned<RawEnvironment>>,
     pub rate_limit_store: Option<Spanned<RawStore>>,
+    pub tracing: Option<Spanned<RawTracing>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -155,4 +156,11 @@ pub struct RawStore {
     pub redis: Spanned<String>,
     pub timeout: Option<Spanned<String>>,
     pub on_error: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTracing {
+    pub otlp: Option<Spanned<String>>,
+    pub sample_ratio: Option<Spanned<toml::Value>>,
 }

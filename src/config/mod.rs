@@ -30,7 +30,19 @@ pub struct Config {
     /// In file order (sorted by name, as TOML tables are unordered).
     pub environments: Vec<EnvironmentConfig>,
     pub rate_limit_store: Option<StoreConfig>,
+    pub tracing: TracingConfig,
     pub source: ConfigSource,
+}
+
+/// `[tracing]`: W3C trace context is always on; these decide what is sampled and where
+/// sampled spans go.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TracingConfig {
+    /// Share of the traces specter starts that are sampled (0.0-1.0). A client's own
+    /// `traceparent` decides for the traces it continues.
+    pub sample_ratio: f64,
+    /// OTLP/HTTP collector base URL (`/v1/traces` is appended); `None`: no export.
+    pub otlp: Option<Uri>,
 }
 
 /// Where a config came from, for `/config`, reload logs and error messages.

@@ -19,6 +19,8 @@ use super::file::*;
 use super::*;
 use crate::policy::path::normalize_path;
 
+mod tracing_table;
+
 /// Keys expiring within this window are reported by `specter check`.
 pub const KEY_EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
 
@@ -144,6 +146,7 @@ impl Validator<'_> {
         let auth = self.auth(&raw.auth);
         let environments = self.environments(&raw.environments);
         let store = raw.rate_limit_store.as_ref().and_then(|s| self.store(s));
+        let tracing = self.tracing(raw.tracing.as_ref());
         let sha256 = hex(&sha256(self.map.text.as_bytes()));
         Some(Config {
             listen: listen?,
@@ -152,6 +155,7 @@ impl Validator<'_> {
             auth: auth?,
             environments: environments?,
             rate_limit_store: store,
+            tracing: tracing?,
             source: ConfigSource {
                 path: self.map.file.to_path_buf(),
                 sha256,

@@ -24,6 +24,7 @@ pub fn enabled() -> bool {
 pub struct Record {
     pub started: Instant,
     pub request_id: HeaderValue,
+    pub trace_id: crate::trace::TraceIdHex,
     pub client_ip: IpAddr,
     pub method: Method,
     /// Logged without its query: keys passed as query parameters never reach a log.
@@ -43,6 +44,7 @@ impl Record {
         tracing::info!(
             target: "specter::access",
             request_id = self.request_id.to_str().unwrap_or(""),
+            trace_id = self.trace_id.as_str(),
             client_ip = %self.client_ip,
             method = %self.method,
             path = self.target.as_ref().map_or("-", |t| t.path()),

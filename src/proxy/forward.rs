@@ -112,6 +112,10 @@ pub struct Forwarded<'a> {
     /// Host (authority) the client addressed, before rewriting.
     pub host: Option<HeaderValue>,
     pub request_id: &'a HeaderValue,
+    /// This hop's W3C `traceparent`; always set, replacing the client's.
+    pub traceparent: HeaderValue,
+    /// The client's `tracestate` passes on only with the trace it belongs to.
+    pub keep_tracestate: bool,
     pub environment: &'a HeaderValue,
     pub key_id: &'a HeaderValue,
     pub client_cert_subject: Option<&'a HeaderValue>,
@@ -162,6 +166,10 @@ pub fn rewrite_request(headers: &mut HeaderMap, f: &Forwarded<'_>, rules: &Heade
         headers.insert(X_FORWARDED_HOST, host.clone());
     }
     headers.insert(X_REQUEST_ID, f.request_id.clone());
+    headers.insert(crate::trace::TRACEPARENT, f.traceparent.clone());
+    if !f.keep_tracestate {
+        headers.remove(crate::trace::TRACESTATE);
+    }
     headers.insert(X_SPECTER_ENVIRONMENT, f.environment.clone());
     headers.insert(X_SPECTER_KEY_ID, f.key_id.clone());
     if let Some(subject) = f.client_cert_subject {
@@ -247,6 +255,10 @@ mod tests {
             tls: false,
             host: Some(HeaderValue::from_static("api.example.com")),
             request_id: &rid,
+            traceparent: HeaderValue::from_static(
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ),
+            keep_tracestate: false,
             environment: &env,
             key_id: &kid,
             client_cert_subject: None,

@@ -28,6 +28,7 @@ use crate::headers::{RATELIMIT, RATELIMIT_POLICY, X_REQUEST_ID};
 use crate::metrics::{KindLabels, ScopeLabels};
 use crate::policy::{self, path::normalize_path};
 use crate::state::{Environment, Shared, State};
+use crate::trace::TraceContext;
 
 /// Facts about the client connection a request arrived on.
 #[derive(Debug, Clone)]
@@ -66,12 +67,20 @@ pub async fn handle(
     let started = Instant::now();
     let state = shared.state.load_full();
     let request_id = request_id(req.headers());
+    let trace = TraceContext::from_headers(req.headers(), state.config.tracing.sample_ratio);
     let (version, method) = (req.version(), req.method().clone());
     let mut outcome = Outcome {
         bytes_in: access::enabled().then(Default::default),
         ..Outcome::default()
     };
-    let handled = inner(&shared, &state, &conn, req, &request_id, &mut outcome);
+    let handled = inner(
+        &shared,
+        &state,
+        &conn,
+        req,
+        (&request_id, &trace),
+        &mut outcome,
+    );
     let result = crate::panics::caught(&shared.metrics, "request", handled)
         .await
         .unwrap_or(Err(GatewayError::Internal));
@@ -81,7 +90,7 @@ pub async fn handle(
         Err(err) => {
             let code = err.code();
             (
-                error_response(&shared, env, err, &request_id, version),
+                error_response(&shared, env, err, (&request_id, &trace), version),
                 Some(code),
             )
         }
@@ -98,6 +107,7 @@ pub async fn handle(
         let record = access::Record {
             started,
             request_id,
+            trace_id: trace.trace_id_hex(),
             client_ip: outcome
                 .client_ip
                 .unwrap_or_else(|| policy::canonical_ip(conn.peer.ip())),
@@ -124,7 +134,7 @@ fn error_response(
     shared: &Shared,
     env: Option<&Environment>,
     err: GatewayError,
-    request_id: &HeaderValue,
+    (request_id, trace): (&HeaderValue, &TraceContext),
     version: Version,
 ) -> Response<Body> {
     if let (GatewayError::RateLimited { scope, .. }, Some(env)) = (&err, env) {
@@ -138,11 +148,11 @@ fn error_response(
         static ANSWERED: crate::logthrottle::Throttle =
             crate::logthrottle::Throttle::new("gateway answered with an error");
         if let Some(more) = ANSWERED.check(&[err.code(), env.map_or("", |e| &e.config.name)]) {
-            tracing::warn!(request_id = request_id.to_str().unwrap_or(""), error = err.code(), cause = %ErrorChain(&err), "gateway answered with an error{more}");
+            tracing::warn!(request_id = request_id.to_str().unwrap_or(""), trace_id = %trace.trace_id_hex(), error = err.code(), cause = %ErrorChain(&err), "gateway answered with an error{more}");
         }
     }
     let close = err.status() == http::StatusCode::BAD_REQUEST && version < Version::HTTP_2;
-    let mut response = err.into_response(request_id);
+    let mut response = err.into_response(request_id, trace.trace_id_hex().as_str());
     if close {
         // A malformed request leaves the connection's framing in doubt.
         let headers = response.headers_mut();
@@ -182,12 +192,12 @@ async fn inner(
     state: &State,
     conn: &ConnInfo,
     req: Request<Incoming>,
-    request_id: &HeaderValue,
+    ids: (&HeaderValue, &TraceContext),
     outcome: &mut Outcome,
 ) -> Result<Response<Body>, GatewayError> {
     let admitted = admit(shared, state, conn, &req, outcome).await?;
     let counter = outcome.bytes_in.clone();
-    let (attempt, upgrade) = upstream_request(state, conn, req, request_id, &admitted, counter);
+    let (attempt, upgrade) = upstream_request(state, conn, req, ids, &admitted, counter);
     send(shared, admitted.env, attempt, upgrade, outcome).await
 }
 
@@ -324,7 +334,7 @@ fn upstream_request(
     state: &State,
     conn: &ConnInfo,
     mut req: Request<Incoming>,
-    request_id: &HeaderValue,
+    (request_id, trace): (&HeaderValue, &TraceContext),
     a: &Admitted<'_>,
     bytes_in: Option<Arc<std::sync::atomic::AtomicU64>>,
 ) -> (Attempt, Option<upgrade::ClientSide>) {
@@ -348,6 +358,8 @@ fn upstream_request(
         tls: conn.tls,
         host: original_host.clone(),
         request_id,
+        traceparent: trace.traceparent(),
+        keep_tracestate: trace.continued(),
         environment: &env.name_header,
         key_id: a.key_id.header_value(),
         client_cert_subject: conn.client_cert_subject.as_ref(),
