@@ -59,6 +59,8 @@ fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {
         );
     }
     match req.uri().path() {
+        "/" => crate::status::page(),
+        "/status.json" => json_response(StatusCode::OK, crate::status::view(shared)),
         "/healthz" => json_response(StatusCode::OK, json!({"status": "ok"})),
         "/readyz" => {
             if shared.draining.load(Ordering::Relaxed) {

@@ -31,6 +31,7 @@
 //! - [`reload`]: file watcher + SIGHUP -> load -> build -> swap; keeps the last good
 //! - [`tls`]: rustls server and client configs, SNI certificate choice
 //! - [`admin`]: health, readiness, metrics, redacted config, key usage
+//! - [`status`]: the admin listener's status page, `/status.json` and the per-second ring
 //! - [`metrics`]: Prometheus registry
 //! - [`panics`]: every task's panic caught, logged and counted
 //! - [`logthrottle`]: a warning any request can trigger, logged once per interval with a count
@@ -53,6 +54,7 @@ pub mod ratelimit;
 pub mod reload;
 pub mod server;
 pub mod state;
+pub mod status;
 pub mod tls;
 pub mod trace;
 

@@ -25,6 +25,9 @@ pub struct Environment {
     pub limiter: EnvLimiter,
     pub upstreams: UpstreamPool,
     pub metrics: crate::metrics::RequestMetrics,
+    /// Live counters and the per-second ring for the status page; kept across reloads
+    /// while the environment remains.
+    pub activity: Arc<crate::status::Activity>,
 }
 
 pub struct State {
@@ -87,6 +90,7 @@ impl State {
                 label,
                 name_header: HeaderValue::from_str(&env.name).expect("validated name"),
                 policy: Policy::new(env.policy.clone()),
+                activity: old.map(|o| o.activity.clone()).unwrap_or_default(),
                 limiter: EnvLimiter::carry_over(&env.rate_limit, old.map(|o| &o.limiter), &clock),
                 upstreams,
                 config: env.clone(),
@@ -159,6 +163,8 @@ pub struct Shared {
     /// The config the process started with: listeners, the connection cap and the
     /// header limits are set from it once, and a reload that changes them is told so.
     pub started: Arc<Config>,
+    /// What the status page caches between requests.
+    pub status: crate::status::Board,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -178,6 +184,7 @@ impl Shared {
             metrics,
             draining: Default::default(),
             last_reload_error: Default::default(),
+            status: Default::default(),
         }
     }
 }

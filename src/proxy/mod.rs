@@ -103,6 +103,10 @@ pub async fn handle(
         status,
         elapsed.as_secs_f64(),
     );
+    if let Some(env) = env {
+        env.activity
+            .record(status, elapsed, error == Some("rate_limited"));
+    }
     if let Some(bytes_in) = outcome.bytes_in {
         let record = access::Record {
             started,
@@ -455,7 +459,7 @@ async fn send(
             }
             Ok(Err(e)) => e,
             Err(_) => {
-                upstream_error(shared, env, "timeout");
+                upstream_error(shared, env, upstream, "timeout");
                 return Err(GatewayError::UpstreamTimeout(timeout));
             }
         };
@@ -468,7 +472,12 @@ async fn send(
             return Err(GatewayError::RequestTimeout);
         }
         let connect = err.is_connect();
-        upstream_error(shared, env, if connect { "connect" } else { "protocol" });
+        upstream_error(
+            shared,
+            env,
+            upstream,
+            if connect { "connect" } else { "protocol" },
+        );
         if connect && env.upstreams.record_connect_failure(upstream) {
             static EJECTED: crate::logthrottle::Throttle = crate::logthrottle::Throttle::new(
                 "upstream ejected after repeated connect failures",
@@ -525,7 +534,9 @@ async fn check_limits(
     env.limiter.check(key_id).map_err(|(e, h)| (e, Some(h)))
 }
 
-fn upstream_error(shared: &Shared, env: &Environment, kind: &'static str) {
+fn upstream_error(shared: &Shared, env: &Environment, upstream: usize, kind: &'static str) {
+    let authority = env.upstreams.slots[upstream].upstream.authority();
+    env.activity.record_upstream_error(authority, kind);
     shared
         .metrics
         .upstream_errors

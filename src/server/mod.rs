@@ -120,6 +120,10 @@ impl Gateway {
             }
             None => None,
         };
+        tasks.push(tokio::spawn(crate::status::sample_every_second(
+            shared.clone(),
+            stop_rx.clone(),
+        )));
         tasks.push(tokio::spawn(reclaim_idle_limiters(
             shared.clone(),
             stop_rx.clone(),
