@@ -136,6 +136,8 @@ pub struct Metrics {
     pub rate_limit_store_errors: Counter,
     pub panics: Family<TaskLabels, Counter>,
     pub connections_over_ip_limit: Counter,
+    /// OTLP span export: exported, dropped (queue full or batch failed), failed batches.
+    pub trace_export: crate::trace::export::ExportCounters,
 }
 
 impl Default for Metrics {
@@ -228,6 +230,22 @@ impl Metrics {
             "Connections closed at accept because their address held max_connections_per_ip",
             connections_over_ip_limit.clone(),
         );
+        let trace_export = crate::trace::export::ExportCounters::default();
+        registry.register(
+            "specter_trace_spans_exported",
+            "Spans the OTLP collector accepted",
+            trace_export.exported.clone(),
+        );
+        registry.register(
+            "specter_trace_spans_dropped",
+            "Sampled spans not exported: the export queue was full or their batch failed",
+            trace_export.dropped.clone(),
+        );
+        registry.register(
+            "specter_trace_export_failures",
+            "OTLP export requests that failed (unreachable, timed out or refused)",
+            trace_export.failed_batches.clone(),
+        );
         let build = Family::<BuildLabels, Gauge>::default();
         build
             .get_or_create(&BuildLabels {
@@ -249,6 +267,7 @@ impl Metrics {
             rate_limit_store_errors,
             panics,
             connections_over_ip_limit,
+            trace_export,
         }
     }
 

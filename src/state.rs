@@ -40,6 +40,8 @@ pub struct State {
     /// Fleet mode: shared rate-limit counters (kept across reloads while unchanged).
     #[cfg(feature = "redis")]
     pub store: Option<Arc<crate::ratelimit::redis::RedisStore>>,
+    /// `[tracing] otlp`: the span exporter (kept across reloads while the URL is).
+    pub exporter: Option<Arc<crate::trace::export::Exporter>>,
     /// Increases by one with every applied config.
     pub version: u64,
     pub loaded_at: SystemTime,
@@ -121,7 +123,14 @@ impl State {
                 previous.and_then(|p| p.failed_auth.as_ref()),
             )
         });
+        let exporter = config.tracing.otlp.as_ref().and_then(|base| {
+            match previous.and_then(|p| p.exporter.as_ref()) {
+                Some(kept) if kept.base == *base => Some(kept.clone()),
+                _ => crate::trace::export::Exporter::start(base, metrics.trace_export.clone()),
+            }
+        });
         Ok(State {
+            exporter,
             #[cfg(feature = "redis")]
             store,
             failed_auth,

@@ -8,6 +8,8 @@
 //! trace id for logs and error bodies is formatted only when one of them is written.
 //! `benches/hot_path.rs` (`trace_context`) measures the whole step.
 
+pub mod export;
+
 use std::cell::RefCell;
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};

@@ -28,7 +28,7 @@ use crate::headers::{RATELIMIT, RATELIMIT_POLICY, X_REQUEST_ID};
 use crate::metrics::{KindLabels, ScopeLabels};
 use crate::policy::{self, path::normalize_path};
 use crate::state::{Environment, Shared, State};
-use crate::trace::TraceContext;
+use crate::trace::{export, TraceContext};
 
 /// Facts about the client connection a request arrived on.
 #[derive(Debug, Clone)]
@@ -57,6 +57,8 @@ struct Outcome {
     client_ip: Option<std::net::IpAddr>,
     /// Request body bytes sent upstream; only counted while the access log is on.
     bytes_in: Option<Arc<std::sync::atomic::AtomicU64>>,
+    /// Keep `key_id` and `target`: the access log is on, or a span will be exported.
+    details: bool,
 }
 
 pub async fn handle(
@@ -69,8 +71,14 @@ pub async fn handle(
     let request_id = request_id(req.headers());
     let trace = TraceContext::from_headers(req.headers(), state.config.tracing.sample_ratio);
     let (version, method) = (req.version(), req.method().clone());
+    let exporter = state.exporter.as_deref().filter(|_| trace.sampled);
+    let server_address = exporter
+        .and_then(|_| policy::request_host(req.uri(), req.headers()))
+        .map(str::to_owned);
+    let logged = access::enabled();
     let mut outcome = Outcome {
-        bytes_in: access::enabled().then(Default::default),
+        bytes_in: logged.then(Default::default),
+        details: logged || exporter.is_some(),
         ..Outcome::default()
     };
     let handled = inner(
@@ -106,6 +114,24 @@ pub async fn handle(
     if let Some(env) = env {
         env.activity
             .record(status, elapsed, error == Some("rate_limited"));
+    }
+    if let Some(exporter) = exporter {
+        let end = SystemTime::now();
+        exporter.submit(export::SpanRecord {
+            trace,
+            start: end.checked_sub(elapsed).unwrap_or(end),
+            end,
+            method: method.clone(),
+            target: outcome.target.clone(),
+            status,
+            server_address,
+            environment: env.map(|e| e.label.0.clone()),
+            key_id: outcome.key_id.clone(),
+            upstream: env
+                .zip(outcome.upstream)
+                .map(|(e, i)| e.upstreams.slots[i].upstream.authority().to_owned()),
+            error,
+        });
     }
     if let Some(bytes_in) = outcome.bytes_in {
         let record = access::Record {
@@ -236,8 +262,9 @@ async fn admit<'s>(
         });
     }
     let target = forward_target(req.uri())?;
-    // Only the access log reads these; with it off, no reference count is touched.
-    let logged = outcome.bytes_in.is_some();
+    // Only the access log and an exported span read these; otherwise no reference
+    // count is touched.
+    let logged = outcome.details;
     if logged {
         outcome.target = Some(target.clone());
     }
