@@ -6,7 +6,10 @@
 //! the timed loop, and the lookups cycle through ~1,000 distinct keys spread over the
 //! whole map, like the set of keys active at any one time.
 //!
-//! Run: `cargo bench --bench hot_path`.
+//! `trace_context` is the W3C trace step every request takes (parse or start, then write
+//! the outgoing `traceparent`), plus the status page's per-request counters.
+//!
+//! Run: `cargo bench --bench hot_path` (one group: `cargo bench --bench hot_path -- trace_context`).
 
 use std::collections::HashMap;
 use std::hint::black_box;
@@ -292,6 +295,32 @@ fn key_usage(c: &mut Criterion) {
     group.finish();
 }
 
+/// Trace context, always on: parse the client's `traceparent` (or start a trace), then
+/// write the one sent upstream. And the status page's per-request counters.
+fn trace_context(c: &mut Criterion) {
+    use specter::trace::TraceContext;
+    let mut group = c.benchmark_group("trace_context");
+    let mut continued = HeaderMap::new();
+    continued.insert(
+        "traceparent",
+        HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+    );
+    let none = HeaderMap::new();
+    group.bench_function("continue_and_write", |b| {
+        b.iter(|| TraceContext::from_headers(black_box(&continued), 0.0).traceparent())
+    });
+    group.bench_function("start_and_write", |b| {
+        b.iter(|| TraceContext::from_headers(black_box(&none), 0.0).traceparent())
+    });
+    let t = TraceContext::from_headers(&continued, 0.0);
+    group.bench_function("trace_id_hex", |b| b.iter(|| black_box(&t).trace_id_hex()));
+    let activity = specter::status::Activity::default();
+    group.bench_function("status_activity_record", |b| {
+        b.iter(|| activity.record(black_box(200), black_box(Duration::from_micros(350)), false))
+    });
+    group.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .warm_up_time(Duration::from_secs(1))
@@ -302,6 +331,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = hot_path;
     config = config();
-    targets = key_lookup, path_normalize, policy_and_limits, limiter_store, key_usage
+    targets = key_lookup, path_normalize, policy_and_limits, limiter_store, key_usage, trace_context
 }
 criterion_main!(hot_path);
