@@ -346,6 +346,7 @@ def ladder(stack, work, rounds, duration):
         ("full hot path + JSON access log (RUST_LOG=info, to a file)", full, "info"),
         ("429 path (every request rate-limited)", head + tiny + key_block, "warn"),
     ]
+    rungs += tracing_rungs(stack, full)[1:]
     redis = stack.start_redis()
     if redis:
         store = f'[rate_limit_store]\nredis = "{redis}"\ntimeout = "20ms"\n\n'
@@ -363,6 +364,38 @@ def ladder(stack, work, rounds, duration):
         print(f"  [ladder] {label}: {out[-1]['rps']:.0f}/s", file=sys.stderr)
     stack.restart_specter(os.path.join(work, "specter.toml"))
     return out
+
+
+def tracing_rungs(stack, full):
+    """Trace context is always on; these add OTLP export. The collector is the nginx
+    upstream (it answers POST /v1/traces with 405), so every batch is encoded and sent."""
+    collector = f'http://127.0.0.1:{stack.ports["UPSTREAM_PORT"]}'
+    tracing = lambda ratio: f'[tracing]\notlp = "{collector}"\nsample_ratio = {ratio}\n\n'
+    return [
+        ("full hot path, trace context on, export off (default)", full, "warn"),
+        ("+ [tracing] otlp, sample_ratio = 0.0", tracing("0.0") + full, "warn"),
+        ("+ [tracing] otlp, sample_ratio = 1.0 (every request exported)", tracing("1.0") + full, "warn"),
+    ]
+
+
+def trace_ladder(stack, work, rounds, duration):
+    """The tracing rungs only, alternated round by round (the host's noise then hits
+    every rung alike)."""
+    base = open(os.path.join(work, "specter.toml")).read()
+    rungs = tracing_rungs(stack, base)
+    per = {label: [] for label, _, _ in rungs}
+    for r in range(rounds):
+        for label, text, log in rungs:
+            path = os.path.join(work, "ladder.toml")
+            with open(path, "w") as f:
+                f.write(text)
+            stack.restart_specter(path, log)
+            port = stack.ports["SPECTER_PORT"]
+            per[label].append(measure(stack, "specter", lambda: wrk(f"http://127.0.0.1:{port}/", 64, duration)))
+            print(f"  [trace ladder] round {r + 1} {label}: {per[label][-1]['rps']:.0f}/s", file=sys.stderr)
+    stack.restart_specter(os.path.join(work, "specter.toml"))
+    return [{"rung": label, "rps": median(x["rps"] for x in rs), "p99": median(x["p99"] for x in rs),
+             "req_per_cpu_s": median(x["req_per_cpu_s"] for x in rs)} for label, rs in per.items()]
 
 
 def reload_bench(stack, work, keys, reloads=5):
@@ -510,6 +543,7 @@ def main():
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--scenarios", default="small,post64k,conns1000,https,handshakes,h2")
     ap.add_argument("--ladder", action="store_true")
+    ap.add_argument("--trace-ladder", action="store_true", help="only the tracing rungs, alternated")
     ap.add_argument("--memory-keys", type=int, default=0, help="also measure RSS with this many keys")
     ap.add_argument("--reload-keys", type=int, default=0, help="also time reloads of a config with this many keys")
     ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release", "specter"))
@@ -537,6 +571,8 @@ def main():
             print(f"scenario {name}: {desc}", file=sys.stderr)
             results.append(run_scenario(stack, name, desc, targets, runner, args.rounds, args.duration))
         ladder_rows = ladder(stack, work, args.rounds, args.duration) if args.ladder else []
+        if args.trace_ladder:
+            ladder_rows += trace_ladder(stack, work, args.rounds, args.duration)
         reload = reload_bench(stack, work, args.reload_keys) if args.reload_keys else None
         mem = memory(stack, work, args.memory_keys) if args.memory_keys else {}
         for name in ("specter", "nginx", "haproxy"):
