@@ -378,18 +378,24 @@ def tracing_rungs(stack, full):
     ]
 
 
-def trace_ladder(stack, work, rounds, duration):
+def trace_ladder(stack, work, rounds, duration, baseline_bin=None):
     """The tracing rungs only, alternated round by round (the host's noise then hits
-    every rung alike)."""
+    every rung alike). `baseline_bin`: also run this binary (e.g. one built before trace
+    context existed) on the same config, to measure trace context itself."""
     base = open(os.path.join(work, "specter.toml")).read()
-    rungs = tracing_rungs(stack, base)
-    per = {label: [] for label, _, _ in rungs}
+    rungs = [(label, text, log, stack.bin) for label, text, log in tracing_rungs(stack, base)]
+    if baseline_bin:
+        rungs.insert(0, (f"baseline binary {baseline_bin}", base, "warn", baseline_bin))
+    per = {label: [] for label, _, _, _ in rungs}
+    ours = stack.bin
     for r in range(rounds):
-        for label, text, log in rungs:
+        for label, text, log, binary in rungs:
             path = os.path.join(work, "ladder.toml")
             with open(path, "w") as f:
                 f.write(text)
+            stack.bin = binary
             stack.restart_specter(path, log)
+            stack.bin = ours
             port = stack.ports["SPECTER_PORT"]
             per[label].append(measure(stack, "specter", lambda: wrk(f"http://127.0.0.1:{port}/", 64, duration)))
             print(f"  [trace ladder] round {r + 1} {label}: {per[label][-1]['rps']:.0f}/s", file=sys.stderr)
@@ -544,6 +550,7 @@ def main():
     ap.add_argument("--scenarios", default="small,post64k,conns1000,https,handshakes,h2")
     ap.add_argument("--ladder", action="store_true")
     ap.add_argument("--trace-ladder", action="store_true", help="only the tracing rungs, alternated")
+    ap.add_argument("--baseline-bin", help="with --trace-ladder: also measure this binary")
     ap.add_argument("--memory-keys", type=int, default=0, help="also measure RSS with this many keys")
     ap.add_argument("--reload-keys", type=int, default=0, help="also time reloads of a config with this many keys")
     ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release", "specter"))
@@ -572,7 +579,7 @@ def main():
             results.append(run_scenario(stack, name, desc, targets, runner, args.rounds, args.duration))
         ladder_rows = ladder(stack, work, args.rounds, args.duration) if args.ladder else []
         if args.trace_ladder:
-            ladder_rows += trace_ladder(stack, work, args.rounds, args.duration)
+            ladder_rows += trace_ladder(stack, work, args.rounds, args.duration, args.baseline_bin)
         reload = reload_bench(stack, work, args.reload_keys) if args.reload_keys else None
         mem = memory(stack, work, args.memory_keys) if args.memory_keys else {}
         for name in ("specter", "nginx", "haproxy"):

@@ -139,6 +139,7 @@ pub fn rewrite_request(headers: &mut HeaderMap, f: &Forwarded<'_>, rules: &Heade
             || (!f.trusted_peer && forwarding_header(n.as_str()))
             || (n.as_str().contains('_')
                 && (!f.allow_underscores || spells_gateway_owned(n.as_str(), f.auth_header)))
+            || (!f.keep_tracestate && n == crate::trace::TRACESTATE)
     });
     for (name, value) in &rules.set {
         headers.insert(name.clone(), value.clone());
@@ -167,9 +168,6 @@ pub fn rewrite_request(headers: &mut HeaderMap, f: &Forwarded<'_>, rules: &Heade
     }
     headers.insert(X_REQUEST_ID, f.request_id.clone());
     headers.insert(crate::trace::TRACEPARENT, f.traceparent.clone());
-    if !f.keep_tracestate {
-        headers.remove(crate::trace::TRACESTATE);
-    }
     headers.insert(X_SPECTER_ENVIRONMENT, f.environment.clone());
     headers.insert(X_SPECTER_KEY_ID, f.key_id.clone());
     if let Some(subject) = f.client_cert_subject {
