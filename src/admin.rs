@@ -2,6 +2,7 @@
 //! Never a key, a key hash or a private key.
 
 use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -19,7 +20,12 @@ use tokio::sync::watch;
 use crate::body::{self, Body};
 use crate::state::{Shared, State};
 
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: TcpListener,
+    local: SocketAddr,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -40,7 +46,15 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(route(&shared, &req)) }
+                async move {
+                    if !addressed_to_us(&shared, local, &req) {
+                        return Ok::<_, Infallible>(json_response(
+                            StatusCode::FORBIDDEN,
+                            json!({"error": "wrong_host", "message": "The admin listener answers only requests addressed to its own address, localhost, or a name in [listen] admin_hosts."}),
+                        ));
+                    }
+                    Ok(route(&shared, &req))
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -49,6 +63,34 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::
                 .await;
         });
     }
+}
+
+/// DNS rebinding: a page on `evil.example` that re-points its name at 127.0.0.1 can
+/// make a browser send requests here, with `Host: evil.example`. Such a name is never
+/// one the listener answers to: only an IP literal of its own address, `localhost`
+/// (for loopback and wildcard listeners) and `[listen] admin_hosts`. The port is not
+/// compared (forwarding changes it); a request without `Host` (HTTP/1.0) is answered.
+fn addressed_to_us(shared: &Shared, local: SocketAddr, req: &Request<Incoming>) -> bool {
+    let Some(name) = crate::policy::request_host(req.uri(), req.headers()) else {
+        // No Host at all is an HTTP/1.0 client, not a browser; an unreadable one is refused.
+        return !req.headers().contains_key(http::header::HOST);
+    };
+    let name = name.trim_end_matches('.');
+    let own_ip = local.ip();
+    if let Ok(ip) = name.parse::<IpAddr>() {
+        return own_ip.is_unspecified()
+            || crate::policy::canonical_ip(ip) == crate::policy::canonical_ip(own_ip);
+    }
+    if name.eq_ignore_ascii_case("localhost") {
+        return own_ip.is_loopback() || own_ip.is_unspecified();
+    }
+    let state = shared.state.load();
+    state
+        .config
+        .listen
+        .admin_hosts
+        .iter()
+        .any(|h| h.eq_ignore_ascii_case(name))
 }
 
 fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {

@@ -122,7 +122,8 @@ pub fn apply(shared: &Shared, config: Config) -> Result<ReloadSummary, ReloadErr
 /// Settings read once at start: a config that differs from the started one there is
 /// applied except for them, and says so on every reload until specter restarts.
 fn warn_start_only(started: &Config, new: &Config) {
-    if new.listen != started.listen {
+    let addresses = |l: &crate::config::ListenConfig| (l.http, l.https, l.admin);
+    if addresses(&new.listen) != addresses(&started.listen) {
         tracing::warn!("[listen] differs from the one specter started with; listener addresses are read at start only: restart specter to apply them (the rest of the config is applied now)");
     }
     if started.listen.https.is_some() && new.tls.is_none() {

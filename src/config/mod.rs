@@ -47,6 +47,9 @@ pub struct ListenConfig {
     pub https: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
     pub trusted_proxies: Vec<IpNet>,
+    /// Host names the admin listener answers besides its own address and `localhost`
+    /// (lower-case): any other name may be a DNS-rebinding page in a browser.
+    pub admin_hosts: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

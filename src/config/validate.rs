@@ -178,6 +178,11 @@ impl Validator<'_> {
             .iter()
             .filter_map(|c| self.cidr("listen.trusted_proxies", c))
             .collect();
+        let admin_hosts = l
+            .admin_hosts
+            .iter()
+            .filter_map(|h| self.admin_host(h))
+            .collect();
         if l.http.is_none() && l.https.is_none() {
             return self.fail(
                 raw.span(),
@@ -189,7 +194,25 @@ impl Validator<'_> {
             https,
             admin,
             trusted_proxies,
+            admin_hosts,
         })
+    }
+
+    fn admin_host(&mut self, raw: &Spanned<String>) -> Option<String> {
+        let host = raw.get_ref().to_ascii_lowercase();
+        let valid = !host.is_empty()
+            && host.len() <= 253
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+        if valid {
+            Some(host)
+        } else {
+            self.fail(
+                raw.span(),
+                format!("listen.admin_hosts: \"{}\" is not a host name; write the name without scheme or port, e.g. \"admin.internal\"", raw.get_ref()),
+            )
+        }
     }
 
     fn limits(&mut self, raw: &RawLimits) -> Option<LimitsConfig> {
