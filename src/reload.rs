@@ -314,7 +314,7 @@ pub fn watch(shared: Arc<Shared>, path: PathBuf) -> notify::Result<tokio::task::
     }))
 }
 
-/// The files a config depends on (itself, certificates, CAs) and the folders watched
+/// The files a config depends on (itself, certificates, CAs, keys files) and the folders watched
 /// to see them change; follows every applied config, so a certificate moved to a new
 /// folder by a reload is watched from then on.
 struct Watched {
@@ -339,14 +339,14 @@ impl Watched {
 }
 
 fn names_to_watch(config: &Config, path: &Path) -> HashSet<OsString> {
-    cert_files(config)
+    watched_files(config)
         .chain(std::iter::once(path.to_path_buf()))
         .filter_map(|p| p.file_name().map(|n| n.to_owned()))
         .collect()
 }
 
 fn folders_to_watch(config: &Config, path: &Path) -> BTreeSet<PathBuf> {
-    cert_files(config)
+    watched_files(config)
         .chain(std::iter::once(path.to_path_buf()))
         .map(|p| match p.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
@@ -355,18 +355,18 @@ fn folders_to_watch(config: &Config, path: &Path) -> BTreeSet<PathBuf> {
         .collect()
 }
 
-fn cert_files(config: &Config) -> impl Iterator<Item = PathBuf> + '_ {
+fn watched_files(config: &Config) -> impl Iterator<Item = PathBuf> + '_ {
     let tls = config.tls.iter().flat_map(|t| {
         t.certificates
             .iter()
             .flat_map(|c| [c.cert_path.clone(), c.key_path.clone()])
             .chain(t.client_ca.clone())
     });
-    let upstream_cas = config
+    let per_environment = config
         .environments
         .iter()
-        .filter_map(|e| e.upstream_ca.clone());
-    tls.chain(upstream_cas)
+        .flat_map(|e| e.upstream_ca.iter().chain(&e.keys_file).cloned());
+    tls.chain(per_environment)
 }
 
 #[cfg(test)]

@@ -130,8 +130,12 @@ impl State {
         })
     }
 
+    /// By name, in O(log n): environments keep the config's order, sorted by name.
     pub fn environment(&self, name: &str) -> Option<&Environment> {
-        self.environments.iter().find(|e| e.config.name == name)
+        self.environments
+            .binary_search_by(|e| e.config.name.as_str().cmp(name))
+            .ok()
+            .map(|i| &self.environments[i])
     }
 }
 

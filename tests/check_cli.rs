@@ -1056,3 +1056,80 @@ fn values_outside_their_documented_range_are_refused() {
         "out of range",
     );
 }
+
+/// A `keys_file` is read line by line; every bad line is reported at its own
+/// `file:line:col`, and a hash shared with another environment at the file's line.
+#[test]
+fn keys_file_lines_are_checked_where_they_stand() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("qa.keys");
+    let taken = hex(&sha256(b"spk_production_taken"));
+    let good = hex(&sha256(b"spk_qa_good"));
+    std::fs::write(
+        &keys,
+        format!(
+            "# id  sha256  not_before  not_after\n\
+             qa-1 {good}\n\
+             qa-2 {taken}\n\
+             qa-1 {}\n\
+             qa-3 nothex\n\
+             qa-4 {} yesterday\n",
+            hex(&sha256(b"spk_qa_other")),
+            hex(&sha256(b"spk_qa_four")),
+        ),
+    )
+    .unwrap();
+    let f = Fixture::new(&format!(
+        "[environments.qa]\nupstream = \"http://127.0.0.1:9001\"\nkeys_file = \"{}\"\n\n\
+         [environments.production]\nupstream = \"http://127.0.0.1:9002\"\n\
+         [[environments.production.keys]]\nid = \"p\"\nsha256 = \"{taken}\"\n",
+        keys.display()
+    ));
+    let run = f.check(&[]);
+    assert_eq!(run.code, 1, "{run:?}");
+    let at = |line: usize, col: usize| {
+        format!(
+            "{}:{line}:{col}: environments.qa.keys_file:",
+            keys.display()
+        )
+    };
+    for (line, col, what) in [(5, 6, "not 64 hex"), (6, 71, "not an RFC 3339 time")] {
+        assert!(
+            run.stderr
+                .lines()
+                .any(|l| l.starts_with(&at(line, col)) && l.contains(what)),
+            "no {what:?} at {line}:{col}:\n{}",
+            run.stderr
+        );
+    }
+
+    // With the bad lines gone, the cross-checks run: the shared hash and the repeated id.
+    std::fs::write(
+        &keys,
+        format!(
+            "qa-1 {good}\nqa-2 {taken}\nqa-1 {}\n",
+            hex(&sha256(b"spk_qa_other"))
+        ),
+    )
+    .unwrap();
+    let run = f.check(&[]);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        run.stderr.lines().any(|l| l.starts_with(&at(2, 1))
+            && l.contains("also key \"p\" of environment \"production\"")),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr
+            .lines()
+            .any(|l| l.starts_with(&at(3, 1)) && l.contains("\"qa-1\" is used twice")),
+        "{}",
+        run.stderr
+    );
+    assert!(!run.stderr.contains(&taken), "a full hash was printed");
+
+    std::fs::write(&keys, format!("qa-1 {good} - 2099-01-01T00:00:00Z\n")).unwrap();
+    let run = f.check(&[]);
+    assert_eq!(run.code, 0, "{run:?}");
+}

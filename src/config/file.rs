@@ -95,6 +95,7 @@ pub struct RawEnvironment {
     pub policy: RawPolicy,
     #[serde(default)]
     pub keys: Vec<Spanned<RawKey>>,
+    pub keys_file: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

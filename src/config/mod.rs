@@ -3,6 +3,7 @@
 
 pub mod error;
 pub mod file;
+pub mod keys_file;
 pub mod read;
 mod validate;
 
@@ -27,7 +28,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub tls: Option<TlsConfig>,
     pub auth: AuthConfig,
-    /// In file order (sorted by name, as TOML tables are unordered).
+    /// Sorted by name (TOML tables are unordered); `State::environment` relies on it.
     pub environments: Vec<EnvironmentConfig>,
     pub rate_limit_store: Option<StoreConfig>,
     pub source: ConfigSource,
@@ -128,7 +129,10 @@ pub struct EnvironmentConfig {
     pub shares_upstream_with: Vec<String>,
     pub rate_limit: RateLimitConfig,
     pub policy: PolicyConfig,
+    /// The `[[keys]]` tables, then the lines of `keys_file`.
     pub keys: Vec<KeyConfig>,
+    /// One key per line (see [`keys_file`]); watched like the config.
+    pub keys_file: Option<PathBuf>,
 }
 
 impl EnvironmentConfig {
@@ -148,6 +152,7 @@ impl EnvironmentConfig {
             rate_limit,
             policy,
             keys: _,
+            keys_file: _,
         } = self;
         *name == other.name
             && *upstreams == other.upstreams

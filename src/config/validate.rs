@@ -99,6 +99,7 @@ pub fn parse_and_validate(
         options,
         errors: Vec::new(),
         warnings: Vec::new(),
+        file_keys: HashMap::new(),
     };
     let config = v.config(raw);
     if v.errors.is_empty() {
@@ -116,6 +117,16 @@ struct Validator<'a> {
     options: CheckOptions,
     errors: Vec<ConfigError>,
     warnings: Vec<ConfigWarning>,
+    /// Where each environment's `keys_file` keys came from, for the checks across keys.
+    file_keys: HashMap<String, FileKeysOrigin>,
+}
+
+/// An environment's keys from `[[keys]]` come first; these are the ones after them.
+struct FileKeysOrigin {
+    path: PathBuf,
+    /// How many keys came from `[[keys]]` tables.
+    inline: usize,
+    lines: Vec<u32>,
 }
 
 impl Validator<'_> {
@@ -375,6 +386,7 @@ impl Validator<'_> {
             }
         }
         self.check_key_uniqueness(raw);
+        self.check_file_keys(&envs);
         self.check_shared_upstreams(raw, &envs);
         (self.errors.len() == before).then_some(envs)
     }
@@ -430,12 +442,27 @@ impl Validator<'_> {
             .collect();
         let rate_limit = self.rate_limit(n, &e.rate_limit);
         let policy = self.policy(n, &e.policy);
-        let keys = e
+        let mut keys: Vec<KeyConfig> = e
             .keys
             .iter()
             .enumerate()
             .filter_map(|(i, k)| self.key(n, i, k))
             .collect();
+        let keys_file = e.keys_file.as_ref().map(|f| PathBuf::from(f.get_ref()));
+        if let Some(path) = &keys_file {
+            match super::keys_file::read(path, n, &self.options, &mut self.warnings) {
+                Ok(file) => {
+                    let origin = FileKeysOrigin {
+                        path: path.clone(),
+                        inline: keys.len(),
+                        lines: file.lines,
+                    };
+                    keys.extend(file.keys);
+                    self.file_keys.insert(n.clone(), origin);
+                }
+                Err(errors) => self.errors.extend(errors),
+            }
+        }
         if self.errors.len() != before {
             return None;
         }
@@ -453,6 +480,7 @@ impl Validator<'_> {
             rate_limit: rate_limit?,
             policy: policy?,
             keys,
+            keys_file,
         })
     }
 
@@ -902,6 +930,93 @@ impl Validator<'_> {
         }
     }
 
+    /// Keys from `keys_file`s: a hash used twice anywhere, or an id twice in one
+    /// environment, reported at the file's line. Sorting (16 bytes a key) instead of
+    /// hash maps keeps a million keys' check within a few tens of MiB.
+    fn check_file_keys(&mut self, envs: &[EnvironmentConfig]) {
+        if self.file_keys.is_empty() {
+            return;
+        }
+        let origins: Vec<Option<&FileKeysOrigin>> =
+            envs.iter().map(|e| self.file_keys.get(&e.name)).collect();
+        let from_file = |env: usize, key: usize| -> Option<(PathBuf, usize)> {
+            let o = origins[env]?;
+            let line = *o.lines.get(key.checked_sub(o.inline)?)?;
+            Some((o.path.clone(), line as usize))
+        };
+        let mut errors = Vec::new();
+        let mut all: Vec<(&KeyDigest, u32, u32)> = envs
+            .iter()
+            .enumerate()
+            .flat_map(|(e, env)| {
+                env.keys
+                    .iter()
+                    .enumerate()
+                    .map(move |(k, key)| (&key.sha256, e as u32, k as u32))
+            })
+            .collect();
+        all.sort_unstable();
+        for pair in all.windows(2) {
+            let [(a, ea, ka), (b, eb, kb)] = pair else {
+                continue;
+            };
+            if a != b {
+                continue;
+            }
+            // Reported at a keys-file line; two [[keys]] tables are the TOML check's.
+            let (ea, ka, eb, kb) = (*ea as usize, *ka as usize, *eb as usize, *kb as usize);
+            let ((here_env, here_key), (other_env, other_key)) = if from_file(eb, kb).is_some() {
+                ((eb, kb), (ea, ka))
+            } else {
+                ((ea, ka), (eb, kb))
+            };
+            let Some((file, line)) = from_file(here_env, here_key) else {
+                continue;
+            };
+            let (name, other) = (&envs[here_env].name, &envs[other_env]);
+            errors.push(ConfigError {
+                file,
+                line,
+                col: 1,
+                message: format!(
+                    "environments.{name}.keys_file: the key hash on this line is also key \"{}\" of environment \"{}\"; a key belongs to exactly one environment, so generate a new key with `specter keys new --env {name}`",
+                    other.keys[other_key].id, other.name
+                ),
+            });
+        }
+        for (e, env) in envs.iter().enumerate() {
+            if origins[e].is_none() {
+                continue;
+            }
+            let mut ids: Vec<u32> = (0..env.keys.len() as u32).collect();
+            ids.sort_unstable_by(|a, b| {
+                env.keys[*a as usize]
+                    .id
+                    .cmp(&env.keys[*b as usize].id)
+                    .then(a.cmp(b))
+            });
+            for pair in ids.windows(2) {
+                let (first, second) = (pair[0] as usize, pair[1] as usize);
+                if env.keys[first].id != env.keys[second].id {
+                    continue;
+                }
+                let Some((file, line)) = from_file(e, second) else {
+                    continue;
+                };
+                errors.push(ConfigError {
+                    file,
+                    line,
+                    col: 1,
+                    message: format!(
+                        "environments.{}.keys_file: key id \"{}\" is used twice in this environment; give each key its own id",
+                        env.name, env.keys[second].id
+                    ),
+                });
+            }
+        }
+        self.errors.extend(errors);
+    }
+
     /// The product's promise: one environment's keys can never reach another's backend.
     fn check_shared_upstreams(
         &mut self,
@@ -920,12 +1035,15 @@ impl Validator<'_> {
                 }
             }
         }
+        let raw_by_name: HashMap<&str, &RawEnvironment> = raw
+            .iter()
+            .map(|(n, e)| (n.get_ref().as_str(), e.get_ref()))
+            .collect();
         let mut owners: HashMap<(String, u16), &EnvironmentConfig> = HashMap::new();
         for env in envs {
-            let (key, spans) = raw
-                .iter()
-                .find(|(n, _)| n.get_ref() == &env.name)
-                .map(|(_, e)| upstream_spans(e.get_ref()))
+            let (key, spans) = raw_by_name
+                .get(env.name.as_str())
+                .map(|e| upstream_spans(e))
                 .unwrap_or_default();
             for (i, up) in env.upstreams.iter().enumerate() {
                 let endpoint = (canonical_host(&up.host), up.port);
