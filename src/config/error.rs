@@ -60,15 +60,29 @@ impl fmt::Display for ConfigWarning {
 pub struct SourceMap<'a> {
     pub file: &'a Path,
     pub text: &'a str,
+    /// Offsets where lines start, found on the first lookup: a config with 100,000
+    /// warnings must not scan its text from the top for each of them.
+    line_starts: std::sync::OnceLock<Vec<usize>>,
 }
 
-impl SourceMap<'_> {
+impl<'a> SourceMap<'a> {
+    pub fn new(file: &'a Path, text: &'a str) -> SourceMap<'a> {
+        SourceMap {
+            file,
+            text,
+            line_starts: std::sync::OnceLock::new(),
+        }
+    }
+
     pub fn position(&self, offset: usize) -> (usize, usize) {
-        let offset = offset.min(self.text.len());
-        let before = &self.text[..floor_char_boundary(self.text, offset)];
-        let line = before.matches('\n').count() + 1;
-        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-        let col = before[line_start..].chars().count() + 1;
+        let offset = floor_char_boundary(self.text, offset.min(self.text.len()));
+        let starts = self.line_starts.get_or_init(|| {
+            std::iter::once(0)
+                .chain(self.text.match_indices('\n').map(|(i, _)| i + 1))
+                .collect()
+        });
+        let line = starts.partition_point(|&s| s <= offset);
+        let col = self.text[starts[line - 1]..offset].chars().count() + 1;
         (line, col)
     }
 

@@ -72,7 +72,7 @@ pub fn parse_and_validate(
     path: &Path,
     options: CheckOptions,
 ) -> Result<Loaded, ConfigErrors> {
-    let map = SourceMap { file: path, text };
+    let map = SourceMap::new(path, text);
     let raw: RawConfig = toml::from_str(text).map_err(|e| {
         let span = e.span().unwrap_or(0..0);
         let mut message = e.message().trim_end().to_owned();
