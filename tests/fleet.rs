@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use governor::clock::FakeRelativeClock;
-use specter::config::{QuotaConfig, RateLimitConfig, StoreConfig, StoreErrorMode};
+use specter::config::{
+    QuotaConfig, RateLimitConfig, StoreConfig, StoreErrorMode, StoreMode, StoreServers,
+};
 use specter::ratelimit::redis::RedisStore;
 use specter::ratelimit::EnvLimiter;
 
@@ -79,9 +81,10 @@ impl Redis {
     /// A rate-limit store on this server that answers `deny` when it fails.
     fn store(&self) -> RedisStore {
         RedisStore::new(&StoreConfig {
-            redis: self.url(),
+            servers: StoreServers::Single(self.url()),
             timeout: Duration::from_secs(1),
             on_error: StoreErrorMode::Deny,
+            mode: StoreMode::Exact,
         })
         .unwrap()
     }

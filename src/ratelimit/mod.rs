@@ -12,6 +12,8 @@
 //! out a fresh burst.
 
 #[cfg(feature = "redis")]
+pub mod lease;
+#[cfg(feature = "redis")]
 pub mod redis;
 
 use std::fmt::Write;
