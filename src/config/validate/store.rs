@@ -186,3 +186,161 @@ impl Validator<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::parse;
+
+    /// A valid config with `store` as its `[rate_limit_store]` table (line 1 onwards).
+    fn with_store(store: &str) -> String {
+        format!(
+            "[rate_limit_store]\n{store}\n[listen]\nhttp = \"127.0.0.1:0\"\n\n[environments.qa]\nupstream = \"http://127.0.0.1:9000\"\n"
+        )
+    }
+
+    fn store(text: &str) -> StoreConfig {
+        parse(&with_store(text), Path::new("t.toml"))
+            .unwrap_or_else(|e| panic!("{e}"))
+            .config
+            .rate_limit_store
+            .unwrap()
+    }
+
+    /// The single error for `text`, as `check` prints it.
+    fn error(text: &str) -> String {
+        let errors = parse(&with_store(text), Path::new("t.toml")).unwrap_err();
+        assert_eq!(errors.0.len(), 1, "{errors}");
+        errors.0[0].to_string()
+    }
+
+    #[test]
+    fn cluster_and_lease_mode_are_read_with_their_defaults() {
+        let s = store("cluster = [\"redis://127.0.0.1:7000\", \"rediss://10.0.0.2:7001/0\"]\nmode = \"lease\"");
+        assert_eq!(
+            s.servers,
+            StoreServers::Cluster(vec![
+                "redis://127.0.0.1:7000".into(),
+                "rediss://10.0.0.2:7001/0".into()
+            ])
+        );
+        let lease = LeaseConfig {
+            share_bp: 500,
+            ttl: Duration::from_millis(250),
+        };
+        assert_eq!(s.mode, StoreMode::Lease(lease));
+        let s = store(
+            "redis = \"redis://h:6379/0\"\nmode = \"lease\"\nlease = \"0.5%\"\nlease_ttl = \"1s\"",
+        );
+        assert_eq!(s.servers, StoreServers::Single("redis://h:6379/0".into()));
+        let lease = LeaseConfig {
+            share_bp: 50,
+            ttl: Duration::from_secs(1),
+        };
+        assert_eq!(s.mode, StoreMode::Lease(lease));
+        assert_eq!(store("redis = \"redis://h:6379/0\"").mode, StoreMode::Exact);
+    }
+
+    #[test]
+    fn a_batch_is_the_share_of_the_burst_and_at_least_one() {
+        let lease = |share_bp| LeaseConfig {
+            share_bp,
+            ttl: Duration::from_millis(250),
+        };
+        assert_eq!(lease(500).batch(1000), 50);
+        assert_eq!(lease(500).batch(10), 1);
+        assert_eq!(lease(5000).batch(3), 1);
+        assert_eq!(lease(1).batch(u32::MAX), 429_496);
+    }
+
+    #[test]
+    fn redis_xor_cluster() {
+        let both = error("redis = \"redis://h:6379\"\ncluster = [\"redis://h:7000\"]");
+        assert!(both.starts_with("t.toml:2:9: rate_limit_store.redis: \"redis://h:6379\" is set together with rate_limit_store.cluster"), "{both}");
+        let neither = error("timeout = \"20ms\"");
+        assert!(
+            neither.starts_with("t.toml:1:1: rate_limit_store: neither redis nor cluster is set"),
+            "{neither}"
+        );
+        let empty = error("cluster = []");
+        assert!(
+            empty.starts_with("t.toml:2:11: rate_limit_store.cluster: [] names no node"),
+            "{empty}"
+        );
+    }
+
+    #[test]
+    fn cluster_nodes_are_redis_urls_on_database_zero() {
+        for (value, col) in [
+            ("http://h:7000", 31),
+            ("redis://h:7000/3", 31),
+            ("redis+unix:///s", 31),
+        ] {
+            let e = error(&format!("cluster = [\"redis://ok:7000\", \"{value}\"]"));
+            let expected = format!(
+                "t.toml:2:{col}: rate_limit_store.cluster: \"{value}\" is not a cluster node URL"
+            );
+            assert!(e.starts_with(&expected), "{e}");
+        }
+    }
+
+    #[test]
+    fn lease_and_lease_ttl_have_ranges() {
+        let base = "redis = \"redis://h:6379\"\nmode = \"lease\"\n";
+        for (line, path, value, hint) in [
+            (
+                "lease = \"0%\"",
+                "lease",
+                "0%",
+                "is out of range; use \"0.01%\" to \"50%\"",
+            ),
+            ("lease = \"60%\"", "lease", "60%", "is out of range"),
+            (
+                "lease = \"0.001%\"",
+                "lease",
+                "0.001%",
+                "is not a percentage",
+            ),
+            (
+                "lease = \"5\"",
+                "lease",
+                "5",
+                "is not a percentage; write e.g. \"5%\"",
+            ),
+            ("lease = \"-5%\"", "lease", "-5%", "is not a percentage"),
+            (
+                "lease_ttl = \"5ms\"",
+                "lease_ttl",
+                "5ms",
+                "is out of range; use \"10ms\" to \"10s\"",
+            ),
+            ("lease_ttl = \"1m\"", "lease_ttl", "1m", "is out of range"),
+            (
+                "lease_ttl = \"soon\"",
+                "lease_ttl",
+                "soon",
+                "is not a duration",
+            ),
+        ] {
+            let e = error(&format!("{base}{line}"));
+            let col = line.find('"').unwrap() + 1;
+            let expected = format!("t.toml:4:{col}: rate_limit_store.{path}: \"{value}\" {hint}");
+            assert!(e.starts_with(&expected), "{e}\nwanted {expected}");
+        }
+    }
+
+    #[test]
+    fn mode_is_exact_or_lease_and_lease_keys_need_lease_mode() {
+        let e = error("redis = \"redis://h:6379\"\nmode = \"batch\"");
+        assert!(
+            e.starts_with(
+                "t.toml:3:8: rate_limit_store.mode: \"batch\" is not a mode; use \"exact\""
+            ),
+            "{e}"
+        );
+        let e = error("redis = \"redis://h:6379\"\nlease = \"5%\"");
+        assert!(e.starts_with("t.toml:3:9: rate_limit_store.lease: \"5%\" only applies in lease mode; add mode = \"lease\""), "{e}");
+    }
+}
