@@ -350,3 +350,32 @@ async fn moved_slots_are_followed_without_failed_requests() {
     let expected = format!("\"per_key\";r={};", 1000 - 2 - rounds);
     assert!(state.starts_with(&expected), "{state}, expected {expected}");
 }
+
+/// Lease mode through the cluster: two gateways take batches (50% of 20 = 10 cells) of
+/// each key's bucket and of the total, from whichever nodes hold them; together they
+/// admit exactly what the buckets hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_mode_shares_buckets_through_the_cluster() {
+    let cluster = Cluster::start().await;
+    let up = Upstream::start("qa").await;
+    let store = cluster.store_toml("mode = \"lease\"\nlease = \"50%\"\nlease_ttl = \"10s\"");
+    let limits = "per_key = { requests = 1, per = \"1h\", burst = 20 }\ntotal = { requests = 1, per = \"1h\", burst = 50 }";
+    let text = many_keys_config(&up, &store, limits, 4);
+    let a = TestGateway::start(&text).await;
+    let b = TestGateway::start(&text).await;
+    let mut admitted = [0; 4];
+    for round in 0..30 {
+        for gw in [&a, &b] {
+            for (i, status) in statuses(gw, 0..4).await {
+                match status {
+                    200 => admitted[i] += 1,
+                    429 => {}
+                    other => panic!("round {round}, key {i}: {other}"),
+                }
+            }
+        }
+    }
+    // 50 for the environment; no key above its 20.
+    assert_eq!(admitted.iter().sum::<u32>(), 50, "{admitted:?}");
+    assert!(admitted.iter().all(|n| *n <= 20), "{admitted:?}");
+}
