@@ -1,4 +1,5 @@
 //! Fleet mode: two real gateways sharing one real redis-server.
+#![cfg(feature = "redis")]
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! Fleet mode on a real 3-node Redis Cluster (redis-server --cluster-enabled, joined by
 //! `redis-cli --cluster create`), on loopback ports picked free by the test.
+#![cfg(feature = "redis")]
 
 mod common;
 
