@@ -538,3 +538,35 @@ async fn four_gateways_share_two_hundred_a_second() {
 async fn four_gateways_share_a_thousand_a_second_for_ten_seconds() {
     four_gateways_share_a_limit(1000, Duration::from_secs(10)).await;
 }
+
+/// A batch older than `lease_ttl` goes back to Redis, and its unspent cells go back
+/// with that same call: the bucket (20 cells, one more per hour) is whole but for the
+/// two requests admitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_batch_is_renewed_and_its_unspent_cells_given_back() {
+    let redis = Redis::start().await;
+    let up = Upstream::start("qa").await;
+    let store = "mode = \"lease\"\nlease = \"50%\"\nlease_ttl = \"50ms\"";
+    let limits = "per_key = { requests = 1, per = \"1h\", burst = 20 }";
+    let gw = TestGateway::start(&lease_config(&up, &redis, store, limits)).await;
+    let c = client();
+    let key = [("x-api-key", "spk_qa_shared")];
+    let mut conn = redis.connection().await.unwrap();
+    let first = get(&c, &gw.url("/"), &key).await;
+    assert!(first.headers["ratelimit"]
+        .to_str()
+        .unwrap()
+        .starts_with("\"per_key\";r=19;"));
+    let calls = redis_calls(&mut conn).await;
+    // The lease's age is the only thing awaited here: time has to pass.
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    let second = get(&c, &gw.url("/"), &key).await;
+    assert_eq!(
+        redis_calls(&mut conn).await,
+        calls + 1,
+        "an old batch is renewed"
+    );
+    // 9 unspent cells given back, 10 taken: Redis holds 9, this gateway 9.
+    let state = second.headers["ratelimit"].to_str().unwrap();
+    assert!(state.starts_with("\"per_key\";r=18;"), "{state}");
+}
