@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, MutexGuard};
 
 use super::redis::{interval_us, BucketRef, RedisStore, StoreError, Take, Taken, Verdict};
 use super::{limited, push_state};
@@ -126,50 +126,49 @@ impl Leases {
             {
                 return Err(StoreError::RefillFailed);
             }
-            let takes: Vec<Take> = stale
-                .iter()
-                .map(|&i| {
-                    let (_, q, key) = &buckets[i];
-                    Take {
-                        key,
-                        quota: q,
-                        want: self.config.batch(q.burst.get()),
-                        give_back: leases[i].unspent(q),
-                    }
-                })
-                .collect();
-            let answers = refill(store, &takes).await;
-            let now = Instant::now();
-            for (&i, answer) in stale.iter().zip(&answers) {
-                let lease = &mut leases[i];
-                match answer {
-                    Ok(taken) => self.renew(lease, &buckets[i].1, taken, now),
-                    Err(_) => lease.failed_at = Some(now),
-                }
-            }
-            if let Some(err) = answers.into_iter().find_map(Result::err) {
-                return Err(err);
-            }
+            self.refill_stale(store, buckets, &mut leases, &stale)
+                .await?;
         }
         let now = Instant::now();
-        if let Some(i) = leases.iter().position(|l| l.cells == 0) {
-            let wait = leases[i]
-                .refused_until
-                .map_or(Duration::ZERO, |u| u.saturating_duration_since(now));
-            return Ok(Err(limited(buckets[i].0, wait)));
-        }
-        let mut fields = String::with_capacity(48);
-        for (lease, (scope, q, _)) in leases.iter_mut().zip(buckets) {
-            lease.cells -= 1;
-            let remaining = lease
-                .cells
-                .saturating_add(lease.shared_left)
-                .min(q.burst.get());
-            push_state(&mut fields, *scope, q, remaining);
-        }
+        let verdict = spend(&mut leases, buckets, now);
         drop(leases);
         self.sweep_if_due(now);
-        Ok(Ok(super::header_value(fields)))
+        Ok(verdict)
+    }
+
+    /// One round trip (per bucket on a cluster) renews the batches in `stale`.
+    async fn refill_stale(
+        &self,
+        store: &RedisStore,
+        buckets: &[BucketRef],
+        leases: &mut [MutexGuard<'_, Lease>],
+        stale: &[usize],
+    ) -> Result<(), StoreError> {
+        let takes: Vec<Take> = stale
+            .iter()
+            .map(|&i| {
+                let (_, q, key) = &buckets[i];
+                Take {
+                    key,
+                    quota: q,
+                    want: self.config.batch(q.burst.get()),
+                    give_back: leases[i].unspent(q),
+                }
+            })
+            .collect();
+        let answers = refill(store, &takes).await;
+        let now = Instant::now();
+        for (&i, answer) in stale.iter().zip(&answers) {
+            let lease = &mut leases[i];
+            match answer {
+                Ok(taken) => self.renew(lease, &buckets[i].1, taken, now),
+                Err(_) => lease.failed_at = Some(now),
+            }
+        }
+        match answers.into_iter().find_map(Result::err) {
+            Some(err) => Err(err),
+            None => Ok(()),
+        }
     }
 
     fn renew(&self, lease: &mut Lease, q: &QuotaConfig, taken: &Taken, now: Instant) {
@@ -218,6 +217,26 @@ impl Leases {
     pub fn is_empty(&self) -> bool {
         self.buckets.is_empty()
     }
+}
+
+/// One cell from each lease, or a 429 for the first bucket whose batch came back empty.
+fn spend(leases: &mut [MutexGuard<'_, Lease>], buckets: &[BucketRef], now: Instant) -> Verdict {
+    if let Some(i) = leases.iter().position(|l| l.cells == 0) {
+        let wait = leases[i]
+            .refused_until
+            .map_or(Duration::ZERO, |u| u.saturating_duration_since(now));
+        return Err(limited(buckets[i].0, wait));
+    }
+    let mut fields = String::with_capacity(48);
+    for (lease, (scope, q, _)) in leases.iter_mut().zip(buckets) {
+        lease.cells -= 1;
+        let remaining = lease
+            .cells
+            .saturating_add(lease.shared_left)
+            .min(q.burst.get());
+        push_state(&mut fields, *scope, q, remaining);
+    }
+    Ok(super::header_value(fields))
 }
 
 /// One call for all stale buckets on one server; on a cluster one call per bucket (each
