@@ -62,10 +62,14 @@ impl Validator<'_> {
                 }
             }
             (None, Some(nodes)) => self.cluster_nodes(nodes),
-            (Some(url), Some(_)) => self.fail(
-                url.span(),
-                format!("rate_limit_store.redis: \"{}\" is set together with rate_limit_store.cluster; keep one: redis for one server, cluster for a Redis Cluster's seed nodes", url.get_ref()),
-            ),
+            (Some(url), Some(nodes)) => {
+                // Reported too, so one run shows everything to fix.
+                self.cluster_nodes(nodes);
+                self.fail(
+                    url.span(),
+                    format!("rate_limit_store.redis: \"{}\" is set together with rate_limit_store.cluster; keep one: redis for one server, cluster for a Redis Cluster's seed nodes", url.get_ref()),
+                )
+            }
             (None, None) => self.fail(
                 raw.span(),
                 "rate_limit_store: neither redis nor cluster is set; add redis = \"redis://127.0.0.1:6379/0\" or cluster = [\"redis://10.0.0.1:7000\", ...]".to_owned(),
