@@ -19,7 +19,8 @@
 //! - [`policy`]: host / client IP / method / path / body size; [`policy::path`] is the
 //!   one path normal form
 //! - [`ratelimit`]: governor limiters per key and per environment, RateLimit headers;
-//!   `ratelimit::redis`: the fleet's shared counters
+//!   `ratelimit::redis`: the fleet's shared counters (one server or a cluster);
+//!   `ratelimit::lease`: lease mode's locally spent batches of them
 //! - [`error`]: `GatewayError` -> status + JSON body
 //! - [`body`]: the body type; the streaming size limit and read timeout
 //!

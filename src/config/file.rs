@@ -155,7 +155,11 @@ pub struct RawKey {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawStore {
-    pub redis: Spanned<String>,
+    pub redis: Option<Spanned<String>>,
+    pub cluster: Option<Spanned<Vec<Spanned<String>>>>,
     pub timeout: Option<Spanned<String>>,
     pub on_error: Option<Spanned<String>>,
+    pub mode: Option<Spanned<String>>,
+    pub lease: Option<Spanned<String>>,
+    pub lease_ttl: Option<Spanned<String>>,
 }

@@ -261,9 +261,44 @@ pub enum StoreErrorMode {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreConfig {
-    pub redis: String,
+    pub servers: StoreServers,
     pub timeout: Duration,
     pub on_error: StoreErrorMode,
+    pub mode: StoreMode,
+}
+
+/// Where the fleet's counters live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreServers {
+    /// One Redis server (`redis = "..."`).
+    Single(String),
+    /// Seed nodes of a Redis Cluster (`cluster = [...]`); the rest is discovered.
+    Cluster(Vec<String>),
+}
+
+/// How often a gateway asks the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreMode {
+    /// One round trip per request.
+    Exact,
+    /// Batches of cells taken from the shared buckets and spent locally.
+    Lease(LeaseConfig),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseConfig {
+    /// Share of a bucket's burst taken per round trip, in hundredths of a percent
+    /// (`"5%"` is 500), so the config stays `Eq` and exact.
+    pub share_bp: u32,
+    /// A batch older than this goes back to the store.
+    pub ttl: Duration,
+}
+
+impl LeaseConfig {
+    /// Cells per batch for a bucket of `burst`: the configured share, at least 1.
+    pub fn batch(&self, burst: u32) -> u32 {
+        (u64::from(burst) * u64::from(self.share_bp) / 10_000).max(1) as u32
+    }
 }
 
 /// A validated config and the warnings found on the way.

@@ -19,6 +19,8 @@ use super::file::*;
 use super::*;
 use crate::policy::path::normalize_path;
 
+mod store;
+
 /// Keys expiring within this window are reported by `specter check`.
 pub const KEY_EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
 
@@ -61,6 +63,8 @@ pub mod range {
     pub const CONNECT_TIMEOUT: (Duration, Duration) = (ms(1), s(300));
     pub const REQUEST_TIMEOUT: (Duration, Duration) = (ms(1), s(DAY));
     pub const STORE_TIMEOUT: (Duration, Duration) = (ms(1), s(10));
+    /// Lease mode: how old a batch may get before it goes back to Redis.
+    pub const LEASE_TTL: (Duration, Duration) = (ms(10), s(10));
     pub const RATE_PER: (Duration, Duration) = (ms(1), s(366 * DAY));
     /// How long a drained bucket may take to refill (burst x per / requests).
     pub const RATE_BUCKET_DEPTH: Duration = s(100 * 366 * DAY);
@@ -1071,42 +1075,6 @@ impl Validator<'_> {
                 }
             }
         }
-    }
-
-    fn store(&mut self, raw: &Spanned<RawStore>) -> Option<StoreConfig> {
-        let s = raw.get_ref();
-        let url = s.redis.get_ref();
-        let redis = if url.starts_with("redis://")
-            || url.starts_with("rediss://")
-            || url.starts_with("redis+unix://")
-        {
-            Some(url.clone())
-        } else {
-            self.fail(
-                s.redis.span(),
-                format!("rate_limit_store.redis: \"{url}\" is not a Redis URL; write e.g. \"redis://127.0.0.1:6379/0\""),
-            )
-        };
-        let timeout = self.duration_or(
-            "rate_limit_store.timeout",
-            &s.timeout,
-            Duration::from_millis(20),
-            range::STORE_TIMEOUT,
-        );
-        let on_error = match s.on_error.as_ref().map(|m| m.get_ref().as_str()) {
-            None | Some("local") => Some(StoreErrorMode::Local),
-            Some("allow") => Some(StoreErrorMode::Allow),
-            Some("deny") => Some(StoreErrorMode::Deny),
-            Some(other) => {
-                let span = s.on_error.as_ref().map(|m| m.span()).unwrap_or_default();
-                self.fail(span, format!("rate_limit_store.on_error: \"{other}\" is not a mode; use \"local\", \"allow\" or \"deny\""))
-            }
-        };
-        Some(StoreConfig {
-            redis: redis?,
-            timeout: timeout?,
-            on_error: on_error?,
-        })
     }
 
     // --- scalar helpers -----------------------------------------------------------

@@ -13,6 +13,8 @@
 
 pub mod failures;
 #[cfg(feature = "redis")]
+pub mod lease;
+#[cfg(feature = "redis")]
 pub mod redis;
 
 use std::fmt::Write;
