@@ -36,7 +36,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(route(&shared, &req)) }
+                async move { Ok::<_, Infallible>(route(&shared, &req).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -47,24 +47,22 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::
     }
 }
 
-fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {
-    if req.method() != Method::GET {
-        return json_response(
+/// `HEAD` answers like `GET`; hyper leaves the body out and keeps its length.
+async fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut r = json_response(
             StatusCode::METHOD_NOT_ALLOWED,
-            json!({"error": "method_not_allowed", "message": "The admin API only answers GET."}),
+            json!({"error": "method_not_allowed", "message": "The admin API only answers GET and HEAD."}),
         );
+        r.headers_mut()
+            .insert(http::header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return r;
     }
     match req.uri().path() {
         "/healthz" => json_response(StatusCode::OK, json!({"status": "ok"})),
         "/readyz" => {
-            if shared.draining.load(Ordering::Relaxed) {
-                json_response(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    json!({"status": "draining"}),
-                )
-            } else {
-                json_response(StatusCode::OK, json!({"status": "ready"}))
-            }
+            let (status, body) = readiness(shared).await;
+            json_response(status, body)
         }
         "/metrics" => {
             record_upstream_health(shared);
@@ -84,6 +82,47 @@ fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {
             json!({"error": "not_found", "message": "Try /healthz, /readyz, /metrics, /config or /keys."}),
         ),
     }
+}
+
+/// Ready unless draining, or unless the fleet's rate-limit store fails while
+/// `on_error = "deny"` refuses every limited request; with `local` or `allow` the
+/// gateway still serves, and says in which degraded mode.
+async fn readiness(shared: &Shared) -> (StatusCode, Value) {
+    if shared.draining.load(Ordering::Relaxed) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"status": "draining"}),
+        );
+    }
+    #[cfg(feature = "redis")]
+    {
+        use crate::config::StoreErrorMode;
+        let store = shared.state.load().store.clone();
+        if let Some(store) = store {
+            store.probe().await;
+            if let Some(cause) = store.health.failure() {
+                let reason = format!("the rate-limit store is failing: {cause}");
+                return match store.on_error() {
+                    StoreErrorMode::Deny => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        json!({"status": "not_ready", "reason": reason, "on_error": "deny",
+                               "effect": "every rate-limited request is refused with 503"}),
+                    ),
+                    StoreErrorMode::Local => (
+                        StatusCode::OK,
+                        json!({"status": "degraded", "reason": reason, "on_error": "local",
+                               "effect": "this instance's own limiters apply"}),
+                    ),
+                    StoreErrorMode::Allow => (
+                        StatusCode::OK,
+                        json!({"status": "degraded", "reason": reason, "on_error": "allow",
+                               "effect": "rate limits are not enforced"}),
+                    ),
+                };
+            }
+        }
+    }
+    (StatusCode::OK, json!({"status": "ready"}))
 }
 
 /// Upstream health is read off the live snapshot at scrape time, so upstreams removed

@@ -669,6 +669,17 @@ async fn admin_health_readiness_and_errors() {
         let answer = send(&c, req).await;
         assert_eq!(answer.status, 405, "POST {path}");
         assert_eq!(answer.json()["error"], "method_not_allowed");
+        assert_eq!(answer.headers["allow"], "GET, HEAD");
+    }
+    // HEAD answers wherever GET does: same status and length, no body.
+    for path in ["/healthz", "/readyz", "/config", "/metrics", "/keys"] {
+        let req = Request::head(format!("http://{admin}{path}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let answer = send(&c, req).await;
+        assert_eq!(answer.status, 200, "HEAD {path}");
+        assert!(answer.body.is_empty(), "HEAD {path} sent a body");
+        assert!(answer.headers.contains_key("content-length"), "HEAD {path}");
     }
 }
 

@@ -13,6 +13,8 @@
 
 #[cfg(feature = "redis")]
 pub mod redis;
+#[cfg(feature = "redis")]
+pub mod store_health;
 
 use std::fmt::Write;
 use std::sync::Arc;

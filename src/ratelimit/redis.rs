@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use http::HeaderValue;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
+use super::store_health::{self, StoreHealth};
 use super::{limited, push_state, Scope};
 use crate::body::BoxError;
 use crate::config::{QuotaConfig, RateLimitConfig, StoreConfig, StoreErrorMode};
@@ -75,6 +76,8 @@ pub struct RedisStore {
     epoch: Instant,
     /// Milliseconds since `epoch` of the last logged error: at most one line a second.
     last_logged_ms: AtomicU64,
+    /// Answering or failing, and why: `/readyz` reads it.
+    pub health: Arc<StoreHealth>,
 }
 
 impl RedisStore {
@@ -93,6 +96,7 @@ impl RedisStore {
             script: redis::Script::new(GCRA),
             epoch: Instant::now(),
             last_logged_ms: AtomicU64::new(0),
+            health: Arc::default(),
         })
     }
 
@@ -103,7 +107,23 @@ impl RedisStore {
         key_id: &str,
         limits: &RateLimitConfig,
     ) -> Result<Verdict, StoreError> {
-        self.check_at(environment, key_id, limits, None).await
+        let outcome = self.check_at(environment, key_id, limits, None).await;
+        if outcome.is_ok() {
+            self.health.succeeded();
+        }
+        outcome
+    }
+
+    /// One `PING` within `timeout`, for `/readyz`: the store's health without traffic.
+    pub async fn probe(&self) {
+        let mut conn = self.conn.clone();
+        let cmd = redis::cmd("PING");
+        let ping = cmd.query_async::<String>(&mut conn);
+        match tokio::time::timeout(self.config.timeout, ping).await {
+            Ok(Ok(_)) => self.health.succeeded(),
+            Ok(Err(e)) => self.report(&StoreError::Redis(e)),
+            Err(_) => self.report(&StoreError::Timeout(self.config.timeout)),
+        }
     }
 
     /// [`check`](Self::check) with the script's clock fixed at `now_us` (µs since the
@@ -159,8 +179,11 @@ impl RedisStore {
         }
     }
 
-    /// Logs a store failure, at most once a second.
+    /// Marks the store failing and logs the failure with its cause, at most once a
+    /// second. A timeout's cause is diagnosed on a fresh connection before it is logged.
     pub fn report(&self, error: &StoreError) {
+        let what = || crate::proxy::ErrorChain(error).to_string();
+        self.health.failed(what);
         let now = self.epoch.elapsed().as_millis() as u64;
         let last = self.last_logged_ms.load(Ordering::Relaxed);
         let due = last == 0 || now.saturating_sub(last) >= 1000;
@@ -170,7 +193,19 @@ impl RedisStore {
                 .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
         {
-            tracing::warn!(error = %crate::proxy::ErrorChain(error), on_error = ?self.config.on_error, "rate-limit store check failed");
+            let (what, on_error) = (what(), self.config.on_error);
+            if !matches!(error, StoreError::Timeout(_)) {
+                self.health.set_cause(what.clone());
+                tracing::warn!(error = %what, ?on_error, "rate-limit store check failed");
+                return;
+            }
+            let (url, health) = (self.config.redis.clone(), self.health.clone());
+            let deadline = self.config.timeout.max(Duration::from_millis(500));
+            tokio::spawn(async move {
+                let cause = store_health::diagnose(&url, deadline).await;
+                health.set_cause(format!("{what}; {cause}"));
+                tracing::warn!(error = %what, %cause, ?on_error, "rate-limit store check failed");
+            });
         }
     }
 
