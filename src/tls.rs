@@ -17,7 +17,7 @@ use crate::config::{TlsConfig, TlsVersion};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {}: {source}", Resolved(path))]
     Read {
         path: PathBuf,
         #[source]
@@ -42,6 +42,23 @@ pub enum TlsError {
     Versions(#[source] rustls::Error),
     #[error("client certificate verification: {0}")]
     Verifier(#[from] rustls::server::VerifierBuilderError),
+}
+
+/// A path as given, and for a relative one the directory it was resolved from: the
+/// working directory, which a service manager may set somewhere unexpected.
+struct Resolved<'a>(&'a Path);
+
+impl fmt::Display for Resolved<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0.display())?;
+        if self.0.is_relative() {
+            match std::env::current_dir() {
+                Ok(dir) => write!(f, " (relative to {})", dir.display())?,
+                Err(_) => write!(f, " (relative to the working directory)")?,
+            }
+        }
+        Ok(())
+    }
 }
 
 pub fn provider() -> Arc<CryptoProvider> {

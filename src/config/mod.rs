@@ -3,6 +3,7 @@
 
 pub mod error;
 pub mod file;
+mod syntax;
 mod validate;
 
 use std::net::SocketAddr;
