@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use specter::commands::{certs, check, demo, keys, promote};
+use specter::commands::{admin_addr, certs, check, demo, keys, promote};
 use specter::{config, reload, Gateway};
 
 #[derive(Parser)]
@@ -33,12 +33,14 @@ enum LogFormat {
 enum Command {
     /// Serve, reloading the config when it changes or on SIGHUP.
     Run {
-        #[arg(long, default_value = "config/specter.toml")]
+        /// The config file.
+        #[arg(long, env = "SPECTER_CONFIG", default_value = "config/specter.toml")]
         config: PathBuf,
     },
     /// Validate the config (certificates included) without serving.
     Check {
-        #[arg(long, default_value = "config/specter.toml")]
+        /// The config file.
+        #[arg(long, env = "SPECTER_CONFIG", default_value = "config/specter.toml")]
         config: PathBuf,
         /// Print each environment's upstreams, hosts, key count and limits.
         #[arg(long)]
@@ -74,7 +76,8 @@ enum Command {
         from: String,
         /// The environment that receives them, e.g. production.
         to: String,
-        #[arg(long, default_value = "config/specter.toml")]
+        /// The config file.
+        #[arg(long, env = "SPECTER_CONFIG", default_value = "config/specter.toml")]
         config: PathBuf,
         /// Write the change (after validating it like `specter check`).
         #[arg(long)]
@@ -89,7 +92,8 @@ enum Command {
         a: String,
         /// The environment shown in the right column.
         b: String,
-        #[arg(long, default_value = "config/specter.toml")]
+        /// The config file.
+        #[arg(long, env = "SPECTER_CONFIG", default_value = "config/specter.toml")]
         config: PathBuf,
     },
 }
@@ -98,8 +102,12 @@ enum Command {
 enum CertsCommand {
     /// Write a self-signed certificate for localhost, 127.0.0.1 and ::1 (key mode 0600).
     Dev {
+        /// The directory that receives localhost.pem and localhost.key (created if missing).
         #[arg(long, default_value = "certs")]
         out: PathBuf,
+        /// Replace localhost.pem and localhost.key if they already exist.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -107,22 +115,29 @@ enum CertsCommand {
 enum KeysCommand {
     /// Print a fresh key once, and its [[environments.NAME.keys]] block.
     New {
+        /// The environment the key belongs to, e.g. qa.
         #[arg(long)]
         env: String,
+        /// The key id shown in logs, metrics and to the upstream [default: a generated one].
         #[arg(long)]
         id: Option<String>,
     },
     /// Per-key request counts and last-seen times from a running gateway.
     Usage {
-        /// The gateway's admin listener.
-        #[arg(long, default_value = "127.0.0.1:9901")]
-        admin: String,
+        /// The gateway's admin listener, as host:port or http://host:port [default: the
+        /// config's listen.admin, else 127.0.0.1:9901].
+        #[arg(long)]
+        admin: Option<String>,
+        /// The config whose listen.admin is asked when --admin is not given.
+        #[arg(long, env = "SPECTER_CONFIG", default_value = "config/specter.toml")]
+        config: PathBuf,
     },
     /// Read an existing key from stdin (not echoed) and print its TOML block.
     Hash {
         /// Defaults to the environment in a `spk_<env>_...` key.
         #[arg(long)]
         env: Option<String>,
+        /// The key id shown in logs, metrics and to the upstream [default: a generated one].
         #[arg(long)]
         id: Option<String>,
     },
@@ -170,11 +185,11 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Run { config } => runtime().block_on(run(config)),
+        Command::Run { config } => runtime().block_on(run(config, cli.log_format)),
         Command::Demo { port, tls } => runtime().block_on(run_demo(port, tls)),
         Command::Certs {
-            command: CertsCommand::Dev { out },
-        } => match certs::dev(&out) {
+            command: CertsCommand::Dev { out, force },
+        } => match certs::dev(&out, force) {
             Ok((cert, key)) => {
                 println!("wrote {} and {} (mode 0600)", cert.display(), key.display());
                 ExitCode::SUCCESS
@@ -190,7 +205,9 @@ fn main() -> ExitCode {
 fn keys_command(command: KeysCommand) -> ExitCode {
     let result: Result<String, Box<dyn std::error::Error>> = match command {
         KeysCommand::New { env, id } => keys::new(&env, id.as_deref()).map_err(Into::into),
-        KeysCommand::Usage { admin } => runtime().block_on(keys::usage(&admin)).map_err(Into::into),
+        KeysCommand::Usage { admin, config } => admin_addr::resolve(admin.as_deref(), &config)
+            .map_err(Into::into)
+            .and_then(|addr| runtime().block_on(keys::usage(&addr)).map_err(Into::into)),
         KeysCommand::Hash { env, id } => keys::read_secret_line()
             .and_then(|line| keys::hash(env.as_deref(), id.as_deref(), &line))
             .map_err(Into::into),
@@ -242,11 +259,18 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("the tokio runtime starts")
 }
 
-async fn run(path: PathBuf) -> ExitCode {
+async fn run(path: PathBuf, format: LogFormat) -> ExitCode {
     let loaded = match config::load(&path) {
         Ok(l) => l,
         Err(errors) => {
-            eprintln!("{errors}");
+            match format {
+                LogFormat::Pretty => eprintln!("{errors}"),
+                // One JSON record per problem, so a log pipeline never sees bare text.
+                LogFormat::Json => errors.0.iter().for_each(|e| {
+                    let file = e.file.display().to_string();
+                    tracing::error!(file, line = e.line, col = e.col, "{e}");
+                }),
+            }
             return ExitCode::FAILURE;
         }
     };

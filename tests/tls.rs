@@ -949,7 +949,8 @@ async fn certs_dev_writes_a_usable_localhost_certificate() {
 
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("certs");
-    // A stale, world-readable key from before: rewriting it must also narrow its mode.
+    // A stale, world-readable key from before: rewriting it (--force) must also narrow
+    // its mode.
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(out.join("localhost.key"), "stale").unwrap();
     std::fs::set_permissions(
@@ -961,7 +962,7 @@ async fn certs_dev_writes_a_usable_localhost_certificate() {
     let run = timeout(
         T,
         tokio::task::spawn_blocking(move || {
-            run_specter(&["certs", "dev", "--out", &out_arg], None)
+            run_specter(&["certs", "dev", "--out", &out_arg, "--force"], None)
         }),
     )
     .await

@@ -1,5 +1,6 @@
 //! What the CLI subcommands do; `main.rs` only parses arguments and calls these.
 
+pub mod admin_addr;
 pub mod certs;
 pub mod check;
 pub mod demo;

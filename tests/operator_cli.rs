@@ -1,0 +1,164 @@
+//! The command line as an operator meets it: defaults from the environment, help on
+//! every argument, tools that accept what the gateway prints, files never clobbered,
+//! and startup errors in the log format asked for.
+
+mod common;
+
+use common::*;
+
+const QA: &str = "[environments.qa]\nupstream = \"http://127.0.0.1:9001\"\n";
+
+fn write_config(dir: &std::path::Path, text: &str) -> String {
+    let path = dir.join("specter.toml");
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+#[test]
+fn specter_config_sets_the_default_config_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        dir.path(),
+        &format!("[listen]\nhttp = \"127.0.0.1:0\"\n\n{QA}"),
+    );
+    let run = run_specter_env(&["check"], None, &[("SPECTER_CONFIG", &path)]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.stdout.contains(&path), "{run:?}");
+    // --config still wins over the variable.
+    let run = run_specter_env(
+        &["check", "--config", "config/specter.toml"],
+        None,
+        &[("SPECTER_CONFIG", "/nonexistent.toml")],
+    );
+    assert!(!run.stderr.contains("nonexistent"), "{run:?}");
+}
+
+/// Every option of every subcommand says what it is for.
+#[test]
+fn every_argument_has_help_text() {
+    for command in [
+        &["run"][..],
+        &["check"],
+        &["demo"],
+        &["promote"],
+        &["diff"],
+        &["certs", "dev"],
+        &["keys", "new"],
+        &["keys", "hash"],
+        &["keys", "usage"],
+    ] {
+        let mut args = command.to_vec();
+        args.push("--help");
+        let run = run_specter(&args, None);
+        assert_eq!(run.code, 0, "{run:?}");
+        let lines: Vec<&str> = run.stdout.lines().map(str::trim_start).collect();
+        for (i, line) in lines.iter().enumerate() {
+            if !line.starts_with('-') && !line.starts_with('<') {
+                continue;
+            }
+            // clap puts the help beside the flag, or on the next line when long.
+            let (flag, beside) = line.split_once("  ").unwrap_or((line, ""));
+            let help = match beside.trim() {
+                "" => lines.get(i + 1).copied().unwrap_or(""),
+                text => text,
+            };
+            assert!(
+                !help.is_empty() && !help.starts_with(['[', '-', '<']),
+                "{command:?}: {flag} has no help text:\n{}",
+                run.stdout
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn keys_usage_takes_the_printed_url_or_the_config_and_names_what_it_cannot_reach() {
+    let up = Upstream::start("qa").await;
+    let gw = TestGateway::start(&single_environment(
+        "qa",
+        &up,
+        "",
+        "usage-key",
+        "spk_qa_usage",
+    ))
+    .await;
+    let admin = gw.admin.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!("[listen]\nhttp = \"127.0.0.1:0\"\nadmin = \"{admin}\"\n\n{QA}"),
+    );
+    let url = format!("http://{admin}");
+    let unreachable = free_addr().to_string();
+    let runs = tokio::task::spawn_blocking(move || {
+        [
+            run_specter(&["keys", "usage", "--admin", &url], None),
+            run_specter(&["keys", "usage", "--config", &config], None),
+            run_specter(&["keys", "usage", "--admin", &unreachable], None),
+            run_specter(&["keys", "usage", "--admin", "https://127.0.0.1:1"], None),
+        ]
+        .map(|r| (r, unreachable.clone()))
+    })
+    .await
+    .unwrap();
+    for (run, _) in &runs[..2] {
+        assert_eq!(run.code, 0, "{run:?}");
+        assert!(run.stdout.contains("usage-key"), "{run:?}");
+    }
+    let (run, unreachable) = &runs[2];
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.stderr.contains(unreachable.as_str()), "{run:?}");
+    let (run, _) = &runs[3];
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.stderr.contains("plain http"), "{run:?}");
+}
+
+#[test]
+fn certs_dev_never_overwrites_without_force_and_explains_a_file_as_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("certs");
+    let out = out.to_str().unwrap();
+    assert_eq!(run_specter(&["certs", "dev", "--out", out], None).code, 0);
+    let key = std::path::Path::new(out).join("localhost.key");
+    let before = std::fs::read(&key).unwrap();
+    let again = run_specter(&["certs", "dev", "--out", out], None);
+    assert_eq!(again.code, 1, "{again:?}");
+    assert!(again.stderr.contains("--force"), "{again:?}");
+    assert_eq!(std::fs::read(&key).unwrap(), before, "the key was replaced");
+    let forced = run_specter(&["certs", "dev", "--out", out, "--force"], None);
+    assert_eq!(forced.code, 0, "{forced:?}");
+    assert_ne!(std::fs::read(&key).unwrap(), before);
+
+    let file = std::path::Path::new(out).join("localhost.pem");
+    let run = run_specter(&["certs", "dev", "--out", file.to_str().unwrap()], None);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.stderr.contains("is a file"), "{run:?}");
+    assert!(run.stderr.contains("directory"), "{run:?}");
+}
+
+#[test]
+fn startup_config_errors_are_json_under_log_format_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        dir.path(),
+        &format!("[listen]\nhttp = \"127.0.0.1:0\"\nadmn = \"x\"\n\n{QA}hostz = []\n"),
+    );
+    let run = run_specter(&["--log-format", "json", "run", "--config", &path], None);
+    assert_eq!(run.code, 1, "{run:?}");
+    let lines: Vec<&str> = run.stderr.lines().filter(|l| !l.is_empty()).collect();
+    assert_eq!(lines.len(), 2, "{run:?}");
+    for line in lines {
+        let record: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {line}\n{run:?}"));
+        assert_eq!(record["level"], "ERROR", "{record}");
+        assert_eq!(record["file"], path.as_str(), "{record}");
+        assert!(record["line"].as_u64().is_some(), "{record}");
+        assert!(
+            record["message"]
+                .as_str()
+                .unwrap()
+                .contains("unknown field"),
+            "{record}"
+        );
+    }
+}
