@@ -115,9 +115,10 @@ impl GatewayError {
             GatewayError::MissingApiKey { header } => {
                 format!("Send an API key in the {header} header or as Authorization: Bearer <key>.")
             }
-            GatewayError::TwoApiKeys => format!(
+            GatewayError::TwoApiKeys => {
                 "Send one API key, not two: either the key header or Authorization: Bearer, once."
-            ),
+                    .into()
+            }
             GatewayError::RateLimited { retry_after, .. } => format!(
                 "Too many requests; retry after {} s.",
                 retry_after_secs(*retry_after)
