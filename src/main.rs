@@ -82,9 +82,14 @@ enum Command {
         /// Write the change (after validating it like `specter check`).
         #[arg(long)]
         apply: bool,
-        /// Promote only these groups: rate_limit, policy, timeouts (comma-separated).
+        /// Promote only these groups (rate_limit, policy, timeouts) or keys inside them
+        /// (e.g. policy.allow_paths), comma-separated.
         #[arg(long, value_delimiter = ',')]
-        only: Vec<promote::Group>,
+        only: Vec<promote::Only>,
+        /// Let --apply loosen security-relevant settings (response headers set, request
+        /// headers removed, allow_ips, deny_paths, hosts, max_body, methods added).
+        #[arg(long)]
+        allow_removals: bool,
     },
     /// The promotable settings of two environments side by side; writes nothing.
     Diff {
@@ -168,12 +173,14 @@ fn main() -> ExitCode {
             config,
             apply,
             only,
+            allow_removals,
         } => promote_command(&promote::PromoteRequest {
             config: &config,
             from: &from,
             to: &to,
             only: &only,
             apply,
+            allow_removals,
             colour: std::io::stdout().is_terminal(),
         }),
         Command::Diff { a, b, config } => {
