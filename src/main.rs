@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use specter::commands::{admin_addr, certs, check, demo, keys, promote};
+use specter::commands::{admin_addr, certs, check, demo, demo_config, keys, promote};
 use specter::{config, reload, Gateway};
 
 #[derive(Parser)]
@@ -57,6 +57,19 @@ enum Command {
         /// Serve https with a fresh self-signed certificate for localhost.
         #[arg(long)]
         tls: bool,
+        /// Write the demo as a config of your own into this directory (specter.toml,
+        /// and keys.txt with the plaintext keys, mode 0600) instead of serving it.
+        #[arg(long, value_name = "DIR")]
+        write_config: Option<PathBuf>,
+        /// Start only the three echo backends (on --backend-port and the next two).
+        #[arg(long, conflicts_with = "write_config")]
+        backends_only: bool,
+        /// First port of the echo backends for --backends-only and --write-config (0: free ports).
+        #[arg(long, default_value_t = 9001)]
+        backend_port: u16,
+        /// Let --write-config replace existing files.
+        #[arg(long)]
+        force: bool,
     },
     /// Certificates for local TLS.
     Certs {
@@ -193,7 +206,28 @@ fn main() -> ExitCode {
             }
         }
         Command::Run { config } => runtime().block_on(run(config, cli.log_format)),
-        Command::Demo { port, tls } => runtime().block_on(run_demo(port, tls)),
+        Command::Demo {
+            write_config: Some(dir),
+            port,
+            backend_port,
+            force,
+            ..
+        } => match demo_config::write(&dir, port, backend_port, force) {
+            Ok(note) => {
+                print!("{note}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("specter demo: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Demo {
+            backends_only: true,
+            backend_port,
+            ..
+        } => runtime().block_on(run_backends(backend_port)),
+        Command::Demo { port, tls, .. } => runtime().block_on(run_demo(port, tls)),
         Command::Certs {
             command: CertsCommand::Dev { out, force },
         } => match certs::dev(&out, force) {
@@ -317,6 +351,23 @@ async fn run_demo(port: u16, tls: bool) -> ExitCode {
     println!("{}", demo::banner(&gateway));
     wait_for_stop().await;
     gateway.shutdown().await;
+    ExitCode::SUCCESS
+}
+
+async fn run_backends(first_port: u16) -> ExitCode {
+    match demo_config::start_backends(first_port).await {
+        Ok(started) => {
+            for (env, addr) in started {
+                println!("{env:<12} echo backend on http://{addr}");
+            }
+            println!("Ctrl-C stops them.");
+        }
+        Err(e) => {
+            eprintln!("specter demo: starting the echo backends: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    wait_for_stop().await;
     ExitCode::SUCCESS
 }
 

@@ -162,3 +162,111 @@ fn startup_config_errors_are_json_under_log_format_json() {
         );
     }
 }
+
+/// From the demo to a config of one's own: `demo --write-config` writes a config that
+/// `check` accepts and plaintext keys only its owner can read; with the echo backends of
+/// `demo --backends-only` behind it, `run` serves each environment's key a 200.
+#[tokio::test]
+async fn the_written_demo_config_checks_and_serves() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::{Command, Stdio};
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("mine");
+    let out_arg = out.to_str().unwrap().to_owned();
+    let written = run_specter(&["demo", "--write-config", &out_arg], None);
+    assert_eq!(written.code, 0, "{written:?}");
+    assert!(written.stdout.contains("--backends-only"), "{written:?}");
+    let again = run_specter(&["demo", "--write-config", &out_arg], None);
+    assert_eq!(again.code, 1, "never overwrites without --force: {again:?}");
+    let keys_file = out.join("keys.txt");
+    let mode = std::fs::metadata(&keys_file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let config = out.join("specter.toml");
+    let check = run_specter(&["check", "--config", config.to_str().unwrap()], None);
+    assert_eq!(check.code, 0, "{check:?}");
+    let keys: Vec<(String, String)> = std::fs::read_to_string(&keys_file)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f[0].to_owned(), f[2].to_owned())
+        })
+        .collect();
+    assert_eq!(keys.len(), 3, "{keys:?}");
+    let text = std::fs::read_to_string(&config).unwrap();
+    for (_, key) in &keys {
+        assert!(
+            !text.contains(key.as_str()),
+            "a plaintext key in the config"
+        );
+    }
+
+    let mut backends = Child(
+        Command::new(specter_bin())
+            .args(["demo", "--backends-only", "--backend-port", "0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(backends.0.stdout.take().unwrap()).lines();
+    let mut text = text;
+    for (i, line) in lines.by_ref().take(3).enumerate() {
+        let line = line.unwrap();
+        let addr = line.split("http://").nth(1).unwrap().trim();
+        text = text.replace(&format!("127.0.0.1:{}", 9001 + i), addr);
+    }
+    let running = on_free_ports(|http, admin| {
+        let text = text
+            .replace("127.0.0.1:8080", &http.to_string())
+            .replace("127.0.0.1:9901", &admin.to_string());
+        std::fs::write(&config, text).unwrap();
+        let config = config.clone();
+        async move {
+            let mut child = Child(
+                Command::new(specter_bin())
+                    .args(["run", "--config", config.to_str().unwrap()])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap(),
+            );
+            let c = client();
+            let up = poll_until(std::time::Duration::from_secs(10), || {
+                let c = c.clone();
+                async move {
+                    c.get(format!("http://{admin}/readyz").parse().unwrap())
+                        .await
+                        .is_ok_and(|r| r.status() == 200)
+                }
+            })
+            .await;
+            if up {
+                return Ok((child, http));
+            }
+            let _ = child.0.kill();
+            let mut log = String::new();
+            if let Some(mut stderr) = child.0.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut stderr, &mut log);
+            }
+            Err(log)
+        }
+    })
+    .await;
+    let (_gateway, http) = running;
+    let c = client();
+    for (env, key) in &keys {
+        let answer = get(
+            &c,
+            &format!("http://{http}/v1/hello"),
+            &[("x-api-key", key)],
+        )
+        .await;
+        assert_eq!(answer.status, 200, "{env}: {}", answer.text());
+        assert_eq!(answer.json()["environment"], env.as_str());
+    }
+    drop(backends);
+}

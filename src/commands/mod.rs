@@ -4,5 +4,6 @@ pub mod admin_addr;
 pub mod certs;
 pub mod check;
 pub mod demo;
+pub mod demo_config;
 pub mod keys;
 pub mod promote;
