@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use specter::commands::{admin_addr, certs, check, demo, demo_config, keys, promote};
 use specter::{config, reload, Gateway};
 
@@ -13,7 +13,8 @@ use specter::{config, reload, Gateway};
 #[command(
     name = "specter",
     version,
-    about = "An API gateway that keeps development, qa and production apart"
+    about = "An API gateway that keeps development, qa and production apart",
+    after_long_help = "Environment: SPECTER_CONFIG sets the default --config path; RUST_LOG the log level (default info).\nSignals (run): SIGHUP reloads the config; SIGTERM and SIGINT drain, then exit."
 )]
 struct Cli {
     /// Log format on stderr; the level comes from RUST_LOG (default info).
@@ -104,6 +105,15 @@ enum Command {
         #[arg(long)]
         allow_removals: bool,
     },
+    /// Shell completions on stdout, e.g. `specter completions bash >
+    /// /etc/bash_completion.d/specter`.
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// The man page (roff) on stdout, e.g. `specter manpage > /usr/share/man/man1/specter.1`.
+    Manpage,
     /// The promotable settings of two environments side by side; writes nothing.
     Diff {
         /// The environment shown in the left column.
@@ -206,6 +216,24 @@ fn main() -> ExitCode {
             }
         }
         Command::Run { config } => runtime().block_on(run(config, cli.log_format)),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "specter",
+                &mut std::io::stdout(),
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Manpage => {
+            match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("specter manpage: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Demo {
             write_config: Some(dir),
             port,

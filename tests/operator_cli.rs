@@ -270,3 +270,32 @@ async fn the_written_demo_config_checks_and_serves() {
     }
     drop(backends);
 }
+
+#[test]
+fn completions_and_manpage_are_generated() {
+    for shell in ["bash", "zsh", "fish"] {
+        let run = run_specter(&["completions", shell], None);
+        assert_eq!(run.code, 0, "{run:?}");
+        for word in ["promote", "allow-removals", "write-config"] {
+            assert!(run.stdout.contains(word), "{shell} lacks {word}: {run:?}");
+        }
+    }
+    // bash is always here: the script must at least parse.
+    let script = run_specter(&["completions", "bash"], None).stdout;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("specter.bash");
+    std::fs::write(&path, script).unwrap();
+    let parsed = std::process::Command::new("bash")
+        .arg("-n")
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(parsed.success(), "bash -n rejects the completion script");
+
+    let man = run_specter(&["manpage"], None);
+    assert_eq!(man.code, 0, "{man:?}");
+    assert!(man.stdout.contains(".TH specter 1"), "{man:?}");
+    for word in ["promote", "completions", "SPECTER_CONFIG"] {
+        assert!(man.stdout.contains(word), "the man page lacks {word}");
+    }
+}
