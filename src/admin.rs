@@ -66,6 +66,7 @@ async fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {
         }
         "/metrics" => {
             record_upstream_health(shared);
+            record_certificate_expiry(shared);
             let mut r = Response::new(body::full(Bytes::from(shared.metrics.encode())));
             r.headers_mut().insert(
                 CONTENT_TYPE,
@@ -141,6 +142,20 @@ fn record_upstream_health(shared: &Shared) {
                 .get_or_create(&labels)
                 .set(i64::from(env.upstreams.is_healthy(i)));
         }
+    }
+}
+
+/// Like upstream health: read off the live snapshot, so a replaced certificate's old
+/// file disappears from the gauge.
+fn record_certificate_expiry(shared: &Shared) {
+    let state = shared.state.load();
+    let gauges = &shared.metrics.tls_certificate_expiry;
+    gauges.clear();
+    for cert in &state.certificates {
+        let labels = crate::metrics::CertificateLabels {
+            certificate: cert.path.clone(),
+        };
+        gauges.get_or_create(&labels).set(cert.not_after);
     }
 }
 

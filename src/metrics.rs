@@ -66,6 +66,11 @@ pub struct UpstreamLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertificateLabels {
+    pub certificate: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
 }
@@ -118,6 +123,7 @@ pub struct Metrics {
     pub tls_handshake_failures: Counter,
     pub upstream_healthy: Family<UpstreamLabels, Gauge>,
     pub rate_limit_store_errors: Counter,
+    pub tls_certificate_expiry: Family<CertificateLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -195,6 +201,12 @@ impl Metrics {
             "Rate-limit store checks that failed or timed out",
             rate_limit_store_errors.clone(),
         );
+        let tls_certificate_expiry = Family::<CertificateLabels, Gauge>::default();
+        registry.register(
+            "specter_tls_certificate_expiry_seconds",
+            "When each served certificate expires, in seconds since the Unix epoch, by file",
+            tls_certificate_expiry.clone(),
+        );
         let build = Family::<BuildLabels, Gauge>::default();
         build
             .get_or_create(&BuildLabels {
@@ -214,6 +226,7 @@ impl Metrics {
             tls_handshake_failures,
             upstream_healthy,
             rate_limit_store_errors,
+            tls_certificate_expiry,
         }
     }
 

@@ -32,6 +32,8 @@ pub struct State {
     pub keys: KeyTable,
     pub environments: Vec<Environment>,
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// The served certificates, for the expiry gauge and the reload log.
+    pub certificates: Vec<tls::CertificateInfo>,
     /// Fleet mode: shared rate-limit counters (kept across reloads while unchanged).
     #[cfg(feature = "redis")]
     pub store: Option<Arc<crate::ratelimit::redis::RedisStore>>,
@@ -109,9 +111,17 @@ impl State {
             previous.and_then(|p| p.store.as_ref()),
         )
         .map_err(BuildError::Store)?;
+        let certificates: Vec<tls::CertificateInfo> = config
+            .tls
+            .iter()
+            .flat_map(|t| &t.certificates)
+            .filter_map(|c| tls::describe(&c.cert_path))
+            .collect();
+        tls::log_changes(previous.map(|p| &p.certificates[..]), &certificates);
         Ok(State {
             #[cfg(feature = "redis")]
             store,
+            certificates,
             config: Arc::new(config),
             keys,
             environments,

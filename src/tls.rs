@@ -200,3 +200,47 @@ pub fn subject_header(leaf: &CertificateDer<'_>) -> Option<http::HeaderValue> {
     let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
     http::HeaderValue::from_str(&cert.subject().to_string()).ok()
 }
+
+/// A served certificate as an operator names it: its file, when its leaf expires and
+/// its fingerprint (to tell a replaced certificate from the same one re-read).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateInfo {
+    pub path: String,
+    /// Seconds since the Unix epoch.
+    pub not_after: i64,
+    pub sha256: String,
+}
+
+/// Describes the leaf certificate of the PEM file at `path`.
+pub fn describe(path: &Path) -> Option<CertificateInfo> {
+    let leaf = CertificateDer::pem_file_iter(path).ok()?.next()?.ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    Some(CertificateInfo {
+        path: path.display().to_string(),
+        not_after: cert.validity().not_after.timestamp(),
+        sha256: crate::config::hex(&crate::config::sha256(leaf.as_ref())),
+    })
+}
+
+/// Logs each certificate of `now` that is new or replaced since `before`, by file name.
+pub fn log_changes(before: Option<&[CertificateInfo]>, now: &[CertificateInfo]) {
+    for cert in now {
+        let old = before.and_then(|b| b.iter().find(|o| o.path == cert.path));
+        if old.is_some_and(|o| o.sha256 == cert.sha256) {
+            continue;
+        }
+        let not_after = time::OffsetDateTime::from_unix_timestamp(cert.not_after)
+            .ok()
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_default();
+        let event = if old.is_some() {
+            "certificate reloaded"
+        } else {
+            "certificate loaded"
+        };
+        tracing::info!(certificate = %cert.path, %not_after, sha256 = %cert.sha256, "{event}");
+    }
+}
