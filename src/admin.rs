@@ -196,6 +196,7 @@ fn config_view(shared: &Shared) -> Value {
                 "connect_timeout": humantime::format_duration(cfg.connect_timeout).to_string(),
                 "request_timeout": humantime::format_duration(cfg.request_timeout).to_string(),
                 "rate_limit": {"per_key": quota(&cfg.rate_limit.per_key), "total": quota(&cfg.rate_limit.total)},
+                "policy": crate::config::policy_view::to_json(&cfg.policy),
                 "key_ids": state.keys.ids_of(i).collect::<Vec<&str>>(),
             })
         })

@@ -299,3 +299,63 @@ fn completions_and_manpage_are_generated() {
         assert!(man.stdout.contains(word), "the man page lacks {word}");
     }
 }
+
+const GUARDED_POLICY: &str = "[environments.qa.policy]\nmethods = [\"GET\", \"POST\"]\nallow_paths = [\"/v1/\"]\ndeny_paths = [\"/v1/internal/\"]\nallow_ips = [\"10.0.0.0/8\"]\nmax_body = \"1MiB\"\nrequest_headers = { set = { \"x-upstream-token\" = \"s3cret-token\" }, remove = [\"cookie\"] }\nresponse_headers = { set = { \"strict-transport-security\" = \"max-age=31536000\" } }\n";
+
+/// `/config` and `check --explain` show what each environment enforces, without the
+/// values of request headers it sets (often the upstream's credentials).
+#[tokio::test]
+async fn config_and_explain_show_each_environments_policy() {
+    let up = Upstream::start("qa").await;
+    let body = format!(
+        "{}{GUARDED_POLICY}",
+        single_environment("qa", &up, "", "k", "spk_qa_k")
+    );
+    let gw = TestGateway::start(&body).await;
+    let c = client();
+    let config = get(&c, &format!("http://{}/config", gw.admin.unwrap()), &[]).await;
+    let text = config.text();
+    assert!(!text.contains("s3cret-token"), "{text}");
+    let policy = &config.json()["environments"][0]["policy"];
+    assert_eq!(
+        policy["methods"],
+        serde_json::json!(["GET", "POST"]),
+        "{policy}"
+    );
+    assert_eq!(policy["deny_paths"][0], "/v1/internal", "{policy}");
+    assert_eq!(
+        policy["allow_ips"],
+        serde_json::json!(["10.0.0.0/8"]),
+        "{policy}"
+    );
+    assert_eq!(policy["max_body"], "1.0 MiB", "{policy}");
+    assert_eq!(
+        policy["request_headers"]["remove"],
+        serde_json::json!(["cookie"])
+    );
+    assert!(policy["request_headers"]["set"]["x-upstream-token"].is_string());
+    assert_eq!(
+        policy["response_headers"]["set"]["strict-transport-security"],
+        "max-age=31536000"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        dir.path(),
+        &format!("[listen]\nhttp = \"127.0.0.1:0\"\n\n{body}"),
+    );
+    let run = run_specter(&["check", "--config", &path, "--explain"], None);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(!run.stdout.contains("s3cret-token"), "{run:?}");
+    for shown in [
+        "methods   : GET, POST",
+        "deny      : /v1/internal",
+        "client IPs: 10.0.0.0/8",
+        "max body  : 1.0 MiB",
+        "remove cookie",
+        "strict-transport-security: max-age=31536000",
+        "x-upstream-token",
+    ] {
+        assert!(run.stdout.contains(shown), "{shown:?} missing: {run:?}");
+    }
+}

@@ -3,6 +3,7 @@
 
 pub mod error;
 pub mod file;
+pub mod policy_view;
 mod syntax;
 mod validate;
 
