@@ -359,3 +359,93 @@ async fn config_and_explain_show_each_environments_policy() {
         assert!(run.stdout.contains(shown), "{shown:?} missing: {run:?}");
     }
 }
+
+/// Ejection and recovery of an upstream are both logged, naming the environment and
+/// the upstream.
+#[tokio::test]
+async fn upstream_ejection_and_recovery_are_logged_by_name() {
+    use std::process::{Command, Stdio};
+    use std::time::Duration;
+
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = free_addr();
+    let log = dir.path().join("specter.log");
+    let (_gateway, http) = on_free_ports(|http, admin| {
+        let path = write_config(
+            dir.path(),
+            &format!(
+                "[listen]\nhttp = \"{http}\"\nadmin = \"{admin}\"\n\n[environments.qa]\nupstream = \"http://{upstream}\"\n{}",
+                key_block("qa", "k", "spk_qa_k")
+            ),
+        );
+        let log = log.clone();
+        async move {
+            let child = Child(
+                Command::new(specter_bin())
+                    .args(["--log-format", "json", "run", "--config", &path])
+                    .env_remove("RUST_LOG")
+                    .stdout(Stdio::null())
+                    .stderr(std::fs::File::create(&log).unwrap())
+                    .spawn()
+                    .unwrap(),
+            );
+            let c = client();
+            let up = poll_until(Duration::from_secs(10), || {
+                let c = c.clone();
+                async move {
+                    c.get(format!("http://{admin}/readyz").parse().unwrap())
+                        .await
+                        .is_ok_and(|r| r.status() == 200)
+                }
+            })
+            .await;
+            match up {
+                true => Ok((child, http)),
+                false => Err(std::fs::read_to_string(&log).unwrap_or_default()),
+            }
+        }
+    })
+    .await;
+    let c = client();
+    let key = [("x-api-key", "spk_qa_k")];
+    let url = format!("http://{http}/");
+    for _ in 0..3 {
+        get(&c, &url, &key)
+            .await
+            .assert_error(502, "upstream_unavailable");
+    }
+    let logged = |what: &'static str| {
+        let log = log.clone();
+        let name = format!("http://{upstream}");
+        async move {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .lines()
+                .any(|l| {
+                    l.contains(what) && l.contains(&name) && l.contains("\"environment\":\"qa\"")
+                })
+        }
+    };
+    assert!(
+        poll_until(Duration::from_secs(5), || logged("upstream ejected")).await,
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    specter::commands::demo::echo_upstream_at("qa", upstream)
+        .await
+        .unwrap();
+    let back = poll_until(Duration::from_secs(10), || {
+        let (c, url) = (c.clone(), url.clone());
+        async move { get(&c, &url, &key).await.status == 200 }
+    })
+    .await;
+    assert!(back, "the upstream never came back into rotation");
+    assert!(
+        poll_until(Duration::from_secs(5), || logged(
+            "upstream back in rotation"
+        ))
+        .await,
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+}
