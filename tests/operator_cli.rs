@@ -449,3 +449,75 @@ async fn upstream_ejection_and_recovery_are_logged_by_name() {
         std::fs::read_to_string(&log).unwrap_or_default()
     );
 }
+
+/// A certificate file is logged by name when loaded, and again when replaced on disk
+/// (the watcher reloads it), with its expiry.
+#[tokio::test]
+async fn certificate_loads_and_replacements_are_logged_by_name() {
+    use std::process::{Command, Stdio};
+    use std::time::Duration;
+
+    let dir = tempfile::tempdir().unwrap();
+    let write_cert = || {
+        let (cert, key) = specter::commands::certs::self_signed().unwrap();
+        specter::commands::certs::write_pair(dir.path(), "server", &cert, &key).unwrap()
+    };
+    let (cert, key) = write_cert();
+    let log = dir.path().join("specter.log");
+    let _gateway = on_free_ports(|http, admin| {
+        let path = write_config(
+            dir.path(),
+            &format!(
+                "[listen]\nhttp = \"{http}\"\nhttps = \"127.0.0.1:0\"\nadmin = \"{admin}\"\n\n[tls]\n[[tls.certificates]]\ncert = {cert:?}\nkey = {key:?}\n\n{QA}"
+            ),
+        );
+        let log = log.clone();
+        async move {
+            let child = Child(
+                Command::new(specter_bin())
+                    .args(["--log-format", "json", "run", "--config", &path])
+                    .env_remove("RUST_LOG")
+                    .stdout(Stdio::null())
+                    .stderr(std::fs::File::create(&log).unwrap())
+                    .spawn()
+                    .unwrap(),
+            );
+            let c = client();
+            let up = poll_until(Duration::from_secs(10), || {
+                let c = c.clone();
+                async move {
+                    c.get(format!("http://{admin}/readyz").parse().unwrap())
+                        .await
+                        .is_ok_and(|r| r.status() == 200)
+                }
+            })
+            .await;
+            match up {
+                true => Ok(child),
+                false => Err(std::fs::read_to_string(&log).unwrap_or_default()),
+            }
+        }
+    })
+    .await;
+    let logged = |what: &'static str| {
+        let (log, name) = (log.clone(), cert.display().to_string());
+        async move {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .lines()
+                .any(|l| {
+                    l.contains(&format!("\"message\":\"{what}\""))
+                        && l.contains(&name)
+                        && l.contains("not_after")
+                })
+        }
+    };
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(logged("certificate loaded").await, "{}", text());
+    write_cert();
+    assert!(
+        poll_until(Duration::from_secs(10), || logged("certificate reloaded")).await,
+        "{}",
+        text()
+    );
+}
