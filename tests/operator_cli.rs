@@ -129,11 +129,15 @@ fn certs_dev_never_overwrites_without_force_and_explains_a_file_as_out() {
     assert_eq!(forced.code, 0, "{forced:?}");
     assert_ne!(std::fs::read(&key).unwrap(), before);
 
-    let file = std::path::Path::new(out).join("localhost.pem");
-    let run = run_specter(&["certs", "dev", "--out", file.to_str().unwrap()], None);
-    assert_eq!(run.code, 1, "{run:?}");
-    assert!(run.stderr.contains("is a file"), "{run:?}");
-    assert!(run.stderr.contains("directory"), "{run:?}");
+    // An existing file, and a name that reads like one (it would become a directory).
+    for file in ["localhost.pem", "new.pem"] {
+        let file = std::path::Path::new(out).join(file);
+        let run = run_specter(&["certs", "dev", "--out", file.to_str().unwrap()], None);
+        assert_eq!(run.code, 1, "{run:?}");
+        assert!(run.stderr.contains("names a file"), "{run:?}");
+        assert!(run.stderr.contains("directory"), "{run:?}");
+        assert!(!file.is_dir(), "{run:?}");
+    }
 }
 
 #[test]
