@@ -23,7 +23,7 @@ pub struct StoreHealth {
 
 impl StoreHealth {
     pub fn succeeded(&self) {
-        if self.failing.swap(false, Ordering::Relaxed) {
+        if self.failing.load(Ordering::Relaxed) && self.failing.swap(false, Ordering::Relaxed) {
             tracing::info!("rate-limit store answering again");
         }
     }
@@ -31,7 +31,7 @@ impl StoreHealth {
     /// Marks the store failing; `cause` is taken only on the flip, later causes arrive
     /// through [`set_cause`](Self::set_cause) at the failure log's pace.
     pub fn failed(&self, cause: impl FnOnce() -> String) {
-        if !self.failing.swap(true, Ordering::Relaxed) {
+        if !self.failing.load(Ordering::Relaxed) && !self.failing.swap(true, Ordering::Relaxed) {
             self.set_cause(cause());
         }
     }
