@@ -102,7 +102,7 @@ async fn readiness(shared: &Shared) -> (StatusCode, Value) {
         if let Some(store) = store {
             store.probe().await;
             if let Some(cause) = store.health.failure() {
-                let reason = format!("the rate-limit store is failing: {cause}");
+                let reason = cause;
                 return match store.on_error() {
                     StoreErrorMode::Deny => (
                         StatusCode::SERVICE_UNAVAILABLE,

@@ -66,7 +66,23 @@ pub async fn diagnose(url: &str, deadline: Duration) -> String {
     };
     match tokio::time::timeout(deadline * 2, attempt).await {
         Ok(Ok(_)) => "a fresh connection answers PING: the store is slow, not down".to_owned(),
-        Ok(Err(e)) => format!("a fresh connection: {}", crate::proxy::ErrorChain(&e)),
+        Ok(Err(e)) => format!("a fresh connection: {}", without_repeats(&e)),
         Err(_) => format!("a fresh connection got no answer within {deadline:?} either"),
     }
+}
+
+/// The error and its sources, leaving out a source whose text is already there (the
+/// redis crate shows its IO cause in its own message too).
+fn without_repeats(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    text
 }
