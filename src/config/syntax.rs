@@ -137,12 +137,12 @@ fn find_in_item(item: &Item, offset: usize, path: &mut Vec<Segment>) -> bool {
                 .is_some_and(|(k, v)| find_under(name, k.span(), v, offset, path))
         }),
         Item::ArrayOfTables(a) => a.iter().enumerate().any(|(i, t)| {
-            path.push(Segment::Index(i));
-            let hit = t.iter().any(|(name, _)| {
-                t.get_key_value(name)
-                    .is_some_and(|(k, v)| find_under(name, k.span(), v, offset, path))
-            });
-            hit || path.pop().is_none()
+            within(path, Segment::Index(i), |path| {
+                t.iter().any(|(name, _)| {
+                    t.get_key_value(name)
+                        .is_some_and(|(k, v)| find_under(name, k.span(), v, offset, path))
+                })
+            })
         }),
         Item::Value(v) => find_in_value(v, offset, path),
         Item::None => false,
@@ -156,11 +156,26 @@ fn find_in_value(value: &Value, offset: usize, path: &mut Vec<Segment>) -> bool 
                 .is_some_and(|(k, v)| find_under(name, k.span(), v, offset, path))
         }),
         Value::Array(a) => a.iter().enumerate().any(|(i, v)| {
-            path.push(Segment::Index(i));
-            find_in_value(v, offset, path) || path.pop().is_none()
+            within(path, Segment::Index(i), |path| {
+                find_in_value(v, offset, path)
+            })
         }),
         _ => false,
     }
+}
+
+/// Runs `search` with `segment` appended to `path`; keeps it there only on a hit.
+fn within(
+    path: &mut Vec<Segment>,
+    segment: Segment,
+    search: impl FnOnce(&mut Vec<Segment>) -> bool,
+) -> bool {
+    path.push(segment);
+    let hit = search(path);
+    if !hit {
+        path.pop();
+    }
+    hit
 }
 
 fn find_under(
@@ -170,12 +185,9 @@ fn find_under(
     offset: usize,
     path: &mut Vec<Segment>,
 ) -> bool {
-    path.push(Segment::Key(name.to_owned()));
-    if key_span.is_some_and(|s| s.contains(&offset)) || find_in_item(item, offset, path) {
-        return true;
-    }
-    path.pop();
-    false
+    within(path, Segment::Key(name.to_owned()), |path| {
+        key_span.is_some_and(|s| s.contains(&offset)) || find_in_item(item, offset, path)
+    })
 }
 
 /// Where the key at `path` is written in `text`.
@@ -325,6 +337,13 @@ mod tests {
         assert_eq!(display_path(&path), "a.b.c.e");
         let mut doc = DocumentMut::from_str(text).unwrap();
         replace(doc.as_item_mut(), &path, None);
+        let tables = "[[k]]\nid = 1\n\n[[k]]\nid = 2\nnot_afer = 3\n";
+        let path = path_at(tables, tables.find("not_afer").unwrap()).unwrap();
+        assert_eq!(display_path(&path), "k[1].not_afer");
+        assert_eq!(
+            key_span(tables, &path),
+            tables.find("not_afer").map(|s| s..s + 8)
+        );
         assert_eq!(doc.to_string(), "[a]\nx = 1\n\n[a.b]\nc = { d = 1}\n");
     }
 }
