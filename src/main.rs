@@ -60,10 +60,10 @@ enum Command {
         tls: bool,
         /// Write the demo as a config of your own into this directory (specter.toml,
         /// and keys.txt with the plaintext keys, mode 0600) instead of serving it.
-        #[arg(long, value_name = "DIR")]
+        #[arg(long, value_name = "DIR", conflicts_with = "tls")]
         write_config: Option<PathBuf>,
         /// Start only the three echo backends (on --backend-port and the next two).
-        #[arg(long, conflicts_with = "write_config")]
+        #[arg(long, conflicts_with_all = ["write_config", "tls"])]
         backends_only: bool,
         /// First port of the echo backends for --backends-only and --write-config (0: free ports).
         #[arg(long, default_value_t = 9001)]
