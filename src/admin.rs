@@ -25,7 +25,11 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    tracing::warn!(listener = "admin", error = %e, "accept failed; backing off");
+                    static ACCEPT_FAILED: crate::logthrottle::Throttle =
+                        crate::logthrottle::Throttle::new("accept failed; backing off");
+                    if let Some(more) = ACCEPT_FAILED.check(&[]) {
+                        tracing::warn!(listener = "admin", error = %e, "accept failed; backing off{more}");
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }

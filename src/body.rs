@@ -43,15 +43,17 @@ pub struct BodyReadTimeout(pub Duration);
 
 pin_project_lite::pin_project! {
     /// Streams a client's request body upstream, failing it once more than `limit`
-    /// bytes passed or when no data arrived for `timeout`. The failure aborts the
-    /// upstream request, so the upstream never sees a complete oversized or stalled
-    /// request.
+    /// bytes passed, when no data arrived for `timeout`, or when the whole body took
+    /// longer than `body_timeout`. The failure aborts the upstream request, so the
+    /// upstream never sees a complete oversized or stalled request.
     pub struct Guarded<B> {
         #[pin]
         inner: B,
         seen: u64,
         limit: Option<u64>,
         timeout: Duration,
+        // When the whole body must be in (`body_timeout`), if bounded.
+        end: Option<tokio::time::Instant>,
         #[pin]
         deadline: tokio::time::Sleep,
         // Bytes passed, for the access log (when it is on).
@@ -63,18 +65,31 @@ impl<B> Guarded<B> {
     pub fn new(
         inner: B,
         limit: Option<u64>,
-        timeout: Duration,
+        (timeout, whole): (Duration, Option<Duration>),
         counter: Option<Arc<AtomicU64>>,
     ) -> Self {
+        let now = tokio::time::Instant::now();
+        let end = whole.map(|w| now + w);
         Guarded {
             inner,
             seen: 0,
             limit,
             timeout,
-            deadline: tokio::time::sleep(timeout),
+            end,
+            deadline: tokio::time::sleep_until(next_deadline(now, timeout, end)),
             counter,
         }
     }
+}
+
+/// The next pause deadline, never past the whole body's.
+fn next_deadline(
+    now: tokio::time::Instant,
+    pause: Duration,
+    end: Option<tokio::time::Instant>,
+) -> tokio::time::Instant {
+    let next = now + pause;
+    end.map_or(next, |end| next.min(end))
 }
 
 impl<B> HttpBody for Guarded<B>
@@ -109,7 +124,7 @@ where
                     return Poll::Ready(Some(Err(Box::new(BodyTooLarge { limit }))));
                 }
             }
-            let next = tokio::time::Instant::now() + *this.timeout;
+            let next = next_deadline(tokio::time::Instant::now(), *this.timeout, *this.end);
             this.deadline.as_mut().reset(next);
         }
         Poll::Ready(Some(Ok(frame)))

@@ -43,6 +43,8 @@ pub enum GatewayError {
     RequestTimeout,
     #[error("the request body is larger than {limit} bytes")]
     BodyTooLarge { limit: u64 },
+    #[error("too many failed authentications from this address")]
+    TooManyFailedAuthentications { retry_after: Duration },
     #[error("rate limit ({scope}) exceeded")]
     RateLimited {
         scope: &'static str,
@@ -60,6 +62,8 @@ pub enum GatewayError {
     ShuttingDown,
     #[error("the rate-limit store is unavailable")]
     RateLimitStoreUnavailable(#[source] BoxError),
+    #[error("the gateway failed internally")]
+    Internal,
 }
 
 impl GatewayError {
@@ -74,12 +78,15 @@ impl GatewayError {
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            RateLimited { .. } | TooManyFailedAuthentications { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
             UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             NoHealthyUpstream | ShuttingDown | RateLimitStoreUnavailable(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -99,11 +106,13 @@ impl GatewayError {
             RequestTimeout => "request_timeout",
             BodyTooLarge { .. } => "body_too_large",
             RateLimited { .. } => "rate_limited",
+            TooManyFailedAuthentications { .. } => "too_many_failed_authentications",
             UpstreamUnavailable(_) => "upstream_unavailable",
             UpstreamTimeout(_) => "upstream_timeout",
             NoHealthyUpstream => "no_healthy_upstream",
             ShuttingDown => "shutting_down",
             RateLimitStoreUnavailable(_) => "rate_limit_store_unavailable",
+            Internal => "internal_error",
         }
     }
 
@@ -149,7 +158,8 @@ impl GatewayError {
             GatewayError::MethodNotAllowed { allow } => {
                 headers.insert(ALLOW, allow.clone());
             }
-            GatewayError::RateLimited { retry_after, .. } => {
+            GatewayError::RateLimited { retry_after, .. }
+            | GatewayError::TooManyFailedAuthentications { retry_after } => {
                 headers.insert(RETRY_AFTER, retry_after_secs(*retry_after).into());
             }
             _ => {}

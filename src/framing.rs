@@ -16,8 +16,9 @@
 //!   are parsed by hyper's lenient parser, but specter re-frames every request with
 //!   CRLF, so no such difference can reach an upstream.
 
-use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
-use http::{HeaderMap, Version};
+use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING, UPGRADE};
+use http::uri::Authority;
+use http::{HeaderMap, Uri, Version};
 
 use std::sync::atomic::Ordering;
 
@@ -43,6 +44,14 @@ pub fn check_request(
             "both Content-Length and Transfer-Encoding are set",
         ));
     }
+    // hyper reads `005` as 5; an upstream or a middlebox may read it otherwise.
+    if let Some(len) = headers.get(CONTENT_LENGTH) {
+        if len.len() > 1 && len.as_bytes()[0] == b'0' {
+            return Err(GatewayError::BadRequest(
+                "Content-Length must be a plain number without leading zeros",
+            ));
+        }
+    }
     let mut codings = headers.get_all(TRANSFER_ENCODING).iter();
     if let Some(first) = codings.next() {
         if headers.contains_key(CONTENT_LENGTH) {
@@ -57,6 +66,89 @@ pub fn check_request(
         }
     }
     Ok(())
+}
+
+/// RFC 9112 §3.2: exactly one `Host` (HTTP/1.1; HTTP/1.0 and HTTP/2 at most one),
+/// a valid `host[:port]` with no userinfo and a port in 1-65535, equal to the target's
+/// authority when the target has one (absolute form, HTTP/2 `:authority`).
+pub fn check_host(version: Version, uri: &Uri, headers: &HeaderMap) -> Result<(), GatewayError> {
+    let mut hosts = headers.get_all(HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(GatewayError::BadRequest("send one Host header, not two"));
+    }
+    let bad = || GatewayError::BadRequest("the Host header is not a valid host[:port]");
+    match (host, uri.authority()) {
+        (None, None) if version == Version::HTTP_11 => Err(GatewayError::BadRequest(
+            "an HTTP/1.1 request needs a Host header",
+        )),
+        (None, authority) => authority.map_or(Ok(()), valid_authority),
+        (Some(host), authority) => {
+            let host = host.to_str().map_err(|_| bad())?;
+            valid_authority(&host.parse::<Authority>().map_err(|_| bad())?)?;
+            match authority {
+                Some(a) if !a.as_str().eq_ignore_ascii_case(host) => Err(GatewayError::BadRequest(
+                    "the request target's authority differs from the Host header",
+                )),
+                _ => Ok(()),
+            }
+        }
+    }
+}
+
+fn valid_authority(a: &Authority) -> Result<(), GatewayError> {
+    let port_ok = match a.as_str().rsplit_once(':') {
+        // An IPv6 literal's colons sit inside the brackets.
+        Some((_, tail)) if !tail.ends_with(']') => tail.parse::<u16>().is_ok_and(|p| p != 0),
+        _ => true,
+    };
+    if a.as_str().contains('@') || a.host().is_empty() || !port_ok {
+        return Err(GatewayError::BadRequest(
+            "the Host header is not a valid host[:port]",
+        ));
+    }
+    Ok(())
+}
+
+/// `Upgrade: h2c` is refused outright: specter speaks HTTP/2 itself, and an h2c tunnel
+/// would carry streams that no check ever sees.
+pub fn check_h2c(headers: &HeaderMap) -> Result<(), GatewayError> {
+    let h2c = headers.get_all(UPGRADE).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',').any(|p| {
+                p.trim()
+                    .split('/')
+                    .next()
+                    .is_some_and(|n| n.eq_ignore_ascii_case("h2c"))
+            })
+        })
+    });
+    if h2c {
+        return Err(GatewayError::BadRequest(
+            "Upgrade: h2c is refused; use HTTP/2 over TLS (ALPN) or with prior knowledge",
+        ));
+    }
+    Ok(())
+}
+
+/// The status hyper answered a connection's request head with by itself, before any
+/// handler ran (so `specter_requests_total` would otherwise never see it): 400 for a
+/// malformed method, target, version or header, 431 for too many or too large headers,
+/// 414 for a target over hyper's limit. `None` for any other connection error.
+pub fn parser_refusal(error: &(dyn std::error::Error + 'static)) -> Option<u16> {
+    let error = error.downcast_ref::<hyper::Error>()?;
+    if !error.is_parse() || error.is_parse_version_h2() {
+        return None;
+    }
+    if error.is_parse_too_large() {
+        // hyper says which of its two "too large" kinds only in the message.
+        return Some(if error.to_string().contains("URI") {
+            414
+        } else {
+            431
+        });
+    }
+    Some(400)
 }
 
 #[cfg(test)]
@@ -86,5 +178,47 @@ mod tests {
         bare_lf.bare_lf.store(true, Ordering::Relaxed);
         assert!(check_request(v, &HeaderMap::new(), &bare_lf).is_err());
         assert!(check_request(Version::HTTP_2, &HeaderMap::new(), &bare_lf).is_ok());
+        assert!(check_request(v, &headers(&[("content-length", "005")]), &ok).is_err());
+        assert!(check_request(v, &headers(&[("content-length", "0")]), &ok).is_ok());
+    }
+
+    #[test]
+    fn one_valid_host_that_matches_the_target() {
+        let v = Version::HTTP_11;
+        let origin: Uri = "/v1/x".parse().unwrap();
+        let check = |uri: &Uri, pairs: &[(&str, &str)]| check_host(v, uri, &headers(pairs));
+        for ok in [
+            "api.example.com",
+            "api.example.com:8443",
+            "127.0.0.1:8080",
+            "[::1]:80",
+            "[::1]",
+        ] {
+            assert!(check(&origin, &[("host", ok)]).is_ok(), "{ok}");
+        }
+        for bad in [
+            &[("host", "a.example.com"), ("host", "b.example.com")][..],
+            &[("host", "evil.com@api.example.com")][..],
+            &[("host", "api.example.com:99999")][..],
+            &[("host", "api.example.com:0")][..],
+            &[("host", "api.example.com:")][..],
+            &[("host", "")][..],
+            &[][..],
+        ] {
+            assert!(check(&origin, bad).is_err(), "{bad:?}");
+        }
+        let absolute: Uri = "http://api.example.com/v1/x".parse().unwrap();
+        assert!(check(&absolute, &[("host", "API.example.com")]).is_ok());
+        assert!(check(&absolute, &[("host", "other.example.com")]).is_err());
+        assert!(check_host(Version::HTTP_10, &origin, &HeaderMap::new()).is_ok());
+        assert!(check_host(Version::HTTP_2, &absolute, &HeaderMap::new()).is_ok());
+    }
+
+    #[test]
+    fn h2c_is_refused_in_any_spelling() {
+        for bad in ["h2c", "H2C", "websocket, h2c", "h2c/1"] {
+            assert!(check_h2c(&headers(&[("upgrade", bad)])).is_err(), "{bad}");
+        }
+        assert!(check_h2c(&headers(&[("upgrade", "websocket")])).is_ok());
     }
 }

@@ -6,6 +6,7 @@ pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 pub const X_SPECTER_ENVIRONMENT: HeaderName = HeaderName::from_static("x-specter-environment");
 pub const X_SPECTER_KEY_ID: HeaderName = HeaderName::from_static("x-specter-key-id");
 pub const X_SPECTER_CLIENT_CERT_SUBJECT: HeaderName =

@@ -33,6 +33,8 @@
 //! - [`tls`]: rustls server and client configs, SNI certificate choice
 //! - [`admin`]: health, readiness, metrics, redacted config, key usage
 //! - [`metrics`]: Prometheus registry
+//! - [`panics`]: every task's panic caught, logged and counted
+//! - [`logthrottle`]: a warning any request can trigger, logged once per interval with a count
 //! - [`commands`]: `check`, `keys`, `demo` (+ `demo_config`: `--write-config`,
 //!   `--backends-only`), `promote`/`diff`, `certs`, `admin_addr`: what the CLI runs
 
@@ -44,7 +46,9 @@ pub mod config;
 pub mod error;
 pub mod framing;
 pub mod headers;
+pub mod logthrottle;
 pub mod metrics;
+pub mod panics;
 pub mod policy;
 pub mod proxy;
 pub mod ratelimit;

@@ -3,7 +3,7 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use specter::commands::{admin_addr, certs, check, demo, demo_config, keys, promote};
@@ -77,7 +77,7 @@ enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
-    /// Mint API keys and the TOML blocks that store their hashes.
+    /// Mint API keys; add, revoke, rotate and list the keys of a config file.
     Keys {
         #[command(subcommand)]
         command: KeysCommand,
@@ -169,6 +169,112 @@ enum KeysCommand {
         #[arg(long)]
         id: Option<String>,
     },
+    /// Mint a key and add its hashed block to the config (validated, atomic write).
+    /// The key is printed once, alone on stdout; everything else goes to stderr.
+    Add {
+        #[command(flatten)]
+        file: KeysFile,
+        /// The environment the key belongs to.
+        #[arg(long)]
+        env: String,
+        /// The key's id (default: ENV-N, one more than the highest in use).
+        #[arg(long)]
+        id: Option<String>,
+        /// The key works from this time on: now, +2h, 2026-12-01T00:00:00Z, 2026-12-01.
+        #[arg(long, value_parser = keys::when::parse_arg)]
+        not_before: Option<SystemTime>,
+        /// The key stops working at this time (same forms as --not-before).
+        #[arg(long, value_parser = keys::when::parse_arg, conflicts_with = "ttl")]
+        not_after: Option<SystemTime>,
+        /// The key stops working this long after --not-before (or now), e.g. 90d.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+        /// Store an existing key read from stdin (not echoed) instead of minting one;
+        /// it is not printed back.
+        #[arg(long)]
+        from_stdin: bool,
+    },
+    /// Make a key stop working: set its not_after to now (or --at), with a comment
+    /// saying when it was revoked; --remove deletes its block instead.
+    Revoke {
+        #[command(flatten)]
+        file: KeysFile,
+        /// The environment the key belongs to.
+        #[arg(long)]
+        env: String,
+        /// The key's id.
+        #[arg(long)]
+        id: String,
+        /// When the key stops working (now, +2h, 2026-12-01T00:00:00Z, 2026-12-01).
+        #[arg(long, value_parser = keys::when::parse_arg, conflicts_with = "remove")]
+        at: Option<SystemTime>,
+        /// Delete the key's block instead of keeping it with a not_after.
+        #[arg(long)]
+        remove: bool,
+    },
+    /// Add a new key (id ID.2, ID.3, ...) printed once on stdout, and end the old one
+    /// after --overlap; both work until then.
+    Rotate {
+        #[command(flatten)]
+        file: KeysFile,
+        /// The environment the key belongs to.
+        #[arg(long)]
+        env: String,
+        /// The key being replaced.
+        #[arg(long)]
+        id: String,
+        /// How long the old key keeps working beside the new one.
+        #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+        overlap: Duration,
+        /// The new key's id (default: ID.2, then ID.3, ...).
+        #[arg(long)]
+        new_id: Option<String>,
+        /// The new key stops working this long from now, e.g. 90d.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+    },
+    /// The config's keys: id, environment, not_before, not_after and state (active,
+    /// staged, expiring, expired, revoked); with usage from a running gateway.
+    List {
+        /// The config file whose keys are listed.
+        #[arg(long, default_value = "config/specter.toml")]
+        config: PathBuf,
+        /// Only this environment's keys.
+        #[arg(long)]
+        env: Option<String>,
+        /// The gateway's admin listener (default: listen.admin of the config, if it
+        /// answers).
+        #[arg(long)]
+        admin: Option<String>,
+        /// Also print each key's SHA-256.
+        #[arg(long)]
+        show_hashes: bool,
+        /// Keys ending within this window are listed as expiring.
+        #[arg(long, default_value = "14d", value_parser = humantime::parse_duration)]
+        expiry_warning: Duration,
+    },
+}
+
+/// The config file a writing `keys` command edits.
+#[derive(clap::Args)]
+struct KeysFile {
+    /// The config file to edit (a running gateway watching it reloads it).
+    #[arg(long, default_value = "config/specter.toml")]
+    config: PathBuf,
+    /// Print the change as a unified diff and write nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+impl KeysFile {
+    fn options(&self) -> keys::EditOptions<'_> {
+        keys::EditOptions {
+            config: &self.config,
+            dry_run: self.dry_run,
+            colour: std::io::stdout().is_terminal(),
+            now: SystemTime::now(),
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -280,12 +386,98 @@ fn keys_command(command: KeysCommand) -> ExitCode {
         KeysCommand::Hash { env, id } => keys::read_secret_line()
             .and_then(|line| keys::hash(env.as_deref(), id.as_deref(), &line))
             .map_err(Into::into),
+        edit => return keys_edit_command(edit),
     };
     match result {
         Ok(text) => {
             print!("{text}");
             ExitCode::SUCCESS
         }
+        Err(e) => {
+            eprintln!("specter keys: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The keys subcommands that read or edit the config file: they print on stdout and
+/// stderr themselves (the plaintext key alone on stdout).
+fn keys_edit_command(command: KeysCommand) -> ExitCode {
+    let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+    let result = match command {
+        KeysCommand::Add {
+            file,
+            env,
+            id,
+            not_before,
+            not_after,
+            ttl,
+            from_stdin,
+        } => {
+            let key = if from_stdin {
+                keys::read_secret_line().map(Some)
+            } else {
+                Ok(None)
+            };
+            key.and_then(|key| {
+                let request = keys::AddRequest {
+                    env: &env,
+                    id: id.as_deref(),
+                    not_before,
+                    not_after,
+                    ttl,
+                    key,
+                };
+                keys::add(&file.options(), &request, &mut out, &mut err)
+            })
+        }
+        KeysCommand::Revoke {
+            file,
+            env,
+            id,
+            at,
+            remove,
+        } => keys::revoke(&file.options(), &env, &id, at, remove, &mut out, &mut err),
+        KeysCommand::Rotate {
+            file,
+            env,
+            id,
+            overlap,
+            new_id,
+            ttl,
+        } => {
+            let request = keys::RotateRequest {
+                env: &env,
+                id: &id,
+                overlap,
+                new_id: new_id.as_deref(),
+                ttl,
+            };
+            keys::rotate(&file.options(), &request, &mut out, &mut err)
+        }
+        KeysCommand::List {
+            config,
+            env,
+            admin,
+            show_hashes,
+            expiry_warning,
+        } => {
+            let request = keys::ListRequest {
+                config: &config,
+                env: env.as_deref(),
+                admin: admin.as_deref(),
+                show_hashes,
+                expiry_warning,
+                now: SystemTime::now(),
+            };
+            runtime().block_on(keys::list(&request, &mut out, &mut err))
+        }
+        KeysCommand::New { .. } | KeysCommand::Usage { .. } | KeysCommand::Hash { .. } => {
+            unreachable!("handled by keys_command")
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("specter keys: {e}");
             ExitCode::FAILURE
@@ -408,10 +600,54 @@ async fn wait_for_stop() {
     }
 }
 
+/// Libraries whose records a client can trigger (rustls warns about every ClientHello
+/// with an IP address as its server name; hyper, h2 and tokio describe every broken
+/// connection). They log at `error` only, unless `RUST_LOG` names them or asks for
+/// `debug`/`trace` overall: what a client did is counted on `/metrics` instead. rustls
+/// keeps its `logging` feature so that `RUST_LOG=rustls=debug` can still explain an
+/// interop problem; a filtered record costs a directive match, never formatting.
+const QUIET_LIBRARIES: &[&str] = &[
+    "rustls",
+    "tokio_rustls",
+    "hyper",
+    "hyper_util",
+    "h2",
+    "tokio",
+    "mio",
+    "notify",
+    "redis",
+];
+
+/// `info`, [`QUIET_LIBRARIES`] at `error`, then `RUST_LOG`'s directives on top (a
+/// directive for the same target replaces the default). A bare `info`, `warn` or
+/// `error` (the usual production setting) keeps the libraries quiet; a bare `debug` or
+/// `trace` is a debugging session and shows everything.
+fn log_filter(rust_log: Option<&str>) -> tracing_subscriber::EnvFilter {
+    let rust_log = rust_log.map(str::trim).filter(|s| !s.is_empty());
+    let debugging = rust_log.is_some_and(|directives| {
+        directives.split(',').any(|d| {
+            let d = d.trim();
+            d.eq_ignore_ascii_case("debug") || d.eq_ignore_ascii_case("trace")
+        })
+    });
+    let mut defaults = String::from("info");
+    if !debugging {
+        for library in QUIET_LIBRARIES {
+            defaults = defaults + "," + library + "=error";
+        }
+    }
+    let Some(extra) = rust_log else {
+        return tracing_subscriber::EnvFilter::new(defaults);
+    };
+    tracing_subscriber::EnvFilter::try_new(format!("{defaults},{extra}")).unwrap_or_else(|e| {
+        eprintln!("specter: RUST_LOG={extra:?} is not a log filter ({e}); using the default");
+        tracing_subscriber::EnvFilter::new(defaults)
+    })
+}
+
 fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
-    use tracing_subscriber::EnvFilter;
     let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = log_filter(std::env::var("RUST_LOG").ok().as_deref());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

@@ -55,8 +55,18 @@ pub struct ResultLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TaskLabels {
+    pub task: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ListenerLabels {
     pub listener: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -102,6 +112,12 @@ impl RequestMetrics {
         };
     }
 
+    /// Counts an answer that had no handler behind it (hyper refused the request head
+    /// itself), so no duration is observed.
+    pub fn count(&self, metrics: &Metrics, status: u16) {
+        self.counter(metrics, status).inc();
+    }
+
     fn counter(&self, metrics: &Metrics, status: u16) -> Counter {
         let labels = RequestLabels {
             environment: self.label.clone(),
@@ -120,10 +136,12 @@ pub struct Metrics {
     pub reloads: Family<ResultLabels, Counter>,
     pub active_connections: Family<ListenerLabels, Gauge>,
     pub config_version: Gauge,
-    pub tls_handshake_failures: Counter,
+    pub tls_handshake_errors: Family<ReasonLabels, Counter>,
     pub upstream_healthy: Family<UpstreamLabels, Gauge>,
     pub rate_limit_store_errors: Counter,
     pub tls_certificate_expiry: Family<CertificateLabels, Gauge>,
+    pub panics: Family<TaskLabels, Counter>,
+    pub connections_over_ip_limit: Counter,
 }
 
 impl Default for Metrics {
@@ -183,11 +201,14 @@ impl Metrics {
             "Version counter of the config in force",
             config_version.clone(),
         );
-        let tls_handshake_failures = Counter::default();
+        let tls_handshake_errors = Family::<ReasonLabels, Counter>::default();
+        for &reason in crate::tls::HANDSHAKE_ERROR_REASONS {
+            let _ = tls_handshake_errors.get_or_create(&ReasonLabels { reason });
+        }
         registry.register(
-            "specter_tls_handshake_failures",
-            "TLS handshakes that failed or timed out",
-            tls_handshake_failures.clone(),
+            "specter_tls_handshake_errors",
+            "TLS handshakes that failed, by reason (a closed set: see README, Logging)",
+            tls_handshake_errors.clone(),
         );
         let upstream_healthy = Family::<UpstreamLabels, Gauge>::default();
         registry.register(
@@ -207,6 +228,18 @@ impl Metrics {
             "When each served certificate expires, in seconds since the Unix epoch, by file",
             tls_certificate_expiry.clone(),
         );
+        let panics = Family::<TaskLabels, Counter>::default();
+        registry.register(
+            "specter_panics",
+            "Panics caught in a request, connection, stream or reload task (each one is a bug)",
+            panics.clone(),
+        );
+        let connections_over_ip_limit = Counter::default();
+        registry.register(
+            "specter_connections_over_ip_limit",
+            "Connections closed at accept because their address held max_connections_per_ip",
+            connections_over_ip_limit.clone(),
+        );
         let build = Family::<BuildLabels, Gauge>::default();
         build
             .get_or_create(&BuildLabels {
@@ -223,10 +256,12 @@ impl Metrics {
             reloads,
             active_connections,
             config_version,
-            tls_handshake_failures,
+            tls_handshake_errors,
             upstream_healthy,
             rate_limit_store_errors,
             tls_certificate_expiry,
+            panics,
+            connections_over_ip_limit,
         }
     }
 

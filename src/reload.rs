@@ -107,6 +107,9 @@ pub fn apply(shared: &Shared, config: Config) -> Result<ReloadSummary, ReloadErr
     let old = shared.state.load_full();
     warn_start_only(&shared.started, &config);
     let summary = summarize(&old, &config, old.version + 1);
+    for what in vanished(&old, &config) {
+        tracing::warn!("{what}");
+    }
     let new = State::build(config, Some(&old), old.version + 1, &shared.metrics)?;
     shared.metrics.config_version.set(new.version as i64);
     shared.state.store(Arc::new(new));
@@ -131,6 +134,37 @@ fn warn_start_only(started: &Config, new: &Config) {
     {
         tracing::warn!("limits.max_connections, max_header_bytes or max_headers differ from the values specter started with; they are read at start only: restart specter to apply them (the other limits apply to new connections now)");
     }
+}
+
+/// A reload that drops a whole environment or a whole guard table is more often a cut
+/// or mistaken file than an intent: it is applied (the file is valid), and said loudly.
+fn vanished(old: &State, new: &Config) -> Vec<String> {
+    let now: std::collections::HashMap<&str, &crate::config::EnvironmentConfig> = new
+        .environments
+        .iter()
+        .map(|e| (e.name.as_str(), e))
+        .collect();
+    let (default_policy, unlimited) = (
+        crate::config::PolicyConfig::default(),
+        crate::config::RateLimitConfig::default(),
+    );
+    let mut gone = Vec::new();
+    for before in &old.environments {
+        let name = &before.config.name;
+        let Some(after) = now.get(name.as_str()) else {
+            gone.push(format!(
+                "environment {name} vanished from the config: its keys no longer work"
+            ));
+            continue;
+        };
+        if before.config.policy != default_policy && after.policy == default_policy {
+            gone.push(format!("environments.{name}.policy vanished: the environment now allows every path, method, client address and body size"));
+        }
+        if before.config.rate_limit != unlimited && after.rate_limit == unlimited {
+            gone.push(format!("environments.{name}.rate_limit vanished: the environment is no longer rate limited"));
+        }
+    }
+    gone
 }
 
 /// What changed between the running snapshot and a new config (before it is built:
@@ -182,32 +216,50 @@ fn summarize(old: &State, new: &Config, version: u64) -> ReloadSummary {
     }
 }
 
+/// What a file event says about the file's content, for deciding when to reload it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    /// Created or written in place: the writer may be half-way through, and a cut
+    /// file can still be valid TOML (a missing `[policy]` table loads as "allow all").
+    Writing,
+    /// A writer closed the file: complete once nothing else happens for [`DEBOUNCE`].
+    Closed,
+    /// Renamed into place (editors, `promote --apply`, Kubernetes' `..data` swap) or
+    /// removed: the change is whole at once.
+    Replaced,
+}
+
+fn classify(kind: &EventKind) -> Option<Change> {
+    use notify::event::{AccessKind, AccessMode, ModifyKind};
+    match kind {
+        EventKind::Create(_) | EventKind::Modify(ModifyKind::Data(_)) => Some(Change::Writing),
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => Some(Change::Closed),
+        EventKind::Modify(ModifyKind::Name(_)) | EventKind::Remove(_) => Some(Change::Replaced),
+        _ => None,
+    }
+}
+
 /// Watches the config (and certificate) files and SIGHUP until the runtime ends.
 /// Returns once the watcher is in place, so a change made after it returns is seen.
+///
+/// A file written in place is reloaded only after its writer closed it and it stayed
+/// quiet for [`DEBOUNCE`]; a file renamed into place is reloaded after [`DEBOUNCE`]
+/// (which merges the burst of events one save makes). SIGHUP reloads at once.
 pub fn watch(shared: Arc<Shared>, path: PathBuf) -> notify::Result<tokio::task::JoinHandle<()>> {
-    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Change>();
     let names = Arc::new(std::sync::Mutex::new(HashSet::<OsString>::new()));
     let relevant_names = names.clone();
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
-        let relevant = matches!(
-            event.kind,
-            EventKind::Create(_)
-                | EventKind::Modify(notify::event::ModifyKind::Data(_))
-                | EventKind::Modify(notify::event::ModifyKind::Name(_))
-                | EventKind::Access(notify::event::AccessKind::Close(
-                    notify::event::AccessMode::Write
-                ))
-                | EventKind::Remove(_)
-        );
+        let Some(change) = classify(&event.kind) else {
+            return;
+        };
         let names = relevant_names.lock().expect("not poisoned");
-        if relevant
-            && event.paths.iter().any(|p| {
-                p.file_name()
-                    .is_some_and(|n| names.contains(n) || n == "..data")
-            })
-        {
-            let _ = tx.send(());
+        if event.paths.iter().any(|p| {
+            p.file_name()
+                .is_some_and(|n| names.contains(n) || n == "..data")
+        }) {
+            let _ = tx.send(change);
         }
     })?;
     let mut watched = Watched {
@@ -220,27 +272,37 @@ pub fn watch(shared: Arc<Shared>, path: PathBuf) -> notify::Result<tokio::task::
     let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
     Ok(tokio::spawn(async move {
         let mut hup = hup.ok();
+        // An in-place write whose writer has not closed the file yet.
+        let mut writing = false;
+        // When the last event's burst counts as over.
+        let mut due: Option<tokio::time::Instant> = None;
         loop {
+            let settled = async {
+                match due {
+                    Some(at) if !writing => tokio::time::sleep_until(at).await,
+                    _ => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 got = rx.recv() => {
-                    if got.is_none() { return; }
-                    // Debounce: wait for the burst to end, then reload once.
-                    loop {
-                        match tokio::time::timeout(DEBOUNCE, rx.recv()).await {
-                            Ok(Some(())) => continue,
-                            Ok(None) => return,
-                            Err(_) => break,
-                        }
-                    }
+                    let Some(change) = got else { return };
+                    writing = change == Change::Writing;
+                    due = Some(tokio::time::Instant::now() + DEBOUNCE);
+                    continue;
                 }
+                () = settled => {}
                 Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
                     tracing::info!("SIGHUP: reloading");
                 }
             }
+            (writing, due) = (false, None);
             let (s, p) = (shared.clone(), path.clone());
             if let Err(e) = tokio::task::spawn_blocking(move || reload_now(&s, &p)).await {
                 // A panic while building the snapshot: the running one stays, say so.
                 tracing::error!(error = %e, "reload aborted; the running config stays");
+                if e.is_panic() {
+                    crate::panics::record(&shared.metrics, "reload", &*e.into_panic());
+                }
             }
             if let Err(e) = watched.follow(&shared.state.load().config) {
                 tracing::warn!(
@@ -304,4 +366,46 @@ fn cert_files(config: &Config) -> impl Iterator<Item = PathBuf> + '_ {
         .iter()
         .filter_map(|e| e.upstream_ca.clone());
     tls.chain(upstream_cas)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(text: &str) -> State {
+        let config = crate::config::parse(text, Path::new("specter.toml"))
+            .unwrap_or_else(|e| panic!("{e}"))
+            .config;
+        State::build(config, None, 1, &crate::metrics::Metrics::new()).expect("builds")
+    }
+
+    #[test]
+    fn a_vanished_environment_policy_or_limit_is_named() {
+        let listen = "[listen]\nhttp = \"127.0.0.1:0\"\n";
+        let env = |name: &str, port: u16| {
+            format!("[environments.{name}]\nupstream = \"http://10.0.0.1:{port}\"\n")
+        };
+        let guarded = format!(
+            "{listen}{}[environments.qa.policy]\ndeny_paths = [\"/x\"]\n[environments.qa.rate_limit]\ntotal = {{ requests = 5, per = \"1s\" }}\n{}",
+            env("qa", 1),
+            env("production", 2)
+        );
+        let old = state(&guarded);
+        assert!(vanished(&old, &old.config).is_empty());
+        let cut = state(&format!("{listen}{}", env("qa", 1)));
+        let gone = vanished(&old, &cut.config);
+        assert_eq!(gone.len(), 3, "{gone:?}");
+        assert!(
+            gone[0].starts_with("environment production vanished"),
+            "{gone:?}"
+        );
+        assert!(
+            gone[1].starts_with("environments.qa.policy vanished"),
+            "{gone:?}"
+        );
+        assert!(
+            gone[2].starts_with("environments.qa.rate_limit vanished"),
+            "{gone:?}"
+        );
+    }
 }

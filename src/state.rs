@@ -34,6 +34,8 @@ pub struct State {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// The served certificates, for the expiry gauge and the reload log.
     pub certificates: Vec<tls::CertificateInfo>,
+    /// `[limits] unauthenticated`: failed authentications per client address.
+    pub failed_auth: Option<crate::ratelimit::failures::FailedAuthLimiter>,
     /// Fleet mode: shared rate-limit counters (kept across reloads while unchanged).
     #[cfg(feature = "redis")]
     pub store: Option<Arc<crate::ratelimit::redis::RedisStore>>,
@@ -111,6 +113,12 @@ impl State {
             previous.and_then(|p| p.store.as_ref()),
         )
         .map_err(BuildError::Store)?;
+        let failed_auth = config.limits.unauthenticated.map(|q| {
+            crate::ratelimit::failures::FailedAuthLimiter::carry_over(
+                q,
+                previous.and_then(|p| p.failed_auth.as_ref()),
+            )
+        });
         let certificates: Vec<tls::CertificateInfo> = config
             .tls
             .iter()
@@ -121,6 +129,7 @@ impl State {
         Ok(State {
             #[cfg(feature = "redis")]
             store,
+            failed_auth,
             certificates,
             config: Arc::new(config),
             keys,

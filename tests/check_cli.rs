@@ -980,6 +980,83 @@ fn keys_hash_reads_the_key_from_stdin_and_never_prints_it() {
     );
 }
 
+/// Config and certificate paths that are not regular files are refused at once, by
+/// name, instead of being read forever (`/dev/zero`) or blocking (a FIFO).
+///
+/// Failing when written: `check` on a config linked to `/dev/zero` read until memory
+/// ran out.
+#[test]
+fn paths_that_are_not_regular_files_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("specter.toml");
+    std::os::unix::fs::symlink("/dev/zero", &link).unwrap();
+    let run = specter(&["check", "--config", link.to_str().unwrap()], None);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        run.stderr
+            .contains("it is a character device, not a regular file"),
+        "{run:?}"
+    );
+
+    let f = Fixture::new(
+        "[tls]\n[[tls.certificates]]\ncert = \"/dev/zero\"\nkey = \"/dev/null\"\n\n\
+         [environments.qa]\nupstream = \"http://127.0.0.1:9001\"\n",
+    );
+    let run = f.check(&[]);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        run.stderr
+            .contains("cannot read /dev/zero: it is a character device"),
+        "{run:?}"
+    );
+}
+
+/// `h2c` can never be listed as an upgrade: specter speaks HTTP/2 itself, and an h2c
+/// tunnel would carry streams no check sees.
+#[test]
+fn h2c_cannot_be_allowed_as_an_upgrade() {
+    let f = Fixture::new(
+        "[environments.qa]\nupstream = \"http://127.0.0.1:9001\"\n\
+         [environments.qa.policy]\nupgrades = [\"websocket\", \"h2c\"]\n",
+    );
+    assert_value_rejected(
+        &f,
+        "upgrades",
+        "\"h2c\"",
+        "environments.qa.policy.upgrades",
+        "speaks HTTP/2 itself",
+    );
+}
+
+/// Values that `run` could not use are refused by `check`, naming the documented range.
+///
+/// Failing when written: `idle_timeout = "1ns"` and `per = "585y"` were accepted, and
+/// panicked every connection and the limiter.
+#[test]
+fn values_outside_their_documented_range_are_refused() {
+    let f = Fixture::new(
+        "[limits]\nidle_timeout = \"1ns\"\n\n[environments.qa]\nupstream = \"http://127.0.0.1:9001\"\n",
+    );
+    assert_value_rejected(
+        &f,
+        "idle_timeout",
+        "\"1ns\"",
+        "limits.idle_timeout",
+        "use between \"1s\" and \"1day\"",
+    );
+    let f = Fixture::new(
+        "[environments.qa]\nupstream = \"http://127.0.0.1:9001\"\n\
+         [environments.qa.rate_limit]\nper_key = { requests = 5, per = \"585y\" }\n",
+    );
+    assert_value_rejected(
+        &f,
+        "per_key",
+        "\"585y\"",
+        "environments.qa.rate_limit.per_key.per",
+        "out of range",
+    );
+}
+
 // --- what `run` would refuse, and parse errors that read right --------------------------
 
 const QA: &str = "[environments.qa]\nupstream = \"http://127.0.0.1:9001\"\n";

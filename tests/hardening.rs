@@ -93,7 +93,10 @@ impl RawResponse {
 
 /// Reads one response (head, then a `Content-Length` body) within `timeout`. `None`
 /// when the connection closed or the time ran out first.
-async fn read_response(stream: &mut TcpStream, timeout: Duration) -> Option<RawResponse> {
+async fn read_response<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    timeout: Duration,
+) -> Option<RawResponse> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut bytes = Vec::new();
     let mut buf = [0u8; 16 * 1024];
@@ -914,6 +917,50 @@ async fn a_stalled_body_gets_408() {
             took >= Duration::from_millis(900) && took <= Duration::from_secs(3),
             "408 after {took:?}"
         );
+    })
+    .await;
+}
+
+/// A body that trickles in (each pause well under `body_read_timeout`) gets 408 once
+/// the whole of it took `body_timeout`, and the upstream never sees it complete.
+///
+/// Failing when written: `body_timeout` did not exist; a client sending one byte a
+/// second held a request open for as long as it liked.
+#[tokio::test]
+async fn a_trickling_body_gets_408_after_body_timeout() {
+    let up = Upstream::start("production").await;
+    let gw = gateway(
+        "body_read_timeout = \"1s\"\nbody_timeout = \"1s\"",
+        &[up.url()],
+    )
+    .await;
+    bounded(Duration::from_secs(10), async {
+        let mut stream = TcpStream::connect(gw.http).await.unwrap();
+        let head = format!(
+            "POST /upload HTTP/1.1\r\nHost: g\r\nx-api-key: {KEY}\r\nContent-Length: 100\r\n\r\n"
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let started = Instant::now();
+        let (mut reader, mut writer) = stream.into_split();
+        let trickle = tokio::spawn(async move {
+            for _ in 0..100 {
+                if writer.write_all(b"x").await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        let response = read_response(&mut reader, Duration::from_secs(5))
+            .await
+            .expect("an answer to the trickling body");
+        let took = started.elapsed();
+        trickle.abort();
+        response.assert_error(408, "request_timeout");
+        assert!(
+            took >= Duration::from_millis(900) && took <= Duration::from_secs(3),
+            "408 after {took:?}"
+        );
+        assert!(up.requests().iter().all(|r| r.body_len < 100));
     })
     .await;
 }

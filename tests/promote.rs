@@ -9,7 +9,8 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use specter::commands::promote::{self, PromoteError};
+use specter::commands::edit::EditError;
+use specter::commands::promote;
 use specter::config::{hex, sha256};
 use tempfile::TempDir;
 
@@ -535,10 +536,10 @@ fn a_file_changed_during_promotion_is_not_overwritten() {
     fs::write(&file, &edited).unwrap();
 
     let err = promote::write_atomically(&file, plan.new_text.as_bytes(), &digest).unwrap_err();
-    assert!(matches!(err, PromoteError::Changed { .. }), "{err:?}");
+    assert!(matches!(err, EditError::Changed { .. }), "{err:?}");
     assert!(err
         .to_string()
-        .contains("the config changed while promoting; run again"));
+        .contains("the config changed since it was read; run again"));
     assert_eq!(
         fs::read_to_string(&file).unwrap(),
         edited,

@@ -302,15 +302,23 @@ async fn hosts_are_enforced() {
     )
     .await;
     assert_eq!(right.status, 200);
-    // Absolute-form target: its authority counts as the host.
+    // Absolute-form target: its authority counts as the host, and must equal Host.
+    let raw_answer = raw(
+        gw.http,
+        b"GET http://evil.example.com/ HTTP/1.1\r\nhost: evil.example.com\r\nx-api-key: spk_production_k\r\nconnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(raw_answer.starts_with("HTTP/1.1 403"), "{raw_answer}");
+    assert!(raw_answer.contains("wrong_host"));
     let raw_answer = raw(
         gw.http,
         b"GET http://evil.example.com/ HTTP/1.1\r\nhost: api.example.com\r\nx-api-key: spk_production_k\r\nconnection: close\r\n\r\n",
         Duration::from_secs(5),
     )
     .await;
-    assert!(raw_answer.starts_with("HTTP/1.1 403"), "{raw_answer}");
-    assert!(raw_answer.contains("wrong_host"));
+    assert!(raw_answer.starts_with("HTTP/1.1 400"), "{raw_answer}");
+    assert!(raw_answer.contains("differs from the Host header"));
     assert_eq!(up.count(), 1);
 }
 

@@ -393,6 +393,80 @@ async fn rejected_configs_keep_the_last_good_one_and_say_where() {
     fx.assert_routed(KEY, "b").await;
 }
 
+/// A config written in place and paused mid-write (its writer still holds it open) is
+/// not loaded, even when the part written so far is valid TOML; it is loaded once the
+/// writer closes it.
+///
+/// Failing when written: the cut file, which lacks the `[policy]` table, was loaded
+/// after the debounce and the denied path answered 200.
+#[tokio::test]
+async fn a_file_paused_mid_write_is_loaded_only_after_its_writer_closes_it() {
+    use std::io::Write;
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    let policy = "[environments.development.policy]\ndeny_paths = [\"/reload\"]\n";
+    let fx = Fixture::start(&(dev_config(&[&a], &[("svc", KEY)]) + policy)).await;
+    fx.watch();
+    fx.get(KEY).await.assert_error(403, "forbidden_path");
+
+    let next = dev_config(&[&b], &[("svc", KEY)]);
+    let mut writer = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&fx.path)
+        .unwrap();
+    writer.write_all(next.as_bytes()).unwrap();
+    writer.flush().unwrap();
+    // Nothing to await: the point is that nothing happens while the writer pauses.
+    tokio::time::sleep(DEBOUNCE * 5).await;
+    assert_eq!(fx.version(), 1, "a half-written file was loaded");
+    fx.get(KEY).await.assert_error(403, "forbidden_path");
+
+    writer.write_all(policy.as_bytes()).unwrap();
+    drop(writer);
+    fx.wait_for_version(2).await;
+    let answer = fx.get(KEY).await;
+    answer.assert_error(403, "forbidden_path");
+    assert_eq!((a.count(), b.count()), (0, 0));
+    assert_eq!(fx.reloads("failure"), 0);
+}
+
+/// A config path that is a device or a FIFO is refused at once, and the next reload of
+/// a regular file works: nothing is read forever, nothing blocks.
+///
+/// Failing when written: `/dev/zero` was read until memory ran out and a FIFO blocked
+/// the reload until a writer appeared.
+#[tokio::test]
+async fn a_config_path_that_is_not_a_regular_file_is_refused_without_blocking() {
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    let fx = Fixture::start(&dev_config(&[&a], &[("svc", KEY)])).await;
+    let swap_in = |target: &Path| {
+        let link = fx.path.with_file_name(".link");
+        symlink(target, &link).unwrap();
+        std::fs::rename(&link, &fx.path).unwrap();
+    };
+
+    swap_in(Path::new("/dev/zero"));
+    let error = fx.reload_now().await.unwrap_err();
+    assert!(
+        error.contains("character device, not a regular file"),
+        "{error}"
+    );
+
+    let fifo = fx.path.with_file_name("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    swap_in(&fifo);
+    let error = tokio::time::timeout(DEADLINE, fx.reload_now())
+        .await
+        .expect("a FIFO with no writer blocked the reload")
+        .unwrap_err();
+    assert!(error.contains("FIFO"), "{error}");
+
+    write_and_rename(&fx.path, &dev_config(&[&b], &[("svc", KEY)]));
+    assert_eq!(fx.reload_now().await, Ok(2));
+    fx.assert_routed(KEY, "b").await;
+}
+
 /// After a rejected reload: version 1 still serves (to upstream `a`) and `/config`
 /// reports the error. Returns the error text.
 async fn rejected_error(fx: &Fixture) -> String {

@@ -1,6 +1,24 @@
-//! `specter keys`: mint keys and turn keys into the TOML blocks that store their hash.
+//! `specter keys`: mint keys and turn keys into the TOML blocks that store their hash;
+//! add, revoke, rotate and list the keys of a config file.
+//!
+//! - `change`: `add`, `revoke`, `rotate`, edits through `commands::edit`
+//! - `entries`: an environment's keys inside the `toml_edit` document
+//! - `list`: the keys with their state and, from a running gateway, their usage
+//! - `when`: the time arguments and the date-times written into the file
+
+mod change;
+mod entries;
+mod list;
+mod plan;
+pub mod when;
 
 use rand::Rng;
+
+pub use change::{
+    add, plan_add, plan_revoke, plan_rotate, revoke, rotate, AddRequest, EditOptions, RotateRequest,
+};
+pub use list::{list, ListRequest, State};
+pub use plan::Plan;
 
 use crate::config::{hex, sha256, valid_environment_name, valid_key_id};
 
@@ -24,6 +42,31 @@ pub enum KeysError {
     Empty,
     #[error("reading standard input: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Edit(Box<crate::commands::edit::EditError>),
+    #[error("no key \"{id}\" in environment {env}; {known}")]
+    UnknownKey {
+        id: String,
+        env: String,
+        known: String,
+    },
+    #[error("key id \"{id}\" is already used in {env}; pass another --id, or leave it out to get a free one")]
+    IdTaken { id: String, env: String },
+    #[error("the key on standard input is an spk_{named}_... key, for environment {named}, not {env}; a key belongs to one environment: pass --env {named}, or mint a new key for {env}")]
+    WrongEnvironment { named: String, env: String },
+    #[error("not_before {not_before} is not earlier than not_after {not_after}; the key could never be used")]
+    Window {
+        not_before: String,
+        not_after: String,
+    },
+    #[error("key \"{id}\" in {env} is staged (not_before {not_before}) and would end before it starts; it never worked, so remove it with `specter keys revoke --env {env} --id {id} --remove` and add a new one")]
+    StagedRotation {
+        id: String,
+        env: String,
+        not_before: String,
+    },
+    #[error(transparent)]
+    Usage(#[from] UsageError),
 }
 
 /// A fresh key `spk_<env>_<random>` from the OS-seeded CSPRNG.
@@ -97,23 +140,7 @@ fn environment_of(key: &str) -> Option<&str> {
 /// `keys usage`: per-key request counts and last-seen times from a running gateway's
 /// admin `/keys`, as a table.
 pub async fn usage(admin: &str) -> Result<String, UsageError> {
-    use http_body_util::BodyExt;
-    let stream = tokio::net::TcpStream::connect(admin)
-        .await
-        .map_err(|e| UsageError::Connect(admin.to_owned(), e))?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
-    let request = http::Request::get("/keys")
-        .header(http::header::HOST, admin)
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .expect("static request");
-    let response = sender.send_request(request).await?;
-    if !response.status().is_success() {
-        return Err(UsageError::Status(response.status()));
-    }
-    let body = response.into_body().collect().await?.to_bytes();
-    let rows: Vec<crate::admin::KeyRow> = serde_json::from_slice(&body)?;
+    let rows = fetch_rows(admin).await?;
     let text = |v: &Option<String>| v.as_deref().unwrap_or("-").to_owned();
     let mut out = format!(
         "{:<14} {:<24} {:>10}  {:<22} {:<16} {}\n",
@@ -131,6 +158,27 @@ pub async fn usage(admin: &str) -> Result<String, UsageError> {
         ));
     }
     Ok(out)
+}
+
+/// The rows of a running gateway's admin `/keys`.
+async fn fetch_rows(admin: &str) -> Result<Vec<crate::admin::KeyRow>, UsageError> {
+    use http_body_util::BodyExt;
+    let stream = tokio::net::TcpStream::connect(admin)
+        .await
+        .map_err(|e| UsageError::Connect(admin.to_owned(), e))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let request = http::Request::get("/keys")
+        .header(http::header::HOST, admin)
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .expect("static request");
+    let response = sender.send_request(request).await?;
+    if !response.status().is_success() {
+        return Err(UsageError::Status(response.status()));
+    }
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok(serde_json::from_slice(&body)?)
 }
 
 #[derive(Debug, thiserror::Error)]

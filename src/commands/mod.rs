@@ -5,5 +5,6 @@ pub mod certs;
 pub mod check;
 pub mod demo;
 pub mod demo_config;
+pub mod edit;
 pub mod keys;
 pub mod promote;

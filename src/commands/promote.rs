@@ -7,26 +7,27 @@
 //! written, and the write is atomic (temp file + rename) so a running gateway's watcher
 //! only ever sees the old file or the whole new one.
 //!
-//! - `document`: parsing that keeps the layout; finding environments however they
-//!   are written; settings as comparable leaves; the edit itself
-//! - `render`: unified diff, summary line, side-by-side table
-//! - `write`: the atomic replace that refuses when the file changed underneath
+//! Reading, validating, diffing and the atomic write are `commands::edit`, shared with
+//! `specter keys`.
+//!
+//! - `document`: settings as comparable leaves; the edit itself
+//! - `render`: summary line, side-by-side table
 //! - `loosening`: the changes that weaken a security-relevant setting
 
 mod document;
 pub mod loosening;
 mod render;
-mod write;
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::str::FromStr;
 
 use toml_edit::DocumentMut;
 
-use crate::config::{self, hex, sha256, ConfigErrors, KeyDigest};
+use super::edit::{self, EditError};
+use crate::config::hex;
 
-pub use write::write_atomically;
+pub use edit::{read_config, write_atomically};
 
 /// A group of settings that promotion carries from one environment to another.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -117,48 +118,8 @@ impl FromStr for Only {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PromoteError {
-    #[error("cannot read {}: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{}: the file is not UTF-8 ({source}); save it as UTF-8", path.display())]
-    NotUtf8 {
-        path: PathBuf,
-        #[source]
-        source: std::string::FromUtf8Error,
-    },
-    #[error("{}:{line}:{col}: not valid TOML: {}", path.display(), source.message().trim_end())]
-    Unparsable {
-        path: PathBuf,
-        line: usize,
-        col: usize,
-        #[source]
-        source: Box<toml_edit::TomlError>,
-    },
-    #[error("{}:{line}: this line would be rewritten even without any change, so the file's layout could not be kept (dotted keys of one table split by other keys?); group them and run again", path.display())]
-    Layout { path: PathBuf, line: usize },
-    #[error("unknown environment \"{name}\"; {} has: {known}", path.display())]
-    UnknownEnvironment {
-        name: String,
-        path: PathBuf,
-        known: String,
-    },
     #[error("\"{0}\" is both FROM and TO; name two different environments")]
     SameEnvironment(String),
-    #[error(
-        "promoting {from} onto {to} would leave an invalid config{}, so nothing was written; \
-         line:col below refer to the file as it would be after promotion:\n{source}",
-        if *already_invalid { " (the current file fails `specter check` too)" } else { "" }
-    )]
-    Invalid {
-        from: String,
-        to: String,
-        already_invalid: bool,
-        #[source]
-        source: ConfigErrors,
-    },
     #[error(
         "promoting {from} onto {to} loosens security-relevant settings of {to}, so nothing was written:\n{}\nreview them, then run again with --allow-removals",
         render::loosenings(list)
@@ -174,14 +135,8 @@ pub enum PromoteError {
         to: String,
         only: String,
     },
-    #[error("the config changed while promoting; run again ({} was left as it is)", path.display())]
-    Changed { path: PathBuf },
-    #[error("cannot write {}: {source}; the file was left as it was", path.display())]
-    Write {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Edit(#[from] EditError),
 }
 
 /// One promotable setting (a leaf such as `rate_limit.per_key.burst`) in two
@@ -221,7 +176,7 @@ impl Promotion {
     /// Line-based unified diff of the config file, old against new.
     pub fn unified_diff(&self, path: &Path, colour: bool) -> String {
         let label = format!("(after promoting {} onto {})", self.from, self.to);
-        render::unified_diff(&self.old_text, &self.new_text, path, &label, colour)
+        edit::unified_diff(&self.old_text, &self.new_text, path, &label, colour)
     }
 }
 
@@ -250,7 +205,7 @@ pub fn plan_only(
     if from == to {
         return Err(PromoteError::SameEnvironment(from.to_owned()));
     }
-    let (mut doc, ends) = document::parse(text, path)?;
+    let (mut doc, ends) = edit::document::parse(text, path)?;
     let source = environment(&doc, from, path)?.clone();
     let target = environment(&doc, to, path)?;
     let groups: Vec<Group> = only
@@ -286,7 +241,7 @@ pub fn plan_only(
         document::take_key(&mut wanted_source, &source, top, key);
     }
     changes.retain(Setting::differs);
-    let target = document::environment_mut(&mut doc, to).expect("looked up above");
+    let target = edit::document::environment_mut(&mut doc, to).expect("looked up above");
     for key in keys(&groups) {
         document::sync(target, &source, key);
     }
@@ -304,7 +259,8 @@ pub fn plan_only(
         ends.render(&doc)
     };
     if new_text != text {
-        validate(&new_text, text, path, from, to)?;
+        let action = || format!("promoting {from} onto {to}");
+        edit::validate(&new_text, text, path, action, "promotion")?;
     }
     Ok(Promotion {
         from: from.to_owned(),
@@ -318,7 +274,7 @@ pub fn plan_only(
 
 /// Every promotable setting of `a` (left) and `b` (right), in group order.
 pub fn compare(text: &str, path: &Path, a: &str, b: &str) -> Result<Vec<Setting>, PromoteError> {
-    let (doc, _) = document::parse(text, path)?;
+    let (doc, _) = edit::document::parse(text, path)?;
     let (left, right) = (environment(&doc, a, path)?, environment(&doc, b, path)?);
     Ok(document::compare(left, right, &keys(&Group::ALL)))
 }
@@ -428,20 +384,6 @@ pub fn run_diff(
     Ok(())
 }
 
-/// The file's text and the SHA-256 of its bytes as read.
-pub fn read_config(path: &Path) -> Result<(String, KeyDigest), PromoteError> {
-    let bytes = std::fs::read(path).map_err(|source| PromoteError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let digest = sha256(&bytes);
-    let text = String::from_utf8(bytes).map_err(|source| PromoteError::NotUtf8 {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    Ok((text, digest))
-}
-
 fn keys(groups: &[Group]) -> Vec<&'static str> {
     let mut groups = groups.to_vec();
     groups.sort();
@@ -457,34 +399,5 @@ fn environment<'d>(
     name: &str,
     path: &Path,
 ) -> Result<&'d toml_edit::Item, PromoteError> {
-    document::environment(doc, name).ok_or_else(|| {
-        let known = document::environment_names(doc);
-        PromoteError::UnknownEnvironment {
-            name: name.to_owned(),
-            path: path.to_path_buf(),
-            known: if known.is_empty() {
-                "no environments".to_owned()
-            } else {
-                known.join(", ")
-            },
-        }
-    })
-}
-
-fn validate(
-    new_text: &str,
-    old_text: &str,
-    path: &Path,
-    from: &str,
-    to: &str,
-) -> Result<(), PromoteError> {
-    match config::parse(new_text, path) {
-        Ok(_) => Ok(()),
-        Err(source) => Err(PromoteError::Invalid {
-            from: from.to_owned(),
-            to: to.to_owned(),
-            already_invalid: config::parse(old_text, path).is_err(),
-            source,
-        }),
-    }
+    Ok(edit::document::require_environment(doc, name, path)?)
 }

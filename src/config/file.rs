@@ -43,6 +43,9 @@ pub struct RawLimits {
     pub max_headers: Option<Spanned<i64>>,
     pub shutdown_grace: Option<Spanned<String>>,
     pub body_read_timeout: Option<Spanned<String>>,
+    pub body_timeout: Option<Spanned<String>>,
+    pub max_connections_per_ip: Option<Spanned<i64>>,
+    pub unauthenticated: Option<Spanned<RawQuota>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -120,6 +123,12 @@ pub struct RawPolicy {
     pub request_headers: RawHeaderRules,
     #[serde(default)]
     pub response_headers: RawHeaderRules,
+    #[serde(default)]
+    pub upgrades: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub case_insensitive_paths: bool,
+    #[serde(default)]
+    pub allow_underscore_headers: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]

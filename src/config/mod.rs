@@ -4,6 +4,7 @@
 pub mod error;
 pub mod file;
 pub mod policy_view;
+pub mod read;
 mod syntax;
 mod validate;
 
@@ -17,7 +18,7 @@ use http::{HeaderValue, Method, Uri};
 use ipnet::IpNet;
 
 pub use error::{ConfigError, ConfigErrors, ConfigWarning};
-pub use validate::KEY_EXPIRY_WARNING;
+pub use validate::{range, KEY_EXPIRY_WARNING};
 
 /// SHA-256 digest of an API key: the only form in which keys are stored.
 pub type KeyDigest = [u8; 32];
@@ -60,6 +61,13 @@ pub struct LimitsConfig {
     pub shutdown_grace: Duration,
     /// Longest pause between two pieces of a client's request body (408 when exceeded).
     pub body_read_timeout: Duration,
+    /// Longest a whole request body may take (408 when exceeded); `None`: no bound
+    /// beyond `body_read_timeout` per pause.
+    pub body_timeout: Option<Duration>,
+    /// Connections one client address may hold at once; `None`: only `max_connections`.
+    pub max_connections_per_ip: Option<usize>,
+    /// Failed authentications a client address may make (429 beyond); `None`: no limit.
+    pub unauthenticated: Option<QuotaConfig>,
 }
 
 impl Default for LimitsConfig {
@@ -72,6 +80,9 @@ impl Default for LimitsConfig {
             max_headers: 100,
             shutdown_grace: Duration::from_secs(30),
             body_read_timeout: Duration::from_secs(30),
+            body_timeout: None,
+            max_connections_per_ip: None,
+            unauthenticated: None,
         }
     }
 }
@@ -193,6 +204,15 @@ pub struct PolicyConfig {
     pub max_body: Option<u64>,
     pub request_headers: HeaderRules,
     pub response_headers: HeaderRules,
+    /// `Upgrade` protocols tunnelled besides `websocket`, lower-case (never `h2c`): a
+    /// tunnel's bytes are opaque to the policy, so each protocol is an explicit choice.
+    pub upgrades: Vec<String>,
+    /// Path rules ignore ASCII case, for upstreams that do (IIS, case-folding routers).
+    pub case_insensitive_paths: bool,
+    /// Forward request headers whose name has a `_` (dropped by default: CGI and WSGI
+    /// upstreams read `x_a` and `x-a` as one variable). Never one that spells a
+    /// gateway-owned header.
+    pub allow_underscore_headers: bool,
 }
 
 impl Default for PolicyConfig {
@@ -205,6 +225,9 @@ impl Default for PolicyConfig {
             max_body: None,
             request_headers: HeaderRules::default(),
             response_headers: HeaderRules::default(),
+            upgrades: Vec::new(),
+            case_insensitive_paths: false,
+            allow_underscore_headers: false,
         }
     }
 }
@@ -266,7 +289,7 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigErrors> {
 }
 
 pub fn load_with(path: &Path, options: CheckOptions) -> Result<Loaded, ConfigErrors> {
-    let bytes = std::fs::read(path).map_err(|e| {
+    let bytes = read::read_regular(path).map_err(|e| {
         ConfigErrors(vec![ConfigError {
             file: path.to_path_buf(),
             line: 1,

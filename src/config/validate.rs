@@ -41,6 +41,34 @@ const RESERVED_HEADERS: &[&str] = &[
     "x-specter-client-cert-subject",
 ];
 
+/// The documented range of every duration and size (README, "Value ranges"): any value
+/// `check` accepts is one `run` can use, on timers, clocks and limiters alike.
+pub mod range {
+    use std::time::Duration;
+
+    const fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+    const fn s(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+    const DAY: u64 = 86_400;
+
+    pub const HEADER_READ_TIMEOUT: (Duration, Duration) = (ms(100), s(3600));
+    /// The idle watchdog ticks at a quarter of it.
+    pub const IDLE_TIMEOUT: (Duration, Duration) = (s(1), s(DAY));
+    pub const SHUTDOWN_GRACE: (Duration, Duration) = (ms(1), s(3600));
+    pub const BODY_READ_TIMEOUT: (Duration, Duration) = (ms(100), s(3600));
+    pub const BODY_TIMEOUT: (Duration, Duration) = (s(1), s(DAY));
+    pub const CONNECT_TIMEOUT: (Duration, Duration) = (ms(1), s(300));
+    pub const REQUEST_TIMEOUT: (Duration, Duration) = (ms(1), s(DAY));
+    pub const STORE_TIMEOUT: (Duration, Duration) = (ms(1), s(10));
+    pub const RATE_PER: (Duration, Duration) = (ms(1), s(366 * DAY));
+    /// How long a drained bucket may take to refill (burst x per / requests).
+    pub const RATE_BUCKET_DEPTH: Duration = s(100 * 366 * DAY);
+    pub const MAX_BODY: u64 = 1 << 40;
+}
+
 pub fn parse_and_validate(
     text: &str,
     path: &Path,
@@ -178,11 +206,14 @@ impl Validator<'_> {
         if let Some(d) = &raw.header_read_timeout {
             keep(
                 &mut l.header_read_timeout,
-                self.duration("limits.header_read_timeout", d),
+                self.duration_in("limits.header_read_timeout", d, range::HEADER_READ_TIMEOUT),
             );
         }
         if let Some(d) = &raw.idle_timeout {
-            keep(&mut l.idle_timeout, self.duration("limits.idle_timeout", d));
+            keep(
+                &mut l.idle_timeout,
+                self.duration_in("limits.idle_timeout", d, range::IDLE_TIMEOUT),
+            );
         }
         if let Some(s) = &raw.max_header_bytes {
             let bytes = match self.size("limits.max_header_bytes", s) {
@@ -204,14 +235,26 @@ impl Validator<'_> {
         if let Some(d) = &raw.shutdown_grace {
             keep(
                 &mut l.shutdown_grace,
-                self.duration("limits.shutdown_grace", d),
+                self.duration_in("limits.shutdown_grace", d, range::SHUTDOWN_GRACE),
             );
         }
         if let Some(d) = &raw.body_read_timeout {
             keep(
                 &mut l.body_read_timeout,
-                self.duration("limits.body_read_timeout", d),
+                self.duration_in("limits.body_read_timeout", d, range::BODY_READ_TIMEOUT),
             );
+        }
+        if let Some(n) = &raw.max_connections_per_ip {
+            let n = self.positive("limits.max_connections_per_ip", n, 1 << 24);
+            keep(&mut l.max_connections_per_ip, n.map(|n| Some(n as usize)));
+        }
+        if let Some(q) = &raw.unauthenticated {
+            let q = self.quota("limits.unauthenticated", q);
+            keep(&mut l.unauthenticated, q.map(Some));
+        }
+        if let Some(d) = &raw.body_timeout {
+            let whole = self.duration_in("limits.body_timeout", d, range::BODY_TIMEOUT);
+            keep(&mut l.body_timeout, whole.map(Some));
         }
         (self.errors.len() == before).then_some(l)
     }
@@ -331,11 +374,13 @@ impl Validator<'_> {
             &format!("environments.{n}.connect_timeout"),
             &e.connect_timeout,
             Duration::from_secs(2),
+            range::CONNECT_TIMEOUT,
         );
         let request_timeout = self.duration_or(
             &format!("environments.{n}.request_timeout"),
             &e.request_timeout,
             Duration::from_secs(30),
+            range::REQUEST_TIMEOUT,
         );
         let upstream_ca = e.upstream_ca.as_ref().and_then(|ca| {
             let path = PathBuf::from(ca.get_ref());
@@ -514,16 +559,24 @@ impl Validator<'_> {
     fn quota(&mut self, path: &str, raw: &Spanned<RawQuota>) -> Option<QuotaConfig> {
         let q = raw.get_ref();
         let requests = self.positive(&format!("{path}.requests"), &q.requests, u32::MAX as i64);
-        let per = self.duration(&format!("{path}.per"), &q.per);
+        let per = self.duration_in(&format!("{path}.per"), &q.per, range::RATE_PER);
         let burst = match &q.burst {
             Some(b) => self.positive(&format!("{path}.burst"), b, u32::MAX as i64),
             None => requests,
         };
         let (requests, per, burst) = (requests?, per?, burst?);
-        if per.as_nanos() / requests as u128 == 0 {
+        let interval = per.as_nanos() / requests as u128;
+        if interval == 0 {
             return self.fail(
                 q.per.span(),
                 format!("{path}: {requests} requests per \"{}\" is finer than one per nanosecond; use a longer `per`", q.per.get_ref()),
+            );
+        }
+        // The bucket's depth in time must fit the limiters' nanosecond arithmetic.
+        if interval * burst as u128 > range::RATE_BUCKET_DEPTH.as_nanos() {
+            return self.fail(
+                q.per.span(),
+                format!("{path}: a burst of {burst} at {requests} per \"{}\" takes longer than 100 years to refill; raise `requests` or lower `burst`", q.per.get_ref()),
             );
         }
         Some(QuotaConfig {
@@ -562,10 +615,26 @@ impl Validator<'_> {
             .max_body
             .as_ref()
             .and_then(|s| self.size(&format!("{p}.max_body"), s));
+        if let (Some(size), Some(raw)) = (max_body, &raw.max_body) {
+            if size > range::MAX_BODY {
+                self.fail::<()>(
+                    raw.span(),
+                    format!(
+                        "{p}.max_body: \"{}\" is out of range; use at most \"1TiB\"",
+                        raw.get_ref()
+                    ),
+                );
+            }
+        }
         let request_headers =
             self.header_rules(&format!("{p}.request_headers"), &raw.request_headers);
         let response_headers =
             self.header_rules(&format!("{p}.response_headers"), &raw.response_headers);
+        let upgrades = raw
+            .upgrades
+            .iter()
+            .filter_map(|u| self.upgrade(&format!("{p}.upgrades"), u))
+            .collect();
         if self.errors.len() != before {
             return None;
         }
@@ -577,7 +646,31 @@ impl Validator<'_> {
             max_body,
             request_headers: request_headers?,
             response_headers: response_headers?,
+            upgrades,
+            case_insensitive_paths: raw.case_insensitive_paths,
+            allow_underscore_headers: raw.allow_underscore_headers,
         })
+    }
+
+    fn upgrade(&mut self, path: &str, raw: &Spanned<String>) -> Option<String> {
+        let token = raw.get_ref().to_ascii_lowercase();
+        let name = token.split('/').next().unwrap_or_default();
+        if name == "h2c" {
+            return self.fail(
+                raw.span(),
+                format!("{path}: \"{}\" is always refused: specter speaks HTTP/2 itself (TLS with ALPN, or prior knowledge); remove it", raw.get_ref()),
+            );
+        }
+        if name.is_empty() || HeaderName::from_bytes(name.as_bytes()).is_err() {
+            return self.fail(
+                raw.span(),
+                format!(
+                    "{path}: \"{}\" is not an Upgrade protocol name; write e.g. \"websocket\"",
+                    raw.get_ref()
+                ),
+            );
+        }
+        Some(name.to_owned())
     }
 
     fn method(&mut self, path: &str, raw: &Spanned<String>) -> Option<Method> {
@@ -855,6 +948,7 @@ impl Validator<'_> {
             "rate_limit_store.timeout",
             &s.timeout,
             Duration::from_millis(20),
+            range::STORE_TIMEOUT,
         );
         let on_error = match s.on_error.as_ref().map(|m| m.get_ref().as_str()) {
             None | Some("local") => Some(StoreErrorMode::Local),
@@ -874,16 +968,32 @@ impl Validator<'_> {
 
     // --- scalar helpers -----------------------------------------------------------
 
-    fn duration(&mut self, path: &str, raw: &Spanned<String>) -> Option<Duration> {
+    /// A duration within `range` (the README's "Value ranges" table).
+    fn duration_in(
+        &mut self,
+        path: &str,
+        raw: &Spanned<String>,
+        range: (Duration, Duration),
+    ) -> Option<Duration> {
+        let (min, max) = range;
         match humantime::parse_duration(raw.get_ref()) {
-            Ok(d) if !d.is_zero() => Some(d),
-            Ok(_) => self.fail(
+            Ok(d) if d.is_zero() => self.fail(
                 raw.span(),
                 format!(
                     "{path}: \"{}\" is zero; use a positive duration such as \"2s\"",
                     raw.get_ref()
                 ),
             ),
+            Ok(d) if d < min || d > max => self.fail(
+                raw.span(),
+                format!(
+                    "{path}: \"{}\" is out of range; use between \"{}\" and \"{}\"",
+                    raw.get_ref(),
+                    humantime::format_duration(min),
+                    humantime::format_duration(max)
+                ),
+            ),
+            Ok(d) => Some(d),
             Err(e) => self.fail(
                 raw.span(),
                 format!(
@@ -899,9 +1009,10 @@ impl Validator<'_> {
         path: &str,
         raw: &Option<Spanned<String>>,
         default: Duration,
+        range: (Duration, Duration),
     ) -> Option<Duration> {
         match raw {
-            Some(d) => self.duration(path, d),
+            Some(d) => self.duration_in(path, d, range),
             None => Some(default),
         }
     }

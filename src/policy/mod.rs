@@ -49,18 +49,50 @@ impl Policy {
         }
     }
 
-    /// `path` must already be in normal form ([`path::normalize_path`]).
+    /// `path` must already be in normal form ([`path::normalize_path`]). Rules match it
+    /// with each segment's `;parameters` removed, since Java servlet containers route
+    /// `/a;jsessionid=1/b` as `/a/b`; the upstream still receives the path as sent.
     pub fn check_path(&self, path: &str) -> Result<(), GatewayError> {
-        let allowed = self
-            .config
-            .allow_paths
-            .iter()
-            .any(|p| path_matches(path, p));
-        let denied = self.config.deny_paths.iter().any(|p| path_matches(path, p));
+        let stripped;
+        let path = if path.contains(';') {
+            stripped = path::without_parameters(path);
+            stripped.as_str()
+        } else {
+            path
+        };
+        let fold = self.config.case_insensitive_paths;
+        let matches = |p: &String| path_matches(path, p, fold);
+        let allowed = self.config.allow_paths.iter().any(matches);
+        let denied = self.config.deny_paths.iter().any(matches);
         if allowed && !denied {
             Ok(())
         } else {
             Err(GatewayError::ForbiddenPath)
+        }
+    }
+
+    /// A tunnel's bytes are never seen by the policy again: only `websocket` and the
+    /// protocols the environment lists may open one. Every protocol offered must be one.
+    pub fn check_upgrade(&self, offered: &HeaderValue) -> Result<(), GatewayError> {
+        let allowed = |name: &str| {
+            name.eq_ignore_ascii_case("websocket")
+                || self
+                    .config
+                    .upgrades
+                    .iter()
+                    .any(|u| u.eq_ignore_ascii_case(name))
+        };
+        let ok = offered.to_str().is_ok_and(|v| {
+            v.split(',')
+                .map(|p| p.trim().split('/').next().unwrap_or_default())
+                .all(allowed)
+        });
+        if ok {
+            Ok(())
+        } else {
+            Err(GatewayError::BadRequest(
+                "this Upgrade protocol is not allowed here; the environment must list it in policy.upgrades",
+            ))
         }
     }
 
@@ -89,11 +121,17 @@ pub fn prefix_form(normalized: &str) -> String {
     }
 }
 
-/// Prefix match on whole segments: `/v1` matches `/v1` and `/v1/x`, never `/v10`.
-pub fn path_matches(path: &str, prefix: &str) -> bool {
-    prefix == "/"
-        || (path.starts_with(prefix)
-            && matches!(path.as_bytes().get(prefix.len()), None | Some(b'/')))
+/// Prefix match on whole segments: `/v1` matches `/v1` and `/v1/x`, never `/v10`;
+/// `fold` ignores ASCII case.
+pub fn path_matches(path: &str, prefix: &str, fold: bool) -> bool {
+    let (path, prefix) = (path.as_bytes(), prefix.as_bytes());
+    let head = &path[..prefix.len().min(path.len())];
+    let same = if fold {
+        head.eq_ignore_ascii_case(prefix)
+    } else {
+        head == prefix
+    };
+    prefix == b"/" || (same && matches!(path.get(prefix.len()), None | Some(b'/')))
 }
 
 /// An IPv4 client seen through an IPv6 socket (`::ffff:a.b.c.d`) is that IPv4 client.
@@ -171,12 +209,64 @@ mod tests {
 
     #[test]
     fn segment_prefixes() {
-        assert!(path_matches("/v1", "/v1"));
-        assert!(path_matches("/v1/x", "/v1"));
-        assert!(!path_matches("/v10", "/v1"));
-        assert!(path_matches("/anything", "/"));
+        assert!(path_matches("/v1", "/v1", false));
+        assert!(path_matches("/v1/x", "/v1", false));
+        assert!(!path_matches("/v10", "/v1", false));
+        assert!(path_matches("/anything", "/", false));
+        assert!(!path_matches("/V1/x", "/v1", false));
+        assert!(path_matches("/V1/x", "/v1", true));
+        assert!(!path_matches("/v", "/v1", true));
         assert_eq!(prefix_form("/v1/"), "/v1");
         assert_eq!(prefix_form("/"), "/");
+    }
+
+    #[test]
+    fn path_parameters_and_case_do_not_hide_a_denied_path() {
+        let policy = |fold| {
+            Policy::new(PolicyConfig {
+                deny_paths: vec!["/v1/admin".to_owned(), "/v1/internal".to_owned()],
+                case_insensitive_paths: fold,
+                ..PolicyConfig::default()
+            })
+        };
+        let (exact, folding) = (policy(false), policy(true));
+        for path in [
+            "/v1/admin;x/y",
+            "/v1/internal;jsessionid=1/secret",
+            "/v1;a/admin;b",
+            "/v1/;x/admin",
+        ] {
+            assert!(exact.check_path(path).is_err(), "{path}");
+        }
+        assert!(exact.check_path("/v1/admins;x").is_ok());
+        assert!(
+            exact.check_path("/V1/Admin/y").is_ok(),
+            "case-sensitive by default"
+        );
+        assert!(folding.check_path("/V1/Admin/y").is_err());
+        assert!(folding.check_path("/V1/ADMIN;x/y").is_err());
+    }
+
+    #[test]
+    fn only_websocket_and_listed_protocols_may_upgrade() {
+        let policy = Policy::new(PolicyConfig {
+            upgrades: vec!["tcp".to_owned()],
+            ..PolicyConfig::default()
+        });
+        for ok in ["websocket", "WebSocket", "tcp/1", "websocket, tcp"] {
+            assert!(
+                policy.check_upgrade(&HeaderValue::from_static(ok)).is_ok(),
+                "{ok}"
+            );
+        }
+        for refused in ["h2c", "websocket, h2c", "foo", ""] {
+            assert!(
+                policy
+                    .check_upgrade(&HeaderValue::from_static(refused))
+                    .is_err(),
+                "{refused}"
+            );
+        }
     }
 
     #[test]

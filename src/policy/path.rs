@@ -80,8 +80,25 @@ pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, PathError> {
     Ok(Cow::Owned(result))
 }
 
+/// The path with every segment's `;parameters` removed (and segments left empty by
+/// that collapsed), as a servlet container routes it: `/a;x=1/b` -> `/a/b`.
+pub fn without_parameters(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for segment in path.split('/').skip(1) {
+        let segment = segment.split(';').next().unwrap_or_default();
+        if !segment.is_empty() {
+            out.push('/');
+            out.push_str(segment);
+        }
+    }
+    if out.is_empty() || path.ends_with('/') {
+        out.push('/');
+    }
+    out
+}
+
 fn decode_unreserved(bytes: &[u8]) -> Result<String, PathError> {
-    let mut out = String::with_capacity(bytes.len());
+    let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
         match bytes[i] {
@@ -95,22 +112,27 @@ fn decode_unreserved(bytes: &[u8]) -> Result<String, PathError> {
                 let b = hi << 4 | lo;
                 match b {
                     b'/' | b'\\' | 0 => return Err(PathError::Encoded),
-                    b if is_unreserved(b) => out.push(b as char),
+                    b if is_unreserved(b) => out.push(b),
                     b => {
-                        out.push('%');
-                        out.push_str(&format!("{b:02X}"));
+                        const HEX: &[u8; 16] = b"0123456789ABCDEF";
+                        out.extend_from_slice(&[
+                            b'%',
+                            HEX[(b >> 4) as usize],
+                            HEX[(b & 0xf) as usize],
+                        ]);
                     }
                 }
                 i += 3;
             }
+            // Bytes pass through as they are: a UTF-8 path stays the same UTF-8.
             b => {
-                // Non-ASCII cannot occur: `http::Uri` only admits ASCII paths.
-                out.push(b as char);
+                out.push(b);
                 i += 1;
             }
         }
     }
-    Ok(out)
+    // Only ASCII replaced ASCII escapes, so the UTF-8 of the input is intact.
+    String::from_utf8(out).map_err(|_| PathError::Encoded)
 }
 
 #[cfg(test)]
@@ -137,6 +159,7 @@ mod tests {
             ("/v1/a%c3%a9", "/v1/a%C3%A9"),
             ("/..", "/"),
             ("/v1//..//x", "/x"),
+            ("/v1/caf\u{e9}/./x", "/v1/caf\u{e9}/x"),
         ];
         for (input, want) in cases {
             assert_eq!(normalize_path(input).as_deref(), Ok(want), "{input}");

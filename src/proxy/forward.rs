@@ -2,7 +2,9 @@
 
 use std::net::IpAddr;
 
-use http::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, HOST};
+use http::header::{
+    HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, FORWARDED, HOST,
+};
 
 use crate::auth::KeySource;
 use crate::config::HeaderRules;
@@ -42,15 +44,56 @@ fn named_by_connection(headers: &HeaderMap, name: &HeaderName) -> bool {
 }
 
 /// Headers only the gateway may set: a client's copy never reaches the upstream.
-const GATEWAY_SET: [HeaderName; 7] = [
+/// (`X-Forwarded-For` and `Forwarded` from a trusted proxy are read first and extended.)
+const GATEWAY_SET: [HeaderName; 9] = [
     X_FORWARDED_FOR,
     X_FORWARDED_PROTO,
     X_FORWARDED_HOST,
+    X_REAL_IP,
+    FORWARDED,
     X_SPECTER_ENVIRONMENT,
     X_SPECTER_KEY_ID,
     X_SPECTER_CLIENT_CERT_SUBJECT,
     HOST,
 ];
+
+/// Headers in which a proxy tells its upstream about the client or the original
+/// request. Believed only from `trusted_proxies`: from anyone else they are forgeries
+/// (`X-Original-URL` even re-routes Symfony and IIS upstreams past path rules).
+fn forwarding_header(name: &str) -> bool {
+    name.starts_with("x-forwarded-")
+        || matches!(
+            name,
+            "forwarded" | "x-real-ip" | "x-original-url" | "x-rewrite-url" | "x-host"
+        )
+}
+
+/// `a` spells `b` once `_` is read as `-`, as CGI and WSGI upstreams read header names.
+fn spells(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(x, y)| x == y || (*x == b'_' && *y == b'-'))
+}
+
+/// A header name with `_` that an upstream may read as one the gateway owns.
+fn spells_gateway_owned(name: &str, auth_header: &HeaderName) -> bool {
+    let n = name.as_bytes();
+    let prefixed = |p: &str| n.len() > p.len() && spells(&n[..p.len()], p.as_bytes());
+    prefixed("x-specter-")
+        || prefixed("x-forwarded-")
+        || [
+            "forwarded",
+            "x-real-ip",
+            "x-original-url",
+            "x-rewrite-url",
+            "x-host",
+            "x-request-id",
+        ]
+        .iter()
+        .any(|owned| spells(n, owned.as_bytes()))
+        || spells(n, auth_header.as_str().as_bytes())
+}
 
 /// What the gateway knows about a request that the upstream must be told.
 pub struct Forwarded<'a> {
@@ -59,9 +102,12 @@ pub struct Forwarded<'a> {
     pub client_ip: IpAddr,
     /// The address that connected to the gateway.
     pub peer_ip: IpAddr,
-    /// The peer is a trusted proxy: extend its `X-Forwarded-For` with the peer's address
-    /// instead of replacing it with the client's.
-    pub extend_forwarded_for: bool,
+    /// The peer is a trusted proxy: its forwarding headers are believed, and its
+    /// `X-Forwarded-For` and `Forwarded` extended with the peer's address instead of
+    /// replaced.
+    pub trusted_peer: bool,
+    /// The environment's `policy.allow_underscore_headers`.
+    pub allow_underscores: bool,
     pub tls: bool,
     /// Host (authority) the client addressed, before rewriting.
     pub host: Option<HeaderValue>,
@@ -72,29 +118,41 @@ pub struct Forwarded<'a> {
 }
 
 pub fn rewrite_request(headers: &mut HeaderMap, f: &Forwarded<'_>, rules: &HeaderRules) {
-    // A hop-by-hop `X-Forwarded-For` (named by `Connection`) is not the chain to extend.
-    let previous_xff = if f.extend_forwarded_for && !named_by_connection(headers, &X_FORWARDED_FOR)
-    {
-        join_values(headers, &X_FORWARDED_FOR)
-    } else {
-        None
+    // A hop-by-hop chain (named by `Connection`) is not the chain to extend.
+    let previous = |headers: &HeaderMap, name: &HeaderName| {
+        (f.trusted_peer && !named_by_connection(headers, name))
+            .then(|| join_values(headers, name))
+            .flatten()
     };
+    let previous_xff = previous(headers, &X_FORWARDED_FOR);
+    let previous_forwarded = previous(headers, &FORWARDED);
     let bearer = f.key_source == KeySource::Bearer;
     remove_where(headers, |n| {
         n == f.auth_header
             || (bearer && n == AUTHORIZATION)
             || GATEWAY_SET.contains(n)
             || rules.remove.contains(n)
+            || (!f.trusted_peer && forwarding_header(n.as_str()))
+            || (n.as_str().contains('_')
+                && (!f.allow_underscores || spells_gateway_owned(n.as_str(), f.auth_header)))
     });
     for (name, value) in &rules.set {
         headers.insert(name.clone(), value.clone());
     }
-    let xff = match previous_xff {
-        Some(prev) => format!("{prev}, {}", f.peer_ip),
-        None => f.client_ip.to_string(),
+    // The address this hop heard from: the peer when extending a trusted chain.
+    let (xff, for_ip) = match previous_xff {
+        Some(prev) => (format!("{prev}, {}", f.peer_ip), f.peer_ip),
+        None => (f.client_ip.to_string(), f.client_ip),
     };
     if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(xff)) {
         headers.insert(X_FORWARDED_FOR, v);
+    }
+    let forwarded = forwarded_element(previous_forwarded, for_ip, f.host.as_ref(), f.tls);
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(forwarded)) {
+        headers.insert(FORWARDED, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&f.client_ip.to_string()) {
+        headers.insert(X_REAL_IP, v);
     }
     headers.insert(
         X_FORWARDED_PROTO,
@@ -109,6 +167,30 @@ pub fn rewrite_request(headers: &mut HeaderMap, f: &Forwarded<'_>, rules: &Heade
     if let Some(subject) = f.client_cert_subject {
         headers.insert(X_SPECTER_CLIENT_CERT_SUBJECT, subject.clone());
     }
+}
+
+/// This hop's RFC 7239 element (`for=...;host="...";proto=...`), after a trusted
+/// proxy's chain when there is one.
+fn forwarded_element(
+    previous: Option<String>,
+    for_ip: IpAddr,
+    host: Option<&HeaderValue>,
+    tls: bool,
+) -> String {
+    use std::fmt::Write;
+    let mut out = previous.map(|p| p + ", ").unwrap_or_default();
+    let _ = match for_ip {
+        IpAddr::V4(ip) => write!(out, "for={ip}"),
+        IpAddr::V6(ip) => write!(out, "for=\"[{ip}]\""),
+    };
+    // A quoted-string may not hold `"` or `\`; a valid Host has neither.
+    if let Some(host) = host.and_then(|h| h.to_str().ok()) {
+        if !host.contains(['"', '\\']) {
+            let _ = write!(out, ";host=\"{host}\"");
+        }
+    }
+    out.push_str(if tls { ";proto=https" } else { ";proto=http" });
+    out
 }
 
 pub fn rewrite_response(headers: &mut HeaderMap, rules: &HeaderRules) {
@@ -137,37 +219,55 @@ fn join_values(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn connection_named_headers_go_but_gateway_headers_stay() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            CONNECTION,
-            "x-specter-environment, x-api-key, x-drop".parse().unwrap(),
-        );
-        h.insert("x-drop", "1".parse().unwrap());
-        h.insert("x-keep", "1".parse().unwrap());
-        h.insert(X_SPECTER_ENVIRONMENT, "production".parse().unwrap());
-        h.insert("x-api-key", "secret".parse().unwrap());
-        let auth = HeaderName::from_static("x-api-key");
-        let (rid, env, kid) = (
+    use crate::headers::map;
+
+    struct Ids(HeaderName, HeaderValue, HeaderValue, HeaderValue);
+
+    fn ids() -> Ids {
+        Ids(
+            HeaderName::from_static("x-api-key"),
             HeaderValue::from_static("r1"),
             HeaderValue::from_static("development"),
             HeaderValue::from_static("k1"),
-        );
+        )
+    }
+
+    /// A request from `peer` (trusted or not) through an environment that does or does
+    /// not allow underscore headers.
+    fn rewritten(pairs: &[(&str, &str)], trusted_peer: bool, allow_underscores: bool) -> HeaderMap {
+        let Ids(auth, rid, env, kid) = ids();
+        let mut h = map(pairs);
         let f = Forwarded {
             auth_header: &auth,
             key_source: KeySource::Header,
-            client_ip: "127.0.0.1".parse().unwrap(),
-            peer_ip: "127.0.0.1".parse().unwrap(),
-            extend_forwarded_for: false,
+            client_ip: "192.0.2.7".parse().unwrap(),
+            peer_ip: "10.0.0.1".parse().unwrap(),
+            trusted_peer,
+            allow_underscores,
             tls: false,
-            host: None,
+            host: Some(HeaderValue::from_static("api.example.com")),
             request_id: &rid,
             environment: &env,
             key_id: &kid,
             client_cert_subject: None,
         };
         rewrite_request(&mut h, &f, &HeaderRules::default());
+        h
+    }
+
+    #[test]
+    fn connection_named_headers_go_but_gateway_headers_stay() {
+        let h = rewritten(
+            &[
+                ("connection", "x-specter-environment, x-api-key, x-drop"),
+                ("x-drop", "1"),
+                ("x-keep", "1"),
+                ("x-specter-environment", "production"),
+                ("x-api-key", "secret"),
+            ],
+            false,
+            false,
+        );
         assert_eq!(h[X_SPECTER_ENVIRONMENT], "development");
         assert_eq!(h[X_SPECTER_KEY_ID], "k1");
         assert!(
@@ -176,6 +276,87 @@ mod tests {
                 && h.get(CONNECTION).is_none()
         );
         assert_eq!(h["x-keep"], "1");
-        assert_eq!(h[X_FORWARDED_FOR], "127.0.0.1");
+        assert_eq!(h[X_FORWARDED_FOR], "192.0.2.7");
+    }
+
+    const FORGED: &[(&str, &str)] = &[
+        ("x_specter_environment", "production"),
+        ("x_specter_key_id", "prod-admin"),
+        ("x_forwarded_for", "6.6.6.6"),
+        ("x_api_key", "spk_production_stolen"),
+        ("x_request_id", "forged"),
+        ("x_real_ip", "6.6.6.6"),
+        ("forwarded", "for=6.6.6.6"),
+        ("x-real-ip", "6.6.6.6"),
+        ("x-original-url", "/v1/internal/secret"),
+        ("x-rewrite-url", "/v1/internal/secret"),
+        ("x-forwarded-port", "443"),
+        ("x-forwarded-prefix", "/admin"),
+        ("x-forwarded-server", "evil"),
+        ("x-host", "evil.example.com"),
+        ("x_tenant", "acme"),
+    ];
+
+    /// Failing when written: underscore spellings and the forwarding headers specter does
+    /// not set itself were forwarded as the client wrote them.
+    #[test]
+    fn forged_variants_of_gateway_headers_never_reach_the_upstream() {
+        let h = rewritten(FORGED, false, false);
+        let names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        assert!(!names.iter().any(|n| n.contains('_')), "{names:?}");
+        for gone in [
+            "x-original-url",
+            "x-rewrite-url",
+            "x-forwarded-port",
+            "x-forwarded-prefix",
+            "x-forwarded-server",
+            "x-host",
+        ] {
+            assert!(h.get(gone).is_none(), "{gone} was forwarded");
+        }
+        assert_eq!(h[X_REAL_IP], "192.0.2.7");
+        assert_eq!(
+            h[FORWARDED],
+            "for=192.0.2.7;host=\"api.example.com\";proto=http"
+        );
+        assert_eq!(h[X_FORWARDED_FOR], "192.0.2.7");
+
+        // The opt-in admits other underscore names, never a gateway-owned spelling.
+        let h = rewritten(FORGED, false, true);
+        let names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(h["x_tenant"], "acme");
+        assert_eq!(
+            names.iter().filter(|n| n.contains('_')).count(),
+            1,
+            "{names:?}"
+        );
+    }
+
+    #[test]
+    fn a_trusted_proxy_forwarding_headers_are_kept_and_extended() {
+        let h = rewritten(
+            &[
+                ("x-forwarded-for", "192.0.2.7"),
+                ("forwarded", "for=192.0.2.7;proto=https"),
+                ("x-original-url", "/v1/x"),
+                ("x-forwarded-port", "443"),
+            ],
+            true,
+            false,
+        );
+        assert_eq!(h[X_FORWARDED_FOR], "192.0.2.7, 10.0.0.1");
+        assert_eq!(
+            h[FORWARDED],
+            "for=192.0.2.7;proto=https, for=10.0.0.1;host=\"api.example.com\";proto=http"
+        );
+        assert_eq!(h["x-original-url"], "/v1/x");
+        assert_eq!(h["x-forwarded-port"], "443");
+        assert_eq!(h[X_REAL_IP], "192.0.2.7");
+    }
+
+    #[test]
+    fn ipv6_clients_are_quoted_in_forwarded() {
+        let v6 = forwarded_element(None, "2001:db8::1".parse().unwrap(), None, true);
+        assert_eq!(v6, "for=\"[2001:db8::1]\";proto=https");
     }
 }

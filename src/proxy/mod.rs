@@ -71,7 +71,10 @@ pub async fn handle(
         bytes_in: access::enabled().then(Default::default),
         ..Outcome::default()
     };
-    let result = inner(&shared, &state, &conn, req, &request_id, &mut outcome).await;
+    let handled = inner(&shared, &state, &conn, req, &request_id, &mut outcome);
+    let result = crate::panics::caught(&shared.metrics, "request", handled)
+        .await
+        .unwrap_or(Err(GatewayError::Internal));
     let env = outcome.environment.map(|i| &state.environments[i]);
     let (mut response, error) = match result {
         Ok(response) => (response, None),
@@ -132,7 +135,11 @@ fn error_response(
         shared.metrics.rate_limited.get_or_create(&labels).inc();
     }
     if err.status().is_server_error() {
-        tracing::warn!(request_id = request_id.to_str().unwrap_or(""), error = err.code(), cause = %ErrorChain(&err), "gateway answered with an error");
+        static ANSWERED: crate::logthrottle::Throttle =
+            crate::logthrottle::Throttle::new("gateway answered with an error");
+        if let Some(more) = ANSWERED.check(&[err.code(), env.map_or("", |e| &e.config.name)]) {
+            tracing::warn!(request_id = request_id.to_str().unwrap_or(""), error = err.code(), cause = %ErrorChain(&err), "gateway answered with an error{more}");
+        }
     }
     let close = err.status() == http::StatusCode::BAD_REQUEST && version < Version::HTTP_2;
     let mut response = err.into_response(request_id);
@@ -203,10 +210,13 @@ async fn admit<'s>(
     outcome: &mut Outcome,
 ) -> Result<Admitted<'s>, GatewayError> {
     crate::framing::check_request(req.version(), req.headers(), &conn.signals)?;
+    crate::framing::check_host(req.version(), req.uri(), req.headers())?;
+    crate::framing::check_h2c(req.headers())?;
     if shared.draining.load(Ordering::Relaxed) {
         return Err(GatewayError::ShuttingDown);
     }
-    if req.method() == Method::CONNECT || req.method() == Method::TRACE {
+    let method = req.method().as_str();
+    if method.eq_ignore_ascii_case("CONNECT") || method.eq_ignore_ascii_case("TRACE") {
         return Err(GatewayError::MethodNotAllowed {
             allow: HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
         });
@@ -218,9 +228,13 @@ async fn admit<'s>(
         outcome.target = Some(target.clone());
     }
 
-    let (key, key_source) = crate::auth::extract(req.headers(), &state.config.auth.header)?;
     let now = SystemTime::now();
-    let key = crate::auth::lookup(&state.keys, key, now)?;
+    let found =
+        crate::auth::extract(req.headers(), &state.config.auth.header).and_then(|(key, source)| {
+            crate::auth::lookup(&state.keys, key, now).map(|key| (key, source))
+        });
+    let (key, key_source) =
+        found.map_err(|refused| failed_authentication(state, conn, req, refused))?;
     let env = &state.environments[key.environment()];
     let key_id = key.id();
     if logged {
@@ -239,6 +253,9 @@ async fn admit<'s>(
     env.policy.check_ip(client_ip)?;
     env.policy.check_method(req.method())?;
     env.policy.check_path(target.path())?;
+    if let Some(protocol) = upgrade::requested(req) {
+        env.policy.check_upgrade(&protocol)?;
+    }
     env.policy.check_declared_body(req.headers())?;
 
     match check_limits(shared, state, env, &key_id).await {
@@ -255,6 +272,25 @@ async fn admit<'s>(
         target,
         client_ip,
     })
+}
+
+/// A refused key is charged to the client's address when `[limits] unauthenticated`
+/// is set; past its allowance the answer is 429 instead of 401.
+fn failed_authentication(
+    state: &State,
+    conn: &ConnInfo,
+    req: &Request<Incoming>,
+    refused: GatewayError,
+) -> GatewayError {
+    let Some(failures) = &state.failed_auth else {
+        return refused;
+    };
+    let trusted = &state.config.listen.trusted_proxies;
+    let ip = policy::client_ip(conn.peer.ip(), req.headers(), trusted);
+    match failures.charge(ip) {
+        Ok(()) => refused,
+        Err(retry_after) => GatewayError::TooManyFailedAuthentications { retry_after },
+    }
 }
 
 /// The normalised path with the client's query, built once: `PathAndQuery` shares its
@@ -307,7 +343,8 @@ fn upstream_request(
         key_source: a.key_source,
         client_ip: a.client_ip,
         peer_ip,
-        extend_forwarded_for: trusted.iter().any(|n| n.contains(&peer_ip)),
+        trusted_peer: trusted.iter().any(|n| n.contains(&peer_ip)),
+        allow_underscores: env.policy.config.allow_underscore_headers,
         tls: conn.tls,
         host: original_host.clone(),
         request_id,
@@ -351,7 +388,7 @@ fn upstream_request(
         Guarded::new(
             incoming,
             env.policy.config.max_body,
-            limits.body_read_timeout,
+            (limits.body_read_timeout, limits.body_timeout),
             bytes_in,
         )
         .boxed()
@@ -423,7 +460,13 @@ async fn send(
         let connect = err.is_connect();
         upstream_error(shared, env, if connect { "connect" } else { "protocol" });
         if connect && env.upstreams.record_connect_failure(upstream) {
-            tracing::warn!(environment = %env.config.name, upstream = %env.upstreams.slots[upstream].upstream.uri, "upstream ejected after repeated connect failures");
+            static EJECTED: crate::logthrottle::Throttle = crate::logthrottle::Throttle::new(
+                "upstream ejected after repeated connect failures",
+            );
+            let up = &env.upstreams.slots[upstream].upstream;
+            if let Some(more) = EJECTED.check(&[&env.config.name, up.authority()]) {
+                tracing::warn!(environment = %env.config.name, upstream = %up.uri, "upstream ejected after repeated connect failures{more}");
+            }
         }
         // Retried once elsewhere: a failed connect (nothing was sent), or an idempotent
         // request whose connection closed before any response byte (like nginx's

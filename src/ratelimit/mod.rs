@@ -11,6 +11,7 @@
 //! limiter when the quota is unchanged, so a reload neither resets counters nor hands
 //! out a fresh burst.
 
+pub mod failures;
 #[cfg(feature = "redis")]
 pub mod redis;
 #[cfg(feature = "redis")]

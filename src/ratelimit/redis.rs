@@ -11,9 +11,8 @@
 //! When Redis is slow or down, `on_error` decides: this instance's own limiters
 //! (`local`), admit (`allow`) or refuse with 503 (`deny`).
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::HeaderValue;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -73,9 +72,6 @@ pub struct RedisStore {
     pub config: StoreConfig,
     conn: ConnectionManager,
     script: redis::Script,
-    epoch: Instant,
-    /// Milliseconds since `epoch` of the last logged error: at most one line a second.
-    last_logged_ms: AtomicU64,
     /// Answering or failing, and why: `/readyz` reads it.
     pub health: Arc<StoreHealth>,
 }
@@ -94,8 +90,6 @@ impl RedisStore {
             config: config.clone(),
             conn,
             script: redis::Script::new(GCRA),
-            epoch: Instant::now(),
-            last_logged_ms: AtomicU64::new(0),
             health: Arc::default(),
         })
     }
@@ -179,34 +173,38 @@ impl RedisStore {
         }
     }
 
-    /// Marks the store failing and logs the failure with its cause, at most once a
-    /// second. A timeout's cause is diagnosed on a fresh connection before it is logged.
+    /// Marks the store failing and logs the failure with its cause: the first at once,
+    /// then one line per interval with a count. A timeout's cause is diagnosed on a
+    /// fresh connection (at most once a second per store) before it is recorded.
     pub fn report(&self, error: &StoreError) {
+        static STORE_FAILED: crate::logthrottle::Throttle =
+            crate::logthrottle::Throttle::new("rate-limit store check failed");
         let what = || crate::proxy::ErrorChain(error).to_string();
         self.health.failed(what);
-        let now = self.epoch.elapsed().as_millis() as u64;
-        let last = self.last_logged_ms.load(Ordering::Relaxed);
-        let due = last == 0 || now.saturating_sub(last) >= 1000;
-        if due
-            && self
-                .last_logged_ms
-                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            let (what, on_error) = (what(), self.config.on_error);
-            if !matches!(error, StoreError::Timeout(_)) {
-                self.health.set_cause(what.clone());
-                tracing::warn!(error = %what, ?on_error, "rate-limit store check failed");
-                return;
+        let log = STORE_FAILED.check(&[]).map(|more| more.to_string());
+        let due = self.health.cause_due();
+        let on_error = self.config.on_error;
+        if !matches!(error, StoreError::Timeout(_)) {
+            if due {
+                self.health.set_cause(what());
             }
-            let (url, health) = (self.config.redis.clone(), self.health.clone());
-            let deadline = self.config.timeout.max(Duration::from_millis(500));
-            tokio::spawn(async move {
-                let cause = store_health::diagnose(&url, deadline).await;
-                health.set_cause(format!("{what}; {cause}"));
-                tracing::warn!(error = %what, %cause, ?on_error, "rate-limit store check failed");
-            });
+            if let Some(more) = log {
+                tracing::warn!(error = %what(), ?on_error, "rate-limit store check failed{more}");
+            }
+            return;
         }
+        if !due && log.is_none() {
+            return;
+        }
+        let (what, url, health) = (what(), self.config.redis.clone(), self.health.clone());
+        let deadline = self.config.timeout.max(Duration::from_millis(500));
+        tokio::spawn(async move {
+            let cause = store_health::diagnose(&url, deadline).await;
+            health.set_cause(format!("{what}; {cause}"));
+            if let Some(more) = log {
+                tracing::warn!(error = %what, %cause, ?on_error, "rate-limit store check failed{more}");
+            }
+        });
     }
 
     pub fn on_error(&self) -> StoreErrorMode {

@@ -6,22 +6,48 @@
 //! fresh connection and a `PING`, whose own error (refused, unreachable, auth, timeout)
 //! is what happened.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redis::AsyncConnectionConfig;
 
 /// Written on every store outcome: one relaxed load per request while healthy, a store
 /// only when the state flips.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct StoreHealth {
     failing: AtomicBool,
     /// The last failure's cause, for people (never the store's URL: it may hold a password).
     cause: Mutex<Option<String>>,
+    epoch: Instant,
+    /// Milliseconds since `epoch` of the last cause taken: at most one a second per
+    /// store, whatever the log throttle (shared by every store of the process) allows.
+    last_cause_ms: AtomicU64,
+}
+
+impl Default for StoreHealth {
+    fn default() -> Self {
+        StoreHealth {
+            failing: AtomicBool::new(false),
+            cause: Mutex::new(None),
+            epoch: Instant::now(),
+            last_cause_ms: AtomicU64::new(0),
+        }
+    }
 }
 
 impl StoreHealth {
+    /// True at most once a second: time to find out (and record) why the store fails.
+    pub fn cause_due(&self) -> bool {
+        let now = (self.epoch.elapsed().as_millis() as u64).max(1);
+        let last = self.last_cause_ms.load(Ordering::Relaxed);
+        (last == 0 || now.saturating_sub(last) >= 1000)
+            && self
+                .last_cause_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+
     pub fn succeeded(&self) {
         if self.failing.load(Ordering::Relaxed) && self.failing.swap(false, Ordering::Relaxed) {
             tracing::info!("rate-limit store answering again");

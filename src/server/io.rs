@@ -43,6 +43,9 @@ pin_project_lite::pin_project! {
         prev: u8,
         // Consecutive line endings seen; 2 ends the first head and the scan.
         newlines: u8,
+        // A byte other than CR or LF arrived: the empty lines a client may send before
+        // its request line (RFC 9112 §2.2, skipped by hyper) do not end the head.
+        started: bool,
         head_done: bool,
         // The start of the current line, lower-cased, to spot two header names.
         line: [u8; 18],
@@ -61,6 +64,7 @@ impl<I> ClientIo<I> {
             signals,
             prev: 0,
             newlines: 0,
+            started: false,
             head_done: false,
             line: [0; 18],
             line_len: 0,
@@ -101,7 +105,7 @@ impl<I: AsyncRead> AsyncRead for ClientIo<I> {
                         *this.content_length |= name.starts_with(b"content-length:");
                         *this.transfer_encoding |= name.starts_with(b"transfer-encoding:");
                         *this.line_len = 0;
-                        *this.newlines += 1;
+                        *this.newlines += u8::from(*this.started);
                         if *this.newlines == 2 {
                             *this.head_done = true;
                             if *this.content_length && *this.transfer_encoding {
@@ -114,6 +118,7 @@ impl<I: AsyncRead> AsyncRead for ClientIo<I> {
                     }
                     b'\r' => {}
                     _ => {
+                        *this.started = true;
                         *this.newlines = 0;
                         if *this.line_len < this.line.len() {
                             this.line[*this.line_len] = b.to_ascii_lowercase();
@@ -181,6 +186,14 @@ mod tests {
             signals(b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n")
                 .await;
         assert!(both.length_and_chunked.load(Ordering::Relaxed));
+        let after_empty_lines = signals(
+            b"\r\n\r\nPOST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+        )
+        .await;
+        assert!(
+            after_empty_lines.length_and_chunked.load(Ordering::Relaxed),
+            "empty lines before the request line do not end the head"
+        );
         let one =
             signals(b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\ntransfer-encoding: x\r\n").await;
         assert!(

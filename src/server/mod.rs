@@ -1,6 +1,7 @@
 //! Listeners, the accept loop, the connection cap, idle connections, and graceful drain.
 
 pub mod io;
+mod per_ip;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -8,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use prometheus_client::metrics::gauge::Gauge;
@@ -19,6 +20,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::{Config, LimitsConfig};
 use crate::metrics::ListenerLabels;
+use crate::panics::CatchingExecutor;
 use crate::proxy::{self, ConnInfo};
 use crate::state::{BuildError, Shared, State};
 use io::{ClientIo, ConnSignals};
@@ -74,7 +76,8 @@ impl Gateway {
         let (stop_accepting, stop_rx) = watch::channel(false);
         let connections = Arc::new(GracefulShutdown::new());
         let semaphore = Arc::new(Semaphore::new(limits.max_connections));
-        let builder = Arc::new(connection_builder(&limits));
+        let per_ip = Arc::new(per_ip::PerIp::default());
+        let builder = Arc::new(connection_builder(&limits, &shared));
         let mut tasks = Vec::new();
         let mut bound =
             |kind: Kind, addr: Option<SocketAddr>| -> Result<Option<SocketAddr>, StartError> {
@@ -89,6 +92,7 @@ impl Gateway {
                     kind,
                     shared: shared.clone(),
                     semaphore: semaphore.clone(),
+                    per_ip: per_ip.clone(),
                     builder: builder.clone(),
                     connections: connections.clone(),
                 };
@@ -178,8 +182,12 @@ async fn reclaim_idle_limiters(shared: Arc<Shared>, mut stop: watch::Receiver<bo
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                for env in &shared.state.load().environments {
+                let state = shared.state.load();
+                for env in &state.environments {
                     env.limiter.retain_recent();
+                }
+                if let Some(failures) = &state.failed_auth {
+                    failures.retain_recent();
                 }
             }
             _ = stop.changed() => return,
@@ -202,8 +210,11 @@ fn bind(listener: &'static str, addr: SocketAddr) -> Result<TcpListener, StartEr
     })
 }
 
-fn connection_builder(limits: &LimitsConfig) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+fn connection_builder(
+    limits: &LimitsConfig,
+    shared: &Arc<Shared>,
+) -> auto::Builder<CatchingExecutor> {
+    let mut builder = auto::Builder::new(CatchingExecutor(shared.clone()));
     builder
         .http1()
         .timer(TokioTimer::new())
@@ -232,7 +243,9 @@ struct Acceptor {
     kind: Kind,
     shared: Arc<Shared>,
     semaphore: Arc<Semaphore>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    /// Shared by every listener: the limit is per address, not per port.
+    per_ip: Arc<per_ip::PerIp>,
+    builder: Arc<auto::Builder<CatchingExecutor>>,
     connections: Arc<GracefulShutdown>,
 }
 
@@ -263,7 +276,11 @@ impl Acceptor {
                         accepted
                     }
                     Err(e) => {
-                        tracing::warn!(listener = self.kind.label(), error = %e, "accept failed; backing off");
+                        static ACCEPT_FAILED: crate::logthrottle::Throttle =
+                            crate::logthrottle::Throttle::new("accept failed; backing off");
+                        if let Some(more) = ACCEPT_FAILED.check(&[self.kind.label()]) {
+                            tracing::warn!(listener = self.kind.label(), error = %e, "accept failed; backing off{more}");
+                        }
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(1));
                         continue;
@@ -271,11 +288,26 @@ impl Acceptor {
                 },
                 _ = stop.changed() => return,
             };
-            let _ = stream.set_nodelay(true);
-            // Per-connection timeouts follow reloads: read from the current snapshot.
+            // Per-connection limits follow reloads: read from the current snapshot.
             let limits = &self.shared.state.load().config.limits;
+            let ip_slot = match limits.max_connections_per_ip {
+                Some(max) => match self
+                    .per_ip
+                    .enter(crate::policy::canonical_ip(peer.ip()), max)
+                {
+                    Some(slot) => Some(slot),
+                    None => {
+                        // Closed unanswered, as nginx's limit_conn does for streams:
+                        // the permit goes back at once.
+                        self.shared.metrics.connections_over_ip_limit.inc();
+                        continue;
+                    }
+                },
+                None => None,
+            };
+            let _ = stream.set_nodelay(true);
             let conn = Connection {
-                slot: Arc::new(Slot::new(permit, gauge.clone())),
+                slot: Arc::new(Slot::new(permit, gauge.clone(), ip_slot)),
                 peer,
                 shared: self.shared.clone(),
                 builder: self.builder.clone(),
@@ -283,12 +315,15 @@ impl Acceptor {
                 idle_timeout: limits.idle_timeout,
                 header_read_timeout: limits.header_read_timeout,
             };
-            let kind = self.kind;
+            let (kind, shared) = (self.kind, self.shared.clone());
             tokio::spawn(async move {
-                match kind {
-                    Kind::Http => conn.serve(stream, false, None).await,
-                    Kind::Https => conn.serve_tls(stream).await,
-                }
+                let served = async move {
+                    match kind {
+                        Kind::Http => conn.serve(stream, false, None).await,
+                        Kind::Https => conn.serve_tls(stream).await,
+                    }
+                };
+                crate::panics::caught(&shared.metrics, "connection", served).await
             });
         }
     }
@@ -302,14 +337,17 @@ impl Acceptor {
 pub struct Slot {
     _permit: OwnedSemaphorePermit,
     gauge: Gauge,
+    /// The place under `max_connections_per_ip`, when that is set.
+    _ip: Option<per_ip::IpSlot>,
 }
 
 impl Slot {
-    fn new(permit: OwnedSemaphorePermit, gauge: Gauge) -> Slot {
+    fn new(permit: OwnedSemaphorePermit, gauge: Gauge, ip: Option<per_ip::IpSlot>) -> Slot {
         gauge.inc();
         Slot {
             _permit: permit,
             gauge,
+            _ip: ip,
         }
     }
 }
@@ -325,7 +363,7 @@ struct Connection {
     slot: Arc<Slot>,
     peer: SocketAddr,
     shared: Arc<Shared>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builder: Arc<auto::Builder<CatchingExecutor>>,
     watcher: Watcher,
     idle_timeout: Duration,
     /// The first request must arrive within this of the accept (HTTP/2 has no header
@@ -346,12 +384,13 @@ impl Connection {
         let tls = match handshake.await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
-                self.shared.metrics.tls_handshake_failures.inc();
-                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                let reason = crate::tls::handshake_error_reason(&e);
+                self.count_handshake_error(reason);
+                tracing::debug!(%peer, error = %e, reason, "TLS handshake failed");
                 return;
             }
             Err(_) => {
-                self.shared.metrics.tls_handshake_failures.inc();
+                self.count_handshake_error("timeout");
                 tracing::debug!(%peer, "TLS handshake timed out");
                 return;
             }
@@ -363,9 +402,19 @@ impl Connection {
             .and_then(|chain| chain.first())
             .and_then(crate::tls::subject_header);
         if let Some(subject) = &subject {
-            tracing::info!(%peer, subject = subject.to_str().unwrap_or(""), "client certificate verified");
+            // debug, not info: a client could otherwise write a line per connection.
+            tracing::debug!(%peer, subject = subject.to_str().unwrap_or(""), "client certificate verified");
         }
         self.serve(tls, true, subject).await;
+    }
+
+    fn count_handshake_error(&self, reason: &'static str) {
+        let labels = crate::metrics::ReasonLabels { reason };
+        self.shared
+            .metrics
+            .tls_handshake_errors
+            .get_or_create(&labels)
+            .inc();
     }
 
     /// Serves HTTP/1.1 or HTTP/2 until the client leaves, the connection has been idle
@@ -383,7 +432,7 @@ impl Connection {
             client_cert_subject,
             signals: signals.clone(),
         });
-        let shared = self.shared;
+        let shared = self.shared.clone();
         let service = service_fn(move |req| {
             let (shared, info) = (shared.clone(), info.clone());
             async move {
@@ -430,6 +479,9 @@ impl Connection {
                 biased;
                 result = &mut connection => {
                     if let Err(e) = result {
+                        if let Some(status) = crate::framing::parser_refusal(&*e) {
+                            self.shared.unidentified.count(&self.shared.metrics, status);
+                        }
                         tracing::debug!(peer = %self.peer, error = %e, "connection ended with an error");
                     }
                     return;

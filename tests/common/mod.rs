@@ -326,6 +326,80 @@ pub fn run_specter_env(args: &[&str], stdin: Option<&str>, env: &[(&str, &str)])
     }
 }
 
+/// A `specter run` process serving a config file, its stderr (the JSON log) captured
+/// in a file beside it; killed when dropped.
+pub struct SpecterProcess {
+    pub child: Child,
+    pub http: SocketAddr,
+    pub admin: SocketAddr,
+    pub log: std::path::PathBuf,
+}
+
+impl SpecterProcess {
+    /// Writes `config(http, admin)` to `path` and runs `specter run` on it, on fresh
+    /// loopback ports, until `/readyz` answers 200 and the file watcher is in place
+    /// (the "specter running" line is logged once it is).
+    pub async fn start<F>(path: &Path, config: F) -> SpecterProcess
+    where
+        F: Fn(SocketAddr, SocketAddr) -> String,
+    {
+        on_free_ports(|http, admin| {
+            SpecterProcess::try_start(path, config(http, admin), http, admin)
+        })
+        .await
+    }
+
+    async fn try_start(
+        path: &Path,
+        text: String,
+        http: SocketAddr,
+        admin: SocketAddr,
+    ) -> Result<SpecterProcess, String> {
+        use std::process::{Command, Stdio};
+        std::fs::write(path, text).unwrap();
+        let log = path.with_extension("log");
+        let child = Command::new(specter_bin())
+            .args(["--log-format", "json", "run", "--config"])
+            .arg(path)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("specter starts");
+        let mut process = SpecterProcess {
+            child: Child(child),
+            http,
+            admin,
+            log,
+        };
+        let (c, readyz) = (client(), format!("http://{admin}/readyz"));
+        let ready = poll_until(Duration::from_secs(10), || {
+            let running = process.log_text().contains("specter running");
+            let request = c.get(readyz.parse().unwrap());
+            async move { running && request.await.is_ok_and(|r| r.status() == 200) }
+        })
+        .await;
+        match process.child.0.try_wait().unwrap() {
+            None if ready => Ok(process),
+            exited => Err(format!("(exit: {exited:?})\n{}", process.log_text())),
+        }
+    }
+
+    /// Everything the process logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+}
+
 /// The `(line, col)` of the first `specter.toml:LINE:COL` in an error message.
 pub fn config_location(error: &str) -> (usize, usize) {
     let rest = error

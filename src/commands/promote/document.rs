@@ -1,113 +1,18 @@
-//! The `toml_edit` side of promotion: the file parsed so that it writes back byte for
-//! byte, and the edit. An environment's settings may be written as
+//! The `toml_edit` side of promotion (the layout-keeping parse is `edit::document`):
+//! comparing settings, and the edit. An environment's settings may be written as
 //! `[environments.qa.policy]` tables, as dotted keys (`policy.max_body = ...`) or as
 //! inline tables; comparisons look through the style at the values (leaves), and the
 //! edit keeps whatever TO already has, changing only the keys whose values differ.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
-use toml_edit::{DocumentMut, Item, Key, Value};
+use toml_edit::{Item, Key, Value};
 
-use super::{PromoteError, Setting};
-use crate::config::error::SourceMap;
+use super::Setting;
 
 /// A setting's dotted path (`policy.request_headers.set.x-tenant`) -> its value, with
 /// layout and comments ignored. Arrays are one leaf; tables are looked into.
 type Leaves = BTreeMap<String, toml::Value>;
-
-/// Parses `text`, refusing a file whose untouched parts `toml_edit` would not write
-/// back byte for byte.
-pub(super) fn parse(text: &str, path: &Path) -> Result<(DocumentMut, LineEnds), PromoteError> {
-    let ends = LineEnds::of(text);
-    let lf = if ends.crlf {
-        text.replace("\r\n", "\n")
-    } else {
-        text.to_owned()
-    };
-    let doc: DocumentMut = lf.parse().map_err(|source: toml_edit::TomlError| {
-        let offset = source.span().map_or(0, |s| s.start);
-        let (line, col) = SourceMap {
-            file: path,
-            text: &lf,
-        }
-        .position(offset);
-        PromoteError::Unparsable {
-            path: path.to_path_buf(),
-            line,
-            col,
-            source: Box::new(source),
-        }
-    })?;
-    let again = ends.render(&doc);
-    if again != text {
-        let line = first_different_line(text, &again);
-        return Err(PromoteError::Layout {
-            path: path.to_path_buf(),
-            line,
-        });
-    }
-    Ok((doc, ends))
-}
-
-/// Line endings `toml_edit` does not keep by itself: CRLF throughout, and a last line
-/// without a newline.
-#[derive(Clone, Copy)]
-pub(super) struct LineEnds {
-    crlf: bool,
-    final_newline: bool,
-}
-
-impl LineEnds {
-    fn of(text: &str) -> LineEnds {
-        let crlf =
-            text.contains("\r\n") && text.matches('\n').count() == text.matches("\r\n").count();
-        LineEnds {
-            crlf,
-            final_newline: text.is_empty() || text.ends_with('\n'),
-        }
-    }
-
-    pub(super) fn render(self, doc: &DocumentMut) -> String {
-        let mut s = doc.to_string();
-        if !self.final_newline && s.ends_with('\n') {
-            s.pop();
-        }
-        if self.crlf {
-            s = s.replace('\n', "\r\n");
-        }
-        s
-    }
-}
-
-fn first_different_line(a: &str, b: &str) -> usize {
-    let same = a.lines().zip(b.lines()).take_while(|(x, y)| x == y).count();
-    same + 1
-}
-
-/// The names of the environments that are tables, in file order.
-pub(super) fn environment_names(doc: &DocumentMut) -> Vec<String> {
-    let Some(envs) = doc.get("environments").and_then(Item::as_table_like) else {
-        return Vec::new();
-    };
-    envs.iter()
-        .filter(|(_, item)| item.is_table_like())
-        .map(|(name, _)| name.to_owned())
-        .collect()
-}
-
-pub(super) fn environment<'d>(doc: &'d DocumentMut, name: &str) -> Option<&'d Item> {
-    let env = doc.get("environments")?.as_table_like()?.get(name)?;
-    env.is_table_like().then_some(env)
-}
-
-pub(super) fn environment_mut<'d>(doc: &'d mut DocumentMut, name: &str) -> Option<&'d mut Item> {
-    let env = doc
-        .get_mut("environments")?
-        .as_table_like_mut()?
-        .get_mut(name)?;
-    env.is_table_like().then_some(env)
-}
 
 /// The settings under `keys` of two environment items, leaf by leaf, sorted by path
 /// within each key.

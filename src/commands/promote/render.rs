@@ -1,52 +1,7 @@
-//! What promotion prints: a unified diff of the file, a one-line summary, and the
-//! side-by-side table of `specter diff`.
-
-use std::path::Path;
-
-use similar::{ChangeTag, TextDiff};
+//! What promotion prints besides the diff (`edit::unified_diff`): a one-line summary
+//! and the side-by-side table of `specter diff`.
 
 use super::Setting;
-
-const RED: &str = "\x1b[31m";
-const GREEN: &str = "\x1b[32m";
-const CYAN: &str = "\x1b[36m";
-const BOLD: &str = "\x1b[1m";
-const RESET: &str = "\x1b[0m";
-
-/// `--- path` / `+++ path` and hunks with three lines of context, like `diff -u`.
-pub(super) fn unified_diff(old: &str, new: &str, path: &Path, label: &str, colour: bool) -> String {
-    let paint = |style: &str, line: &str| {
-        if colour {
-            format!("{style}{line}{RESET}\n")
-        } else {
-            format!("{line}\n")
-        }
-    };
-    let diff = TextDiff::from_lines(old, new);
-    let mut s = paint(BOLD, &format!("--- {}\t(current)", path.display()));
-    s.push_str(&paint(BOLD, &format!("+++ {}\t{label}", path.display())));
-    for hunk in diff.unified_diff().context_radius(3).iter_hunks() {
-        s.push_str(&paint(CYAN, &hunk.header().to_string()));
-        for change in hunk.iter_changes() {
-            let (sign, style) = match change.tag() {
-                ChangeTag::Delete => ('-', RED),
-                ChangeTag::Insert => ('+', GREEN),
-                ChangeTag::Equal => (' ', ""),
-            };
-            let text = change.value().trim_end_matches(['\n', '\r']);
-            let line = format!("{sign}{text}");
-            s.push_str(&if style.is_empty() {
-                format!("{line}\n")
-            } else {
-                paint(style, &line)
-            });
-            if change.missing_newline() {
-                s.push_str("\\ No newline at end of file\n");
-            }
-        }
-    }
-    s
-}
 
 /// e.g. `3 settings change, 1 removed; keys, upstreams, hosts untouched`.
 pub(super) fn summary(changes: &[Setting]) -> String {

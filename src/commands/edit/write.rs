@@ -7,7 +7,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use super::PromoteError;
+use super::EditError;
 use crate::config::{sha256, KeyDigest};
 
 /// Writes `bytes` to a temp file beside `path` (same permissions, and owner where
@@ -18,8 +18,8 @@ pub fn write_atomically(
     path: &Path,
     bytes: &[u8],
     expected: &KeyDigest,
-) -> Result<KeyDigest, PromoteError> {
-    let write_err = |source| PromoteError::Write {
+) -> Result<KeyDigest, EditError> {
+    let write_err = |source| EditError::Write {
         path: path.to_path_buf(),
         source,
     };
@@ -49,7 +49,7 @@ fn create_temp(dir: &Path, target: &Path) -> io::Result<(PathBuf, File)> {
     let mut last_err = None;
     for _ in 0..8 {
         let tmp = dir.join(format!(
-            ".{name}.promote-{:016x}.tmp",
+            ".{name}.specter-{:016x}.tmp",
             rand::random::<u64>()
         ));
         match OpenOptions::new()
@@ -74,16 +74,16 @@ fn fill(mut file: File, bytes: &[u8], original: &fs::Metadata) -> io::Result<()>
     file.sync_all()
 }
 
-fn ensure_unchanged(path: &Path, target: &Path, expected: &KeyDigest) -> Result<(), PromoteError> {
+fn ensure_unchanged(path: &Path, target: &Path, expected: &KeyDigest) -> Result<(), EditError> {
     match fs::read(target) {
         Ok(now) if sha256(&now) == *expected => Ok(()),
-        Ok(_) => Err(PromoteError::Changed {
+        Ok(_) => Err(EditError::Changed {
             path: path.to_path_buf(),
         }),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(PromoteError::Changed {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(EditError::Changed {
             path: path.to_path_buf(),
         }),
-        Err(source) => Err(PromoteError::Read {
+        Err(source) => Err(EditError::Read {
             path: path.to_path_buf(),
             source,
         }),
