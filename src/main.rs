@@ -237,14 +237,14 @@ enum KeysCommand {
     /// staged, expiring, expired, revoked); with usage from a running gateway.
     List {
         /// The config file whose keys are listed.
-        #[arg(long, default_value = "config/specter.toml")]
+        #[arg(long, env = "SPECTER_CONFIG", default_value = "config/specter.toml")]
         config: PathBuf,
         /// Only this environment's keys.
         #[arg(long)]
         env: Option<String>,
-        /// The gateway's admin listener (default: listen.admin of the config, if it
-        /// answers).
-        #[arg(long)]
+        /// The gateway's admin listener, as host:port or http://host:port (default:
+        /// listen.admin of the config, if it answers).
+        #[arg(long, value_parser = admin_addr::parse)]
         admin: Option<String>,
         /// Also print each key's SHA-256.
         #[arg(long)]
@@ -259,7 +259,7 @@ enum KeysCommand {
 #[derive(clap::Args)]
 struct KeysFile {
     /// The config file to edit (a running gateway watching it reloads it).
-    #[arg(long, default_value = "config/specter.toml")]
+    #[arg(long, env = "SPECTER_CONFIG", default_value = "config/specter.toml")]
     config: PathBuf,
     /// Print the change as a unified diff and write nothing.
     #[arg(long)]

@@ -24,6 +24,13 @@ fn specter_config_sets_the_default_config_path() {
     let run = run_specter_env(&["check"], None, &[("SPECTER_CONFIG", &path)]);
     assert_eq!(run.code, 0, "{run:?}");
     assert!(run.stdout.contains(&path), "{run:?}");
+    // Every command that reads the config takes it from there, the key editors too.
+    let run = run_specter_env(&["keys", "list"], None, &[("SPECTER_CONFIG", &path)]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(
+        !run.stdout.contains("alice-laptop"),
+        "listed config/specter.toml: {run:?}"
+    );
     // --config still wins over the variable.
     let run = run_specter_env(
         &["check", "--config", "config/specter.toml"],
@@ -46,6 +53,12 @@ fn every_argument_has_help_text() {
         &["keys", "new"],
         &["keys", "hash"],
         &["keys", "usage"],
+        &["keys", "add"],
+        &["keys", "revoke"],
+        &["keys", "rotate"],
+        &["keys", "list"],
+        &["completions"],
+        &["manpage"],
     ] {
         let mut args = command.to_vec();
         args.push("--help");
