@@ -216,30 +216,14 @@ pub fn plan_only(
         })
         .collect();
     let mut changes: Vec<Setting> = document::compare(target, &source, &keys(&groups));
-    let mut wanted_source = target.clone();
-    for o in only {
-        let Only::Key { group, key } = o else {
-            continue;
-        };
-        if groups.contains(group) {
-            continue; // the whole group is promoted anyway
+    let (rows, wanted_source) = single_keys(target, &source, only, &groups).map_err(|only| {
+        PromoteError::NothingSelected {
+            from: from.to_owned(),
+            to: to.to_owned(),
+            only,
         }
-        let top = group.keys()[0];
-        let prefix = format!("{top}.{key}");
-        let rows: Vec<Setting> = document::compare(target, &source, &[top])
-            .into_iter()
-            .filter(|s| s.path == prefix || s.path.starts_with(&format!("{prefix}.")))
-            .collect();
-        if rows.is_empty() {
-            return Err(PromoteError::NothingSelected {
-                from: from.to_owned(),
-                to: to.to_owned(),
-                only: o.to_string(),
-            });
-        }
-        changes.extend(rows);
-        document::take_key(&mut wanted_source, &source, top, key);
-    }
+    })?;
+    changes.extend(rows);
     changes.retain(Setting::differs);
     let target = edit::document::environment_mut(&mut doc, to).expect("looked up above");
     for key in keys(&groups) {
@@ -270,6 +254,40 @@ pub fn plan_only(
         old_text: text.to_owned(),
         new_text,
     })
+}
+
+/// For the `--only` keys inside groups not promoted whole: their settings in both
+/// environments, and TO's environment with FROM's values for them (the source that
+/// syncs those keys and nothing else). Errs with the key that neither sets.
+fn single_keys(
+    target: &toml_edit::Item,
+    source: &toml_edit::Item,
+    only: &[Only],
+    whole: &[Group],
+) -> Result<(Vec<Setting>, toml_edit::Item), String> {
+    let mut rows = Vec::new();
+    let mut wanted = target.clone();
+    for o in only {
+        let Only::Key { group, key } = o else {
+            continue;
+        };
+        if whole.contains(group) {
+            continue;
+        }
+        let top = group.keys()[0];
+        let prefix = format!("{top}.{key}");
+        let before = rows.len();
+        rows.extend(
+            document::compare(target, source, &[top])
+                .into_iter()
+                .filter(|s| s.path == prefix || s.path.starts_with(&format!("{prefix}."))),
+        );
+        if rows.len() == before {
+            return Err(o.to_string());
+        }
+        document::take_key(&mut wanted, source, top, key);
+    }
+    Ok((rows, wanted))
 }
 
 /// Every promotable setting of `a` (left) and `b` (right), in group order.
