@@ -51,27 +51,27 @@ fn display_path(path: &[Segment]) -> String {
 
 fn unknown_fields(map: &SourceMap<'_>, first: toml::de::Error) -> Vec<ConfigError> {
     let mut found = Vec::new();
-    // Each unknown key goes, or is renamed to its near miss so that a misspelt
-    // required field does not turn into a "missing field" that ends the search.
-    let mut removed: Vec<(Vec<Segment>, Option<String>)> = Vec::new();
     let mut error = first;
+    // Parsed once: the original (to locate keys) and the copy that loses them.
+    let (Ok(original), Ok(mut copy)) = (
+        toml_edit::Document::parse(map.text),
+        DocumentMut::from_str(map.text),
+    ) else {
+        return vec![worded(map, &error)];
+    };
     let mut text = map.text.to_owned();
     while found.len() < MAX_UNKNOWN && error.message().contains("unknown field") {
         let start = error.span().map_or(0, |s| s.start);
         let Some(path) = path_at(&text, start) else {
             break;
         };
-        let span = key_span(map.text, &path).unwrap_or(start..start);
+        let span = key_span(original.as_item(), &path).unwrap_or(start..start);
         let (message, near) = unknown_message(&path, error.message());
         found.push(map.error(span, message));
-        removed.push((path, near));
-        let Ok(mut doc) = DocumentMut::from_str(map.text) else {
-            break;
-        };
-        for (p, near) in &removed {
-            replace(doc.as_item_mut(), p, near.as_deref());
-        }
-        text = doc.to_string();
+        // The key goes, or is renamed to its near miss so that a misspelt required
+        // field does not turn into a "missing field" that ends the search.
+        replace(copy.as_item_mut(), &path, near.as_deref());
+        text = copy.to_string();
         match toml::from_str::<RawConfig>(&text) {
             Ok(_) => break,
             Err(e) => error = e,
@@ -190,26 +190,46 @@ fn find_under(
     })
 }
 
-/// Where the key at `path` is written in `text`.
-fn key_span(text: &str, path: &[Segment]) -> Option<Range<usize>> {
-    let doc = toml_edit::Document::parse(text).ok()?;
+/// A place in a parsed document, borrowed.
+#[derive(Clone, Copy)]
+enum Node<'a> {
+    Item(&'a Item),
+    Table(&'a toml_edit::Table),
+    Value(&'a Value),
+}
+
+impl<'a> Node<'a> {
+    fn step(self, segment: &Segment) -> Option<Node<'a>> {
+        let node = match self {
+            Node::Item(Item::Table(t)) => Node::Table(t),
+            Node::Item(Item::Value(v)) => Node::Value(v),
+            other => other,
+        };
+        Some(match (segment, node) {
+            (Segment::Key(k), Node::Table(t)) => Node::Item(t.get(k)?),
+            (Segment::Key(k), Node::Value(Value::InlineTable(t))) => Node::Value(t.get(k)?),
+            (Segment::Index(i), Node::Item(Item::ArrayOfTables(a))) => Node::Table(a.get(*i)?),
+            (Segment::Index(i), Node::Value(Value::Array(a))) => Node::Value(a.get(*i)?),
+            _ => return None,
+        })
+    }
+}
+
+/// Where the key at `path` is written in the document `root` was parsed from.
+fn key_span(root: &Item, path: &[Segment]) -> Option<Range<usize>> {
     let (last, parent) = path.split_last()?;
     let Segment::Key(name) = last else {
         return None;
     };
-    let mut item = doc.as_item().clone();
+    let mut node = Node::Item(root);
     for segment in parent {
-        item = match (segment, item) {
-            (Segment::Key(k), Item::Table(t)) => t.get(k)?.clone(),
-            (Segment::Key(k), Item::Value(Value::InlineTable(t))) => Item::Value(t.get(k)?.clone()),
-            (Segment::Index(i), Item::ArrayOfTables(a)) => Item::Table(a.get(*i)?.clone()),
-            (Segment::Index(i), Item::Value(Value::Array(a))) => Item::Value(a.get(*i)?.clone()),
-            _ => return None,
-        };
+        node = node.step(segment)?;
     }
-    match item {
-        Item::Table(t) => t.key(name)?.span(),
-        Item::Value(Value::InlineTable(t)) => t.key(name)?.span(),
+    match node {
+        Node::Item(Item::Table(t)) | Node::Table(t) => t.key(name)?.span(),
+        Node::Item(Item::Value(Value::InlineTable(t))) | Node::Value(Value::InlineTable(t)) => {
+            t.key(name)?.span()
+        }
         _ => None,
     }
 }
@@ -340,8 +360,9 @@ mod tests {
         let tables = "[[k]]\nid = 1\n\n[[k]]\nid = 2\nnot_afer = 3\n";
         let path = path_at(tables, tables.find("not_afer").unwrap()).unwrap();
         assert_eq!(display_path(&path), "k[1].not_afer");
+        let parsed = toml_edit::Document::parse(tables).unwrap();
         assert_eq!(
-            key_span(tables, &path),
+            key_span(parsed.as_item(), &path),
             tables.find("not_afer").map(|s| s..s + 8)
         );
         assert_eq!(doc.to_string(), "[a]\nx = 1\n\n[a.b]\nc = { d = 1}\n");
