@@ -27,6 +27,8 @@
 //! Around it:
 //!
 //! - [`config`]: raw TOML types -> validated model, errors with `file:line:col`
+//!   (`config::syntax` words the parser's errors and finds every unknown key;
+//!   [`config::policy_view`] shows a policy to people)
 //! - [`state`]: the immutable snapshot behind one `ArcSwap`, built whole then swapped
 //! - [`reload`]: file watcher + SIGHUP -> load -> build -> swap; keeps the last good
 //! - [`tls`]: rustls server and client configs, SNI certificate choice
@@ -34,7 +36,8 @@
 //! - [`metrics`]: Prometheus registry
 //! - [`panics`]: every task's panic caught, logged and counted
 //! - [`logthrottle`]: a warning any request can trigger, logged once per interval with a count
-//! - [`commands`]: `check`, `keys`, `demo`, `promote`/`diff`, `certs`: what the CLI runs
+//! - [`commands`]: `check`, `keys`, `demo` (+ `demo_config`: `--write-config`,
+//!   `--backends-only`), `promote`/`diff`, `certs`, `admin_addr`: what the CLI runs
 
 pub mod admin;
 pub mod auth;

@@ -32,6 +32,8 @@ pub struct State {
     pub keys: KeyTable,
     pub environments: Vec<Environment>,
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// The served certificates, for the expiry gauge and the reload log.
+    pub certificates: Vec<tls::CertificateInfo>,
     /// `[limits] unauthenticated`: failed authentications per client address.
     pub failed_auth: Option<crate::ratelimit::failures::FailedAuthLimiter>,
     /// Fleet mode: shared rate-limit counters (kept across reloads while unchanged).
@@ -117,10 +119,18 @@ impl State {
                 previous.and_then(|p| p.failed_auth.as_ref()),
             )
         });
+        let certificates: Vec<tls::CertificateInfo> = config
+            .tls
+            .iter()
+            .flat_map(|t| &t.certificates)
+            .filter_map(|c| tls::describe(&c.cert_path))
+            .collect();
+        tls::log_changes(previous.map(|p| &p.certificates[..]), &certificates);
         Ok(State {
             #[cfg(feature = "redis")]
             store,
             failed_auth,
+            certificates,
             config: Arc::new(config),
             keys,
             environments,

@@ -227,6 +227,59 @@ async fn redis_failure_follows_on_error_and_recovery_needs_no_restart() {
         .assert_error(429, "rate_limited");
 }
 
+/// `/readyz` follows the store: 503 with the cause under `deny`, 200 naming the
+/// degraded mode under `local` and `allow`, and ready again once Redis is back, with
+/// no request traffic needed to notice either change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_the_store_and_names_its_cause() {
+    let mut redis = Redis::start().await;
+    let up = Upstream::start("qa").await;
+    let limit = "{ requests = 1, per = \"1m\", burst = 3 }";
+    let deny = TestGateway::start(&fleet_config(&up, Some(&redis), "deny", limit)).await;
+    let local = TestGateway::start(&fleet_config(&up, Some(&redis), "local", limit)).await;
+    let allow = TestGateway::start(&fleet_config(&up, Some(&redis), "allow", limit)).await;
+    let c = client();
+    let readyz = |gw: &TestGateway| format!("http://{}/readyz", gw.admin.unwrap());
+    for gw in [&deny, &local, &allow] {
+        let answer = get(&c, &readyz(gw), &[]).await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        assert_eq!(answer.json()["status"], "ready");
+    }
+
+    redis.stop();
+    // The cause arrives once a fresh connection was tried: refused, not "no answer".
+    for (gw, mode, status, state) in [
+        (&deny, "deny", 503, "not_ready"),
+        (&local, "local", 200, "degraded"),
+        (&allow, "allow", 200, "degraded"),
+    ] {
+        let url = readyz(gw);
+        let named = poll_until(Duration::from_secs(10), || async {
+            let json = get(&c, &url, &[]).await.json();
+            json["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("refused"))
+        })
+        .await;
+        let answer = get(&c, &url, &[]).await;
+        let json = answer.json();
+        assert!(named, "{mode}: {json}");
+        assert_eq!(answer.status.as_u16(), status, "{mode}: {json}");
+        assert_eq!(json["status"], state, "{mode}: {json}");
+        assert_eq!(json["on_error"], mode, "{json}");
+    }
+
+    redis.restart().await;
+    for gw in [&deny, &local, &allow] {
+        let url = readyz(gw);
+        let back = poll_until(Duration::from_secs(10), || async {
+            get(&c, &url, &[]).await.json()["status"] == "ready"
+        })
+        .await;
+        assert!(back, "{}", get(&c, &readyz(gw), &[]).await.text());
+    }
+}
+
 /// The remaining lifetime of a Redis key, in milliseconds.
 async fn pttl(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> i64 {
     redis::cmd("PTTL").arg(key).query_async(conn).await.unwrap()

@@ -113,16 +113,30 @@ impl<'a> SourceMap<'a> {
     }
 
     /// The `[table]` header in force at `offset`, for errors that toml reports without
-    /// a key path (unknown fields, wrong types).
+    /// a key path (wrong types). A header line counts whole, even when the error points
+    /// into its middle.
     pub fn enclosing_table(&self, offset: usize) -> Option<&str> {
-        let before = &self.text[..floor_char_boundary(self.text, offset)];
-        before.lines().rev().find_map(|line| {
-            let line = line.trim();
-            let inner = line.strip_prefix("[[").and_then(|l| l.split("]]").next());
-            let inner = inner.or_else(|| line.strip_prefix('[').and_then(|l| l.split(']').next()));
-            inner.map(str::trim)
-        })
+        let start = floor_char_boundary(self.text, offset.min(self.text.len()));
+        let line_end = self.text[start..]
+            .find('\n')
+            .map_or(self.text.len(), |i| start + i);
+        self.text[..line_end].lines().rev().find_map(header_name)
     }
+
+    /// The table named by the header written on the line holding `offset`, if that
+    /// line is a `[table]` or `[[array]]` header.
+    pub fn header_at(&self, offset: usize) -> Option<&str> {
+        let start = floor_char_boundary(self.text, offset.min(self.text.len()));
+        let line_start = self.text[..start].rfind('\n').map_or(0, |i| i + 1);
+        header_name(self.text[line_start..].lines().next()?)
+    }
+}
+
+fn header_name(line: &str) -> Option<&str> {
+    let line = line.trim();
+    let inner = line.strip_prefix("[[").and_then(|l| l.split("]]").next());
+    let inner = inner.or_else(|| line.strip_prefix('[').and_then(|l| l.split(']').next()));
+    inner.map(str::trim)
 }
 
 fn floor_char_boundary(text: &str, mut offset: usize) -> usize {

@@ -4,7 +4,9 @@
 pub mod error;
 pub mod file;
 pub mod keys_file;
+pub mod policy_view;
 pub mod read;
+mod syntax;
 mod validate;
 
 use std::net::SocketAddr;

@@ -19,6 +19,7 @@ use super::file::*;
 use super::*;
 use crate::policy::path::normalize_path;
 
+mod listen;
 mod store;
 
 /// Keys expiring within this window are reported by `specter check`.
@@ -77,27 +78,7 @@ pub fn parse_and_validate(
     options: CheckOptions,
 ) -> Result<Loaded, ConfigErrors> {
     let map = SourceMap::new(path, text);
-    let raw: RawConfig = toml::from_str(text).map_err(|e| {
-        let span = e.span().unwrap_or(0..0);
-        let mut message = e.message().trim_end().to_owned();
-        // toml names neither the key nor the value; the source line does.
-        if let Some((key, value)) = map.assignment_at(span.start) {
-            message = format!("{key} = {value}: {message}");
-        }
-        if let Some(table) = map.enclosing_table(span.start) {
-            message = format!("in [{table}]: {message}");
-        }
-        if message.contains("unknown field") {
-            message.push_str("; remove it or check its spelling");
-        } else if message.contains("expected a string") || message.contains("must be quoted") {
-            message.push_str("; write the value as a quoted string (durations like \"30s\", sizes like \"10MiB\")");
-        } else if message.contains("expected i64") || message.contains("expected u") {
-            message.push_str("; write a whole number without quotes, e.g. 100");
-        } else if message.contains("expected a boolean") {
-            message.push_str("; write true or false, without quotes");
-        }
-        ConfigErrors(vec![map.error(span, message)])
-    })?;
+    let raw = super::syntax::parse(&map)?;
     let mut v = Validator {
         map,
         options,
@@ -198,6 +179,22 @@ impl Validator<'_> {
             .iter()
             .filter_map(|h| self.admin_host(h))
             .collect();
+        let written = [
+            ("http", &l.http, http),
+            ("https", &l.https, https),
+            ("admin", &l.admin, admin),
+        ];
+        let listeners: Vec<listen::Listener<'_>> = written
+            .into_iter()
+            .filter_map(|(key, raw, addr)| {
+                Some(listen::Listener {
+                    key,
+                    addr: addr?,
+                    raw: raw.as_ref()?,
+                })
+            })
+            .collect();
+        self.check_listeners(&listeners);
         if l.http.is_none() && l.https.is_none() {
             return self.fail(
                 raw.span(),

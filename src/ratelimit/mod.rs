@@ -16,6 +16,8 @@ pub mod failures;
 pub mod lease;
 #[cfg(feature = "redis")]
 pub mod redis;
+#[cfg(feature = "redis")]
+pub mod store_health;
 
 use std::fmt::Write;
 use std::sync::Arc;

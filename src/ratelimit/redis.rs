@@ -19,7 +19,6 @@
 //! fails too is the key charged one cell it did not use. Lease mode (see [`super::lease`])
 //! takes batches of cells instead of one per request.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +27,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 
 use super::lease::Leases;
+use super::store_health::{self, StoreHealth};
 use super::{limited, push_state, Scope};
 use crate::body::BoxError;
 use crate::config::{
@@ -186,8 +186,8 @@ pub struct RedisStore {
     take_script: redis::Script,
     /// Lease mode's local batches; `None` in exact mode.
     leases: Option<Leases>,
-    /// Whether the last check failed: readiness and status read it.
-    failing: AtomicBool,
+    /// Answering or failing, and why: `/readyz` reads it.
+    pub health: Arc<StoreHealth>,
 }
 
 impl RedisStore {
@@ -233,7 +233,7 @@ impl RedisStore {
             script: redis::Script::new(GCRA),
             take_script: redis::Script::new(TAKE),
             leases,
-            failing: AtomicBool::new(false),
+            health: Arc::default(),
         })
     }
 
@@ -251,13 +251,22 @@ impl RedisStore {
             (None, StoreServers::Single(_)) => self.check_both(&buckets, None).await,
             (None, StoreServers::Cluster(_)) => self.check_one_by_one(&buckets).await,
         };
-        self.failing.store(verdict.is_err(), Ordering::Relaxed);
+        if verdict.is_ok() {
+            self.health.succeeded();
+        }
         verdict
     }
 
-    /// Whether the store's last answer was a failure (a timeout, a refused connection).
-    pub fn is_failing(&self) -> bool {
-        self.failing.load(Ordering::Relaxed)
+    /// One `PING` within `timeout`, for `/readyz`: the store's health without traffic.
+    pub async fn probe(&self) {
+        let mut conn = self.conn.clone();
+        let cmd = redis::cmd("PING");
+        let ping = cmd.query_async::<String>(&mut conn);
+        match tokio::time::timeout(self.config.timeout, ping).await {
+            Ok(Ok(_)) => self.health.succeeded(),
+            Ok(Err(e)) => self.report(&StoreError::Redis(e)),
+            Err(_) => self.report(&StoreError::Timeout(self.config.timeout)),
+        }
     }
 
     /// [`check`](Self::check) with the script's clock fixed at `now_us` (µs since the
@@ -398,13 +407,43 @@ impl RedisStore {
         matches!(self.config.servers, StoreServers::Cluster(_))
     }
 
-    /// Logs a store failure: the first at once, then one line per interval with a count.
+    /// Marks the store failing and logs the failure with its cause: the first at once,
+    /// then one line per interval with a count. A timeout's cause is diagnosed on a
+    /// fresh connection (at most once a second per store) before it is recorded.
     pub fn report(&self, error: &StoreError) {
         static STORE_FAILED: crate::logthrottle::Throttle =
             crate::logthrottle::Throttle::new("rate-limit store check failed");
-        if let Some(more) = STORE_FAILED.check(&[]) {
-            tracing::warn!(error = %crate::proxy::ErrorChain(error), on_error = ?self.config.on_error, "rate-limit store check failed{more}");
+        let what = || crate::proxy::ErrorChain(error).to_string();
+        self.health.failed(what);
+        let log = STORE_FAILED.check(&[]).map(|more| more.to_string());
+        let due = self.health.cause_due();
+        let on_error = self.config.on_error;
+        if !matches!(error, StoreError::Timeout(_)) {
+            if due {
+                self.health.set_cause(what());
+            }
+            if let Some(more) = log {
+                tracing::warn!(error = %what(), ?on_error, "rate-limit store check failed{more}");
+            }
+            return;
         }
+        if !due && log.is_none() {
+            return;
+        }
+        // A cluster is diagnosed through its first seed node.
+        let url = match &self.config.servers {
+            StoreServers::Single(url) => url.clone(),
+            StoreServers::Cluster(nodes) => nodes.first().cloned().unwrap_or_default(),
+        };
+        let (what, health) = (what(), self.health.clone());
+        let deadline = self.config.timeout.max(Duration::from_millis(500));
+        tokio::spawn(async move {
+            let cause = store_health::diagnose(&url, deadline).await;
+            health.set_cause(format!("{what}; {cause}"));
+            if let Some(more) = log {
+                tracing::warn!(error = %what, %cause, ?on_error, "rate-limit store check failed{more}");
+            }
+        });
     }
 
     pub fn on_error(&self) -> StoreErrorMode {
