@@ -177,26 +177,7 @@ fn summarize(old: &State, new: &Config, version: u64) -> ReloadSummary {
         .map(|e| e.config.name.as_str())
         .collect();
     let after: BTreeSet<&str> = new.environments.iter().map(|e| e.name.as_str()).collect();
-    let old_keys: HashSet<(&str, &str, &KeyDigest)> = old
-        .keys
-        .iter()
-        .map(|k| {
-            (
-                old.environments[k.environment].config.name.as_str(),
-                k.id,
-                k.digest,
-            )
-        })
-        .collect();
-    let new_keys: HashSet<(&str, &str, &KeyDigest)> = new
-        .environments
-        .iter()
-        .flat_map(|e| {
-            e.keys
-                .iter()
-                .map(move |k| (e.name.as_str(), k.id.as_str(), &k.sha256))
-        })
-        .collect();
+    let (keys_added, keys_removed) = key_changes(old, new);
     let owned = |names: Vec<&&str>| names.into_iter().map(|n| n.to_string()).collect();
     ReloadSummary {
         version,
@@ -212,8 +193,8 @@ fn summarize(old: &State, new: &Config, version: u64) -> ReloadSummary {
             })
             .map(|e| e.name.clone())
             .collect(),
-        keys_added: new_keys.difference(&old_keys).count(),
-        keys_removed: old_keys.difference(&new_keys).count(),
+        keys_added,
+        keys_removed,
     }
 }
 
@@ -238,6 +219,44 @@ fn classify(kind: &EventKind) -> Option<Change> {
         EventKind::Modify(ModifyKind::Name(_)) | EventKind::Remove(_) => Some(Change::Replaced),
         _ => None,
     }
+}
+
+/// Keys added and removed, a key being its (environment, id, hash). Both sides are
+/// walked in digest order (the old key table is sorted that way; the new keys are
+/// sorted here, 16 bytes each) instead of two hash sets of a million tuples: a reload of
+/// a million keys stays under four times the gateway's steady memory.
+fn key_changes(old: &State, new: &Config) -> (usize, usize) {
+    let envs = &new.environments;
+    let mut fresh: Vec<(&KeyDigest, u32, u32)> = envs
+        .iter()
+        .enumerate()
+        .flat_map(|(e, env)| {
+            env.keys
+                .iter()
+                .enumerate()
+                .map(move |(k, key)| (&key.sha256, e as u32, k as u32))
+        })
+        .collect();
+    fresh.sort_unstable();
+    let mut before = old.keys.iter().peekable();
+    let (mut added, mut removed) = (0, 0);
+    for (digest, e, k) in fresh {
+        while before.next_if(|b| b.digest < digest).is_some() {
+            removed += 1;
+        }
+        let (env, key) = (&envs[e as usize], &envs[e as usize].keys[k as usize]);
+        let same = |b: &crate::auth::KeyView<'_>| {
+            b.digest == digest
+                && b.id == key.id
+                && old.environments[b.environment].config.name == env.name
+        };
+        match before.next_if(|b| b.digest == digest) {
+            Some(b) if same(&b) => {}
+            Some(_) => (added, removed) = (added + 1, removed + 1),
+            None => added += 1,
+        }
+    }
+    (added, removed + before.count())
 }
 
 /// Watches the config (and certificate) files and SIGHUP until the runtime ends.
@@ -378,6 +397,38 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"))
             .config;
         State::build(config, None, 1, &crate::metrics::Metrics::new()).expect("builds")
+    }
+
+    #[test]
+    fn key_changes_count_added_and_removed_keys() {
+        let key = |id: &str, key: &str| {
+            format!(
+                "[[environments.qa.keys]]\nid = \"{id}\"\nsha256 = \"{}\"\n",
+                crate::config::hex(&crate::config::sha256(key.as_bytes()))
+            )
+        };
+        let base = "[listen]\nhttp = \"127.0.0.1:0\"\n[environments.qa]\nupstream = \"http://10.0.0.1:1\"\n";
+        let before = format!(
+            "{base}{}{}{}",
+            key("a", "k1"),
+            key("b", "k2"),
+            key("c", "k3")
+        );
+        // k1 stays, k2 moves to a new id (one removed, one added), k3 goes, k4 comes.
+        let after = format!(
+            "{base}{}{}{}",
+            key("a", "k1"),
+            key("b2", "k2"),
+            key("d", "k4")
+        );
+        let config = |text: &str| {
+            crate::config::parse(text, Path::new("specter.toml"))
+                .expect("valid")
+                .config
+        };
+        let old = state(&before);
+        assert_eq!(key_changes(&old, &config(&after)), (2, 2));
+        assert_eq!(key_changes(&old, &config(&before)), (0, 0));
     }
 
     #[test]
