@@ -2,6 +2,7 @@
 //! Never a key, a key hash or a private key.
 
 use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -19,7 +20,12 @@ use tokio::sync::watch;
 use crate::body::{self, Body};
 use crate::state::{Shared, State};
 
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: TcpListener,
+    local: SocketAddr,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -40,7 +46,15 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(route(&shared, &req)) }
+                async move {
+                    if !addressed_to_us(&shared, local, &req) {
+                        return Ok::<_, Infallible>(json_response(
+                            StatusCode::FORBIDDEN,
+                            json!({"error": "wrong_host", "message": "The admin listener answers only requests addressed to its own address, localhost, or a name in [listen] admin_hosts."}),
+                        ));
+                    }
+                    Ok(route(&shared, &req).await)
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -51,29 +65,56 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::
     }
 }
 
-fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {
-    if req.method() != Method::GET {
-        return json_response(
+/// DNS rebinding: a page on `evil.example` that re-points its name at 127.0.0.1 can
+/// make a browser send requests here, with `Host: evil.example`. Such a name is never
+/// one the listener answers to: only an IP literal of its own address, `localhost`
+/// (for loopback and wildcard listeners) and `[listen] admin_hosts`. The port is not
+/// compared (forwarding changes it); a request without `Host` (HTTP/1.0) is answered.
+fn addressed_to_us(shared: &Shared, local: SocketAddr, req: &Request<Incoming>) -> bool {
+    let Some(name) = crate::policy::request_host(req.uri(), req.headers()) else {
+        // No Host at all is an HTTP/1.0 client, not a browser; an unreadable one is refused.
+        return !req.headers().contains_key(http::header::HOST);
+    };
+    let name = name.trim_end_matches('.');
+    let own_ip = local.ip();
+    if let Ok(ip) = name.parse::<IpAddr>() {
+        return own_ip.is_unspecified()
+            || crate::policy::canonical_ip(ip) == crate::policy::canonical_ip(own_ip);
+    }
+    if name.eq_ignore_ascii_case("localhost") {
+        return own_ip.is_loopback() || own_ip.is_unspecified();
+    }
+    let state = shared.state.load();
+    state
+        .config
+        .listen
+        .admin_hosts
+        .iter()
+        .any(|h| h.eq_ignore_ascii_case(name))
+}
+
+/// `HEAD` answers like `GET`; hyper leaves the body out and keeps its length.
+async fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut r = json_response(
             StatusCode::METHOD_NOT_ALLOWED,
-            json!({"error": "method_not_allowed", "message": "The admin API only answers GET."}),
+            json!({"error": "method_not_allowed", "message": "The admin API only answers GET and HEAD."}),
         );
+        r.headers_mut()
+            .insert(http::header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return r;
     }
     match req.uri().path() {
         "/" => crate::status::page(),
         "/status.json" => json_response(StatusCode::OK, crate::status::view(shared)),
         "/healthz" => json_response(StatusCode::OK, json!({"status": "ok"})),
         "/readyz" => {
-            if shared.draining.load(Ordering::Relaxed) {
-                json_response(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    json!({"status": "draining"}),
-                )
-            } else {
-                json_response(StatusCode::OK, json!({"status": "ready"}))
-            }
+            let (status, body) = readiness(shared).await;
+            json_response(status, body)
         }
         "/metrics" => {
             record_upstream_health(shared);
+            record_certificate_expiry(shared);
             let mut r = Response::new(body::full(Bytes::from(shared.metrics.encode())));
             r.headers_mut().insert(
                 CONTENT_TYPE,
@@ -92,6 +133,47 @@ fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {
     }
 }
 
+/// Ready unless draining, or unless the fleet's rate-limit store fails while
+/// `on_error = "deny"` refuses every limited request; with `local` or `allow` the
+/// gateway still serves, and says in which degraded mode.
+async fn readiness(shared: &Shared) -> (StatusCode, Value) {
+    if shared.draining.load(Ordering::Relaxed) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"status": "draining"}),
+        );
+    }
+    #[cfg(feature = "redis")]
+    {
+        use crate::config::StoreErrorMode;
+        let store = shared.state.load().store.clone();
+        if let Some(store) = store {
+            store.probe().await;
+            if let Some(cause) = store.health.failure() {
+                let reason = cause;
+                return match store.on_error() {
+                    StoreErrorMode::Deny => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        json!({"status": "not_ready", "reason": reason, "on_error": "deny",
+                               "effect": "every rate-limited request is refused with 503"}),
+                    ),
+                    StoreErrorMode::Local => (
+                        StatusCode::OK,
+                        json!({"status": "degraded", "reason": reason, "on_error": "local",
+                               "effect": "this instance's own limiters apply"}),
+                    ),
+                    StoreErrorMode::Allow => (
+                        StatusCode::OK,
+                        json!({"status": "degraded", "reason": reason, "on_error": "allow",
+                               "effect": "rate limits are not enforced"}),
+                    ),
+                };
+            }
+        }
+    }
+    (StatusCode::OK, json!({"status": "ready"}))
+}
+
 /// Upstream health is read off the live snapshot at scrape time, so upstreams removed
 /// by a reload disappear from the metrics too.
 fn record_upstream_health(shared: &Shared) {
@@ -108,6 +190,20 @@ fn record_upstream_health(shared: &Shared) {
                 .get_or_create(&labels)
                 .set(i64::from(env.upstreams.is_healthy(i)));
         }
+    }
+}
+
+/// Like upstream health: read off the live snapshot, so a replaced certificate's old
+/// file disappears from the gauge.
+fn record_certificate_expiry(shared: &Shared) {
+    let state = shared.state.load();
+    let gauges = &shared.metrics.tls_certificate_expiry;
+    gauges.clear();
+    for cert in &state.certificates {
+        let labels = crate::metrics::CertificateLabels {
+            certificate: cert.path.clone(),
+        };
+        gauges.get_or_create(&labels).set(cert.not_after);
     }
 }
 
@@ -148,6 +244,7 @@ fn config_view(shared: &Shared) -> Value {
                 "connect_timeout": humantime::format_duration(cfg.connect_timeout).to_string(),
                 "request_timeout": humantime::format_duration(cfg.request_timeout).to_string(),
                 "rate_limit": {"per_key": quota(&cfg.rate_limit.per_key), "total": quota(&cfg.rate_limit.total)},
+                "policy": crate::config::policy_view::to_json(&cfg.policy),
                 "key_ids": state.keys.ids_of(i).collect::<Vec<&str>>(),
             })
         })

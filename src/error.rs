@@ -20,10 +20,15 @@ pub enum GatewayError {
     BadRequest(&'static str),
     #[error("the request path is refused")]
     BadPath(#[source] PathError),
+    /// Names the header this gateway reads, so the client learns where the key goes.
     #[error("no API key was sent")]
-    MissingApiKey,
+    MissingApiKey { header: http::HeaderName },
     #[error("the API key is not valid")]
     InvalidApiKey,
+    /// Two keys (two key headers, or a key header and a Bearer): refused, never guessed
+    /// between. Same code as an invalid key, as DESIGN.md's table has no other.
+    #[error("more than one API key was sent")]
+    TwoApiKeys,
     #[error("the API key has expired")]
     ExpiredApiKey,
     #[error("this host is not served for the key's environment")]
@@ -66,7 +71,9 @@ impl GatewayError {
         use GatewayError::*;
         match self {
             BadRequest(_) | BadPath(_) => StatusCode::BAD_REQUEST,
-            MissingApiKey | InvalidApiKey | ExpiredApiKey => StatusCode::UNAUTHORIZED,
+            MissingApiKey { .. } | InvalidApiKey | TwoApiKeys | ExpiredApiKey => {
+                StatusCode::UNAUTHORIZED
+            }
             WrongHost | ForbiddenIp | ForbiddenPath => StatusCode::FORBIDDEN,
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             RequestTimeout => StatusCode::REQUEST_TIMEOUT,
@@ -89,8 +96,8 @@ impl GatewayError {
         match self {
             BadRequest(_) => "bad_request",
             BadPath(_) => "bad_path",
-            MissingApiKey => "missing_api_key",
-            InvalidApiKey => "invalid_api_key",
+            MissingApiKey { .. } => "missing_api_key",
+            InvalidApiKey | TwoApiKeys => "invalid_api_key",
             ExpiredApiKey => "expired_api_key",
             WrongHost => "wrong_host",
             ForbiddenIp => "forbidden_ip",
@@ -114,8 +121,12 @@ impl GatewayError {
         match self {
             GatewayError::BadRequest(why) => format!("The request is malformed: {why}."),
             GatewayError::BadPath(why) => format!("The path is refused: {why}."),
-            GatewayError::MissingApiKey => {
-                "Send an API key in the API key header or as Authorization: Bearer.".into()
+            GatewayError::MissingApiKey { header } => {
+                format!("Send an API key in the {header} header or as Authorization: Bearer <key>.")
+            }
+            GatewayError::TwoApiKeys => {
+                "Send one API key, not two: either the key header or Authorization: Bearer, once."
+                    .into()
             }
             GatewayError::RateLimited { retry_after, .. } => format!(
                 "Too many requests; retry after {} s.",

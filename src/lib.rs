@@ -19,7 +19,8 @@
 //! - [`policy`]: host / client IP / method / path / body size; [`policy::path`] is the
 //!   one path normal form
 //! - [`ratelimit`]: governor limiters per key and per environment, RateLimit headers;
-//!   `ratelimit::redis`: the fleet's shared counters
+//!   `ratelimit::redis`: the fleet's shared counters (one server or a cluster);
+//!   `ratelimit::lease`: lease mode's locally spent batches of them
 //! - [`error`]: `GatewayError` -> status + JSON body
 //! - [`body`]: the body type; the streaming size limit and read timeout
 //! - [`trace`]: W3C trace context: the client's `traceparent` continued, or a new trace
@@ -27,6 +28,8 @@
 //! Around it:
 //!
 //! - [`config`]: raw TOML types -> validated model, errors with `file:line:col`
+//!   (`config::syntax` words the parser's errors and finds every unknown key;
+//!   [`config::policy_view`] shows a policy to people)
 //! - [`state`]: the immutable snapshot behind one `ArcSwap`, built whole then swapped
 //! - [`reload`]: file watcher + SIGHUP -> load -> build -> swap; keeps the last good
 //! - [`tls`]: rustls server and client configs, SNI certificate choice
@@ -35,7 +38,8 @@
 //! - [`metrics`]: Prometheus registry
 //! - [`panics`]: every task's panic caught, logged and counted
 //! - [`logthrottle`]: a warning any request can trigger, logged once per interval with a count
-//! - [`commands`]: `check`, `keys`, `demo`, `promote`/`diff`, `certs`: what the CLI runs
+//! - [`commands`]: `check`, `keys`, `demo` (+ `demo_config`: `--write-config`,
+//!   `--backends-only`), `promote`/`diff`, `certs`, `admin_addr`: what the CLI runs
 
 pub mod admin;
 pub mod auth;

@@ -5,15 +5,16 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
-use clap::{Parser, Subcommand, ValueEnum};
-use specter::commands::{certs, check, demo, keys, promote};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use specter::commands::{admin_addr, certs, check, demo, demo_config, keys, promote};
 use specter::{config, reload, Gateway};
 
 #[derive(Parser)]
 #[command(
     name = "specter",
     version,
-    about = "An API gateway that keeps development, qa and production apart"
+    about = "An API gateway that keeps development, qa and production apart",
+    after_long_help = "Environment: SPECTER_CONFIG sets the default --config path; RUST_LOG the log level (default info).\nSignals (run): SIGHUP reloads the config; SIGTERM and SIGINT drain, then exit."
 )]
 struct Cli {
     /// Log format on stderr; the level comes from RUST_LOG (default info).
@@ -33,12 +34,14 @@ enum LogFormat {
 enum Command {
     /// Serve, reloading the config when it changes or on SIGHUP.
     Run {
-        #[arg(long, default_value = "config/specter.toml")]
+        /// The config file.
+        #[arg(long, env = "SPECTER_CONFIG", default_value = "config/specter.toml")]
         config: PathBuf,
     },
     /// Validate the config (certificates included) without serving.
     Check {
-        #[arg(long, default_value = "config/specter.toml")]
+        /// The config file.
+        #[arg(long, env = "SPECTER_CONFIG", default_value = "config/specter.toml")]
         config: PathBuf,
         /// Print each environment's upstreams, hosts, key count and limits.
         #[arg(long)]
@@ -55,6 +58,19 @@ enum Command {
         /// Serve https with a fresh self-signed certificate for localhost.
         #[arg(long)]
         tls: bool,
+        /// Write the demo as a config of your own into this directory (specter.toml,
+        /// and keys.txt with the plaintext keys, mode 0600) instead of serving it.
+        #[arg(long, value_name = "DIR", conflicts_with = "tls")]
+        write_config: Option<PathBuf>,
+        /// Start only the three echo backends (on --backend-port and the next two).
+        #[arg(long, conflicts_with_all = ["write_config", "tls"])]
+        backends_only: bool,
+        /// First port of the echo backends for --backends-only and --write-config (0: free ports).
+        #[arg(long, default_value_t = 9001)]
+        backend_port: u16,
+        /// Let --write-config replace existing files.
+        #[arg(long)]
+        force: bool,
     },
     /// Certificates for local TLS.
     Certs {
@@ -74,22 +90,38 @@ enum Command {
         from: String,
         /// The environment that receives them, e.g. production.
         to: String,
-        #[arg(long, default_value = "config/specter.toml")]
+        /// The config file.
+        #[arg(long, env = "SPECTER_CONFIG", default_value = "config/specter.toml")]
         config: PathBuf,
         /// Write the change (after validating it like `specter check`).
         #[arg(long)]
         apply: bool,
-        /// Promote only these groups: rate_limit, policy, timeouts (comma-separated).
+        /// Promote only these groups (rate_limit, policy, timeouts) or keys inside them
+        /// (e.g. policy.allow_paths), comma-separated.
         #[arg(long, value_delimiter = ',')]
-        only: Vec<promote::Group>,
+        only: Vec<promote::Only>,
+        /// Let --apply loosen security-relevant settings (response headers set, request
+        /// headers removed, allow_ips, deny_paths, hosts, max_body, methods added).
+        #[arg(long)]
+        allow_removals: bool,
     },
+    /// Shell completions on stdout, e.g. `specter completions bash >
+    /// /etc/bash_completion.d/specter`.
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// The man page (roff) on stdout, e.g. `specter manpage > /usr/share/man/man1/specter.1`.
+    Manpage,
     /// The promotable settings of two environments side by side; writes nothing.
     Diff {
         /// The environment shown in the left column.
         a: String,
         /// The environment shown in the right column.
         b: String,
-        #[arg(long, default_value = "config/specter.toml")]
+        /// The config file.
+        #[arg(long, env = "SPECTER_CONFIG", default_value = "config/specter.toml")]
         config: PathBuf,
     },
 }
@@ -98,8 +130,12 @@ enum Command {
 enum CertsCommand {
     /// Write a self-signed certificate for localhost, 127.0.0.1 and ::1 (key mode 0600).
     Dev {
+        /// The directory that receives localhost.pem and localhost.key (created if missing).
         #[arg(long, default_value = "certs")]
         out: PathBuf,
+        /// Replace localhost.pem and localhost.key if they already exist.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -107,22 +143,29 @@ enum CertsCommand {
 enum KeysCommand {
     /// Print a fresh key once, and its [[environments.NAME.keys]] block.
     New {
+        /// The environment the key belongs to, e.g. qa.
         #[arg(long)]
         env: String,
+        /// The key id shown in logs, metrics and to the upstream [default: a generated one].
         #[arg(long)]
         id: Option<String>,
     },
     /// Per-key request counts and last-seen times from a running gateway.
     Usage {
-        /// The gateway's admin listener.
-        #[arg(long, default_value = "127.0.0.1:9901")]
-        admin: String,
+        /// The gateway's admin listener, as host:port or http://host:port [default: the
+        /// config's listen.admin, else 127.0.0.1:9901].
+        #[arg(long)]
+        admin: Option<String>,
+        /// The config whose listen.admin is asked when --admin is not given.
+        #[arg(long, env = "SPECTER_CONFIG", default_value = "config/specter.toml")]
+        config: PathBuf,
     },
     /// Read an existing key from stdin (not echoed) and print its TOML block.
     Hash {
         /// Defaults to the environment in a `spk_<env>_...` key.
         #[arg(long)]
         env: Option<String>,
+        /// The key id shown in logs, metrics and to the upstream [default: a generated one].
         #[arg(long)]
         id: Option<String>,
     },
@@ -194,14 +237,14 @@ enum KeysCommand {
     /// staged, expiring, expired, revoked); with usage from a running gateway.
     List {
         /// The config file whose keys are listed.
-        #[arg(long, default_value = "config/specter.toml")]
+        #[arg(long, env = "SPECTER_CONFIG", default_value = "config/specter.toml")]
         config: PathBuf,
         /// Only this environment's keys.
         #[arg(long)]
         env: Option<String>,
-        /// The gateway's admin listener (default: listen.admin of the config, if it
-        /// answers).
-        #[arg(long)]
+        /// The gateway's admin listener, as host:port or http://host:port (default:
+        /// listen.admin of the config, if it answers).
+        #[arg(long, value_parser = admin_addr::parse)]
         admin: Option<String>,
         /// Also print each key's SHA-256.
         #[arg(long)]
@@ -216,7 +259,7 @@ enum KeysCommand {
 #[derive(clap::Args)]
 struct KeysFile {
     /// The config file to edit (a running gateway watching it reloads it).
-    #[arg(long, default_value = "config/specter.toml")]
+    #[arg(long, env = "SPECTER_CONFIG", default_value = "config/specter.toml")]
     config: PathBuf,
     /// Print the change as a unified diff and write nothing.
     #[arg(long)]
@@ -259,12 +302,14 @@ fn main() -> ExitCode {
             config,
             apply,
             only,
+            allow_removals,
         } => promote_command(&promote::PromoteRequest {
             config: &config,
             from: &from,
             to: &to,
             only: &only,
             apply,
+            allow_removals,
             colour: std::io::stdout().is_terminal(),
         }),
         Command::Diff { a, b, config } => {
@@ -276,11 +321,50 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Run { config } => runtime().block_on(run(config)),
-        Command::Demo { port, tls } => runtime().block_on(run_demo(port, tls)),
+        Command::Run { config } => runtime().block_on(run(config, cli.log_format)),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "specter",
+                &mut std::io::stdout(),
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Manpage => {
+            match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("specter manpage: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Demo {
+            write_config: Some(dir),
+            port,
+            backend_port,
+            force,
+            ..
+        } => match demo_config::write(&dir, port, backend_port, force) {
+            Ok(note) => {
+                print!("{note}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("specter demo: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Demo {
+            backends_only: true,
+            backend_port,
+            ..
+        } => runtime().block_on(run_backends(backend_port)),
+        Command::Demo { port, tls, .. } => runtime().block_on(run_demo(port, tls)),
         Command::Certs {
-            command: CertsCommand::Dev { out },
-        } => match certs::dev(&out) {
+            command: CertsCommand::Dev { out, force },
+        } => match certs::dev(&out, force) {
             Ok((cert, key)) => {
                 println!("wrote {} and {} (mode 0600)", cert.display(), key.display());
                 ExitCode::SUCCESS
@@ -296,7 +380,9 @@ fn main() -> ExitCode {
 fn keys_command(command: KeysCommand) -> ExitCode {
     let result: Result<String, Box<dyn std::error::Error>> = match command {
         KeysCommand::New { env, id } => keys::new(&env, id.as_deref()).map_err(Into::into),
-        KeysCommand::Usage { admin } => runtime().block_on(keys::usage(&admin)).map_err(Into::into),
+        KeysCommand::Usage { admin, config } => admin_addr::resolve(admin.as_deref(), &config)
+            .map_err(Into::into)
+            .and_then(|addr| runtime().block_on(keys::usage(&addr)).map_err(Into::into)),
         KeysCommand::Hash { env, id } => keys::read_secret_line()
             .and_then(|line| keys::hash(env.as_deref(), id.as_deref(), &line))
             .map_err(Into::into),
@@ -434,11 +520,18 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("the tokio runtime starts")
 }
 
-async fn run(path: PathBuf) -> ExitCode {
+async fn run(path: PathBuf, format: LogFormat) -> ExitCode {
     let loaded = match config::load(&path) {
         Ok(l) => l,
         Err(errors) => {
-            eprintln!("{errors}");
+            match format {
+                LogFormat::Pretty => eprintln!("{errors}"),
+                // One JSON record per problem, so a log pipeline never sees bare text.
+                LogFormat::Json => errors.0.iter().for_each(|e| {
+                    let file = e.file.display().to_string();
+                    tracing::error!(file, line = e.line, col = e.col, "{e}");
+                }),
+            }
             return ExitCode::FAILURE;
         }
     };
@@ -478,6 +571,23 @@ async fn run_demo(port: u16, tls: bool) -> ExitCode {
     println!("{}", demo::banner(&gateway));
     wait_for_stop().await;
     gateway.shutdown().await;
+    ExitCode::SUCCESS
+}
+
+async fn run_backends(first_port: u16) -> ExitCode {
+    match demo_config::start_backends(first_port).await {
+        Ok(started) => {
+            for (env, addr) in started {
+                println!("{env:<12} echo backend on http://{addr}");
+            }
+            println!("Ctrl-C stops them.");
+        }
+        Err(e) => {
+            eprintln!("specter demo: starting the echo backends: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    wait_for_stop().await;
     ExitCode::SUCCESS
 }
 

@@ -76,6 +76,11 @@ pub struct UpstreamLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertificateLabels {
+    pub certificate: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
 }
@@ -134,6 +139,7 @@ pub struct Metrics {
     pub tls_handshake_errors: Family<ReasonLabels, Counter>,
     pub upstream_healthy: Family<UpstreamLabels, Gauge>,
     pub rate_limit_store_errors: Counter,
+    pub tls_certificate_expiry: Family<CertificateLabels, Gauge>,
     pub panics: Family<TaskLabels, Counter>,
     pub connections_over_ip_limit: Counter,
     /// OTLP span export: exported, dropped (queue full or batch failed), failed batches.
@@ -218,6 +224,12 @@ impl Metrics {
             "Rate-limit store checks that failed or timed out",
             rate_limit_store_errors.clone(),
         );
+        let tls_certificate_expiry = Family::<CertificateLabels, Gauge>::default();
+        registry.register(
+            "specter_tls_certificate_expiry_seconds",
+            "When each served certificate expires, in seconds since the Unix epoch, by file",
+            tls_certificate_expiry.clone(),
+        );
         let panics = Family::<TaskLabels, Counter>::default();
         registry.register(
             "specter_panics",
@@ -265,6 +277,7 @@ impl Metrics {
             tls_handshake_errors,
             upstream_healthy,
             rate_limit_store_errors,
+            tls_certificate_expiry,
             panics,
             connections_over_ip_limit,
             trace_export,

@@ -35,6 +35,8 @@ pub struct State {
     pub keys: KeyTable,
     pub environments: Vec<Environment>,
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// The served certificates, for the expiry gauge and the reload log.
+    pub certificates: Vec<tls::CertificateInfo>,
     /// `[limits] unauthenticated`: failed authentications per client address.
     pub failed_auth: Option<crate::ratelimit::failures::FailedAuthLimiter>,
     /// Fleet mode: shared rate-limit counters (kept across reloads while unchanged).
@@ -129,11 +131,19 @@ impl State {
                 _ => crate::trace::export::Exporter::start(base, metrics.trace_export.clone()),
             }
         });
+        let certificates: Vec<tls::CertificateInfo> = config
+            .tls
+            .iter()
+            .flat_map(|t| &t.certificates)
+            .filter_map(|c| tls::describe(&c.cert_path))
+            .collect();
+        tls::log_changes(previous.map(|p| &p.certificates[..]), &certificates);
         Ok(State {
             exporter,
             #[cfg(feature = "redis")]
             store,
             failed_auth,
+            certificates,
             config: Arc::new(config),
             keys,
             environments,
@@ -143,8 +153,12 @@ impl State {
         })
     }
 
+    /// By name, in O(log n): environments keep the config's order, sorted by name.
     pub fn environment(&self, name: &str) -> Option<&Environment> {
-        self.environments.iter().find(|e| e.config.name == name)
+        self.environments
+            .binary_search_by(|e| e.config.name.as_str().cmp(name))
+            .ok()
+            .map(|i| &self.environments[i])
     }
 }
 
@@ -172,8 +186,6 @@ pub struct Shared {
     /// The config the process started with: listeners, the connection cap and the
     /// header limits are set from it once, and a reload that changes them is told so.
     pub started: Arc<Config>,
-    /// What the status page caches between requests.
-    pub status: crate::status::Board,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -193,7 +205,6 @@ impl Shared {
             metrics,
             draining: Default::default(),
             last_reload_error: Default::default(),
-            status: Default::default(),
         }
     }
 }

@@ -17,7 +17,7 @@ use crate::config::{TlsConfig, TlsVersion};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {}: {source}", Resolved(path))]
     File {
         path: PathBuf,
         #[source]
@@ -48,6 +48,23 @@ pub enum TlsError {
     Versions(#[source] rustls::Error),
     #[error("client certificate verification: {0}")]
     Verifier(#[from] rustls::server::VerifierBuilderError),
+}
+
+/// A path as given, and for a relative one the directory it was resolved from: the
+/// working directory, which a service manager may set somewhere unexpected.
+struct Resolved<'a>(&'a Path);
+
+impl fmt::Display for Resolved<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0.display())?;
+        if self.0.is_relative() {
+            match std::env::current_dir() {
+                Ok(dir) => write!(f, " (relative to {})", dir.display())?,
+                Err(_) => write!(f, " (relative to the working directory)")?,
+            }
+        }
+        Ok(())
+    }
 }
 
 pub fn provider() -> Arc<CryptoProvider> {
@@ -249,6 +266,51 @@ pub fn handshake_error_reason(error: &std::io::Error) -> &'static str {
 pub fn subject_header(leaf: &CertificateDer<'_>) -> Option<http::HeaderValue> {
     let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
     http::HeaderValue::from_str(&cert.subject().to_string()).ok()
+}
+
+/// A served certificate as an operator names it: its file, when its leaf expires and
+/// its fingerprint (to tell a replaced certificate from the same one re-read).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateInfo {
+    pub path: String,
+    /// Seconds since the Unix epoch.
+    pub not_after: i64,
+    pub sha256: String,
+}
+
+/// Describes the leaf certificate of the PEM file at `path`.
+pub fn describe(path: &Path) -> Option<CertificateInfo> {
+    let pem = read(path).ok()?;
+    let leaf = CertificateDer::pem_slice_iter(&pem).next()?.ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    Some(CertificateInfo {
+        path: path.display().to_string(),
+        not_after: cert.validity().not_after.timestamp(),
+        sha256: crate::config::hex(&crate::config::sha256(leaf.as_ref())),
+    })
+}
+
+/// Logs each certificate of `now` that is new or replaced since `before`, by file name.
+pub fn log_changes(before: Option<&[CertificateInfo]>, now: &[CertificateInfo]) {
+    for cert in now {
+        let old = before.and_then(|b| b.iter().find(|o| o.path == cert.path));
+        if old.is_some_and(|o| o.sha256 == cert.sha256) {
+            continue;
+        }
+        let not_after = time::OffsetDateTime::from_unix_timestamp(cert.not_after)
+            .ok()
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_default();
+        let event = if old.is_some() {
+            "certificate reloaded"
+        } else {
+            "certificate loaded"
+        };
+        tracing::info!(certificate = %cert.path, %not_after, sha256 = %cert.sha256, "{event}");
+    }
 }
 
 #[cfg(test)]

@@ -1056,3 +1056,204 @@ fn values_outside_their_documented_range_are_refused() {
         "out of range",
     );
 }
+
+/// A `keys_file` is read line by line; every bad line is reported at its own
+/// `file:line:col`, and a hash shared with another environment at the file's line.
+#[test]
+fn keys_file_lines_are_checked_where_they_stand() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("qa.keys");
+    let taken = hex(&sha256(b"spk_production_taken"));
+    let good = hex(&sha256(b"spk_qa_good"));
+    std::fs::write(
+        &keys,
+        format!(
+            "# id  sha256  not_before  not_after\n\
+             qa-1 {good}\n\
+             qa-2 {taken}\n\
+             qa-1 {}\n\
+             qa-3 nothex\n\
+             qa-4 {} yesterday\n",
+            hex(&sha256(b"spk_qa_other")),
+            hex(&sha256(b"spk_qa_four")),
+        ),
+    )
+    .unwrap();
+    let f = Fixture::new(&format!(
+        "[environments.qa]\nupstream = \"http://127.0.0.1:9001\"\nkeys_file = \"{}\"\n\n\
+         [environments.production]\nupstream = \"http://127.0.0.1:9002\"\n\
+         [[environments.production.keys]]\nid = \"p\"\nsha256 = \"{taken}\"\n",
+        keys.display()
+    ));
+    let run = f.check(&[]);
+    assert_eq!(run.code, 1, "{run:?}");
+    let at = |line: usize, col: usize| {
+        format!(
+            "{}:{line}:{col}: environments.qa.keys_file:",
+            keys.display()
+        )
+    };
+    for (line, col, what) in [(5, 6, "not 64 hex"), (6, 71, "not an RFC 3339 time")] {
+        assert!(
+            run.stderr
+                .lines()
+                .any(|l| l.starts_with(&at(line, col)) && l.contains(what)),
+            "no {what:?} at {line}:{col}:\n{}",
+            run.stderr
+        );
+    }
+
+    // With the bad lines gone, the cross-checks run: the shared hash and the repeated id.
+    std::fs::write(
+        &keys,
+        format!(
+            "qa-1 {good}\nqa-2 {taken}\nqa-1 {}\n",
+            hex(&sha256(b"spk_qa_other"))
+        ),
+    )
+    .unwrap();
+    let run = f.check(&[]);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        run.stderr.lines().any(|l| l.starts_with(&at(2, 1))
+            && l.contains("also key \"p\" of environment \"production\"")),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr
+            .lines()
+            .any(|l| l.starts_with(&at(3, 1)) && l.contains("\"qa-1\" is used twice")),
+        "{}",
+        run.stderr
+    );
+    assert!(!run.stderr.contains(&taken), "a full hash was printed");
+
+    std::fs::write(&keys, format!("qa-1 {good} - 2099-01-01T00:00:00Z\n")).unwrap();
+    let run = f.check(&[]);
+    assert_eq!(run.code, 0, "{run:?}");
+}
+
+// --- what `run` would refuse, and parse errors that read right --------------------------
+
+const QA: &str = "[environments.qa]\nupstream = \"http://127.0.0.1:9001\"\n";
+
+#[test]
+fn overlapping_listeners_are_rejected_by_check() {
+    for (http, admin, wide) in [
+        ("127.0.0.1:18080", "127.0.0.1:18080", ""),
+        (
+            "0.0.0.0:18080",
+            "127.0.0.1:18080",
+            "0.0.0.0 takes port 18080",
+        ),
+        ("[::]:18080", "[::1]:18080", ":: takes port 18080"),
+    ] {
+        let f = Fixture::raw(&format!(
+            "[listen]\nhttp = \"{http}\"\nadmin = \"{admin}\"\n\n{QA}"
+        ));
+        let quoted = format!("\"{admin}\"");
+        let record = assert_value_rejected(&f, "admin =", &quoted, "listen.admin", "own port");
+        assert!(record.contains(http), "{record}");
+        assert!(record.contains(wide), "{record}");
+    }
+}
+
+#[test]
+fn a_non_loopback_admin_listener_warns_without_failing() {
+    let f = Fixture::raw(&format!(
+        "[listen]\nhttp = \"127.0.0.1:0\"\nadmin = \"0.0.0.0:0\"\n\n{QA}"
+    ));
+    let run = f.check(&[]);
+    assert_eq!(run.code, 0, "{run:?}");
+    let warned = warnings_about(&run.stderr, "listen.admin");
+    assert_eq!(warned.len(), 1, "{run:?}");
+    assert!(warned[0].contains("no authentication"), "{run:?}");
+    let f = Fixture::raw(&format!(
+        "[listen]\nhttp = \"127.0.0.1:0\"\nadmin = \"[::1]:0\"\n\n{QA}"
+    ));
+    let run = f.check(&[]);
+    assert!(
+        warnings_about(&run.stderr, "listen.admin").is_empty(),
+        "{run:?}"
+    );
+}
+
+#[test]
+fn two_values_on_one_key_are_not_told_to_quote() {
+    let f = Fixture::new(&format!("[limits]\nmax_headers = 100 100\n\n{QA}"));
+    let record = assert_value_rejected(
+        &f,
+        "max_headers",
+        "100 100",
+        "max_headers",
+        "one value per key",
+    );
+    assert!(!record.contains("quoted"), "{record}");
+}
+
+#[test]
+fn a_table_defined_twice_is_named_whole() {
+    let f = Fixture::new(&format!("{QA}\n{QA}"));
+    let run = f.check(&[]);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        run.stderr.contains("[environments.qa] is defined twice"),
+        "{run:?}"
+    );
+    assert!(!run.stderr.contains("[environments.]"), "{run:?}");
+}
+
+#[test]
+fn every_unknown_field_is_reported_at_once_with_near_misses_named() {
+    let f = Fixture::raw(&format!(
+        "[listen]\nhttp = \"127.0.0.1:0\"\nadmn = \"127.0.0.1:0\"\n\n[nope]\nx = 1\n\n{QA}hostz = []\n\n[environments.qa.rate_limit]\nper_key = {{ requests = 1, pr = \"1s\" }}\n"
+    ));
+    let run = f.check(&[]);
+    assert_eq!(run.code, 1, "{run:?}");
+    let records = f.records(&run.stderr);
+    assert_eq!(records.len(), 4, "{run:?}");
+    for (typo, place, near) in [
+        ("admn", "in [listen]", Some("admin")),
+        ("nope", "at the top level", None),
+        ("hostz", "in [environments.qa]", Some("hosts")),
+        ("pr", "in [environments.qa.rate_limit.per_key]", Some("per")),
+    ] {
+        let line = if typo == "nope" {
+            "[nope]".to_owned()
+        } else {
+            format!("{typo} =")
+        };
+        let at = f.location(f.locate(&line, typo));
+        let record = records
+            .iter()
+            .find(|r| r.starts_with(&at))
+            .unwrap_or_else(|| panic!("nothing at {at}: {run:?}"));
+        assert!(
+            record.contains(&format!("unknown field `{typo}` {place}")),
+            "{record}"
+        );
+        if let Some(near) = near {
+            assert!(
+                record.contains(&format!("did you mean `{near}`?")),
+                "{record}"
+            );
+        }
+    }
+    assert!(!run.stderr.contains("in []"), "{run:?}");
+}
+
+#[test]
+fn a_missing_certificate_says_where_its_relative_path_was_resolved_from() {
+    let f = Fixture::raw(&format!(
+        "[listen]\nhttps = \"127.0.0.1:0\"\n\n[tls]\n[[tls.certificates]]\ncert = \"certs/missing.pem\"\nkey = \"certs/missing.key\"\n\n{QA}"
+    ));
+    let run = f.check(&[]);
+    assert_eq!(run.code, 1, "{run:?}");
+    // `run_specter` runs from the package root.
+    let from = format!(
+        "certs/missing.pem (relative to {})",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    assert!(run.stderr.contains(&from), "{from:?} missing: {run:?}");
+}

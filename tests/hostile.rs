@@ -431,3 +431,41 @@ async fn failed_authentications_are_limited_per_address() {
     let ok = get(&c, &url, &[("x-api-key", KEY)]).await;
     assert_eq!(ok.status, 200, "{}", ok.text());
 }
+
+/// DNS rebinding: the admin listener answers only its own address, `localhost` and
+/// `[listen] admin_hosts`, never an arbitrary name that happens to resolve to it.
+///
+/// Failing when written: `Host: evil.example` was answered with `/config`.
+#[tokio::test]
+async fn the_admin_listener_answers_only_its_own_names() {
+    let up = RawUpstream::start().await;
+    let gw = TestGateway::start(&format!(
+        "[listen]\nhttp = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nadmin_hosts = [\"Admin.Internal\"]\n\n\
+         [environments.production]\nupstream = \"{}\"\n",
+        up.url()
+    ))
+    .await;
+    let admin = gw.admin.unwrap();
+    let ask = |host: String| async move {
+        let head = format!("GET /config HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n");
+        status_of(raw(admin, head.as_bytes(), WAIT).await)
+    };
+    for refused in [
+        "evil.example".to_owned(),
+        format!("evil.example:{}", admin.port()),
+        "127.0.0.2".to_owned(),
+    ] {
+        let (status, answer) = ask(refused.clone()).await;
+        assert_eq!(status, 403, "{refused}: {answer}");
+        assert!(answer.contains("wrong_host"), "{answer}");
+        assert!(!answer.contains("environments"), "{answer}");
+    }
+    for answered in [
+        admin.to_string(),
+        "localhost".to_owned(),
+        format!("admin.internal:{}", admin.port()),
+    ] {
+        let (status, answer) = ask(answered.clone()).await;
+        assert_eq!(status, 200, "{answered}: {answer}");
+    }
+}

@@ -74,7 +74,7 @@ fn hash(key: &str) -> String {
 fn offline_fixture() -> (TempDir, PathBuf) {
     let dir = TempDir::new().unwrap();
     let path = dir.path().join("specter.toml");
-    let listen = "[listen]\nhttp = \"127.0.0.1:1\"\nadmin = \"127.0.0.1:1\"\n";
+    let listen = "[listen]\nhttp = \"127.0.0.1:1\"\nadmin = \"127.0.0.1:2\"\n";
     let text = config_text(listen, "http://127.0.0.1:9001", "http://127.0.0.1:9002");
     std::fs::write(&path, text).unwrap();
     (dir, path)

@@ -291,7 +291,17 @@ async fn hostile_traffic_is_counted_not_logged() {
     })
     .await;
 
-    // The counters match the traffic.
+    // The counters match the traffic. hyper's own refusals are counted when their
+    // connection task ends, which can be just after the client saw the close.
+    let admin = gw.admin;
+    poll_until(T, || async move {
+        let m = metrics(admin).await;
+        sample(
+            &m,
+            "specter_requests_total{environment=\"none\",status=\"400\"}",
+        ) >= N as f64
+    })
+    .await;
     let m = metrics(gw.admin).await;
     let reason = |r: &str| {
         sample(

@@ -669,6 +669,17 @@ async fn admin_health_readiness_and_errors() {
         let answer = send(&c, req).await;
         assert_eq!(answer.status, 405, "POST {path}");
         assert_eq!(answer.json()["error"], "method_not_allowed");
+        assert_eq!(answer.headers["allow"], "GET, HEAD");
+    }
+    // HEAD answers wherever GET does: same status and length, no body.
+    for path in ["/healthz", "/readyz", "/config", "/metrics", "/keys"] {
+        let req = Request::head(format!("http://{admin}{path}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let answer = send(&c, req).await;
+        assert_eq!(answer.status, 200, "HEAD {path}");
+        assert!(answer.body.is_empty(), "HEAD {path} sent a body");
+        assert!(answer.headers.contains_key("content-length"), "HEAD {path}");
     }
 }
 
@@ -1022,6 +1033,13 @@ async fn json_access_log_has_one_line_per_request_with_every_field() {
         assert_eq!(l["client_ip"], "127.0.0.1");
         assert_eq!(l["method"], "GET");
         assert!(l["duration_ms"].as_f64().is_some_and(|d| d >= 0.0), "{l}");
+        // Rounded to microseconds: at most three decimals.
+        let text = l["duration_ms"].to_string();
+        let decimals = text.split_once('.').map_or(0, |(_, d)| d.len());
+        assert!(
+            decimals <= 3,
+            "duration_ms {text} is finer than a microsecond"
+        );
     }
     let upstream = up.addr.to_string();
     for id in ["log-ok-get", "log-ok-query"] {

@@ -165,7 +165,7 @@ fn promotable(env: &toml::Table) -> Vec<Option<&toml::Value>> {
 #[test]
 fn apply_changes_only_qa_promotables_and_keeps_every_other_byte() {
     let (_dir, file) = fixture(STYLES);
-    let run = promote(&file, "development", "qa", &["--apply"]);
+    let run = promote(&file, "development", "qa", &["--apply", "--allow-removals"]);
     assert_eq!(run.code, 0, "{run:?}");
     let new = fs::read_to_string(&file).unwrap();
     assert!(
@@ -223,7 +223,10 @@ fn apply_changes_only_qa_promotables_and_keeps_every_other_byte() {
 #[test]
 fn apply_writes_qa_in_its_own_style() {
     let (_dir, file) = fixture(STYLES);
-    assert_eq!(promote(&file, "development", "qa", &["--apply"]).code, 0);
+    assert_eq!(
+        promote(&file, "development", "qa", &["--apply", "--allow-removals"]).code,
+        0
+    );
     let new = fs::read_to_string(&file).unwrap();
     // qa keeps dotted keys: no [environments.qa.policy] table appears.
     assert!(!new.contains("[environments.qa.policy"), "{new}");
@@ -245,7 +248,13 @@ fn apply_writes_qa_in_its_own_style() {
 
     // Production writes its policy inline, and keeps doing so.
     assert_eq!(
-        promote(&file, "development", "production", &["--apply"]).code,
+        promote(
+            &file,
+            "development",
+            "production",
+            &["--apply", "--allow-removals"]
+        )
+        .code,
         0
     );
     let new = fs::read_to_string(&file).unwrap();
@@ -268,7 +277,7 @@ fn apply_into_an_environment_without_those_tables_adds_them() {
     );
     let (_dir, file) = fixture(&text);
     for (from, to) in [("production", "development"), ("development", "staging")] {
-        let run = promote(&file, from, to, &["--apply"]);
+        let run = promote(&file, from, to, &["--apply", "--allow-removals"]);
         assert_eq!(run.code, 0, "{from} -> {to}: {run:?}");
         let new = fs::read_to_string(&file).unwrap();
         assert_eq!(
@@ -285,7 +294,7 @@ fn apply_into_an_environment_without_those_tables_adds_them() {
 fn apply_keeps_file_permissions() {
     let (_dir, file) = fixture(STYLES);
     fs::set_permissions(&file, fs::Permissions::from_mode(0o640)).unwrap();
-    let run = promote(&file, "development", "qa", &["--apply"]);
+    let run = promote(&file, "development", "qa", &["--apply", "--allow-removals"]);
     assert_eq!(run.code, 0, "{run:?}");
     let mode = fs::metadata(&file).unwrap().permissions().mode() & 0o7777;
     assert_eq!(mode, 0o640);
@@ -349,12 +358,15 @@ fn the_diff_is_coloured_only_when_asked() {
 #[test]
 fn in_sync_environments_exit_0() {
     let (_dir, file) = fixture(STYLES);
-    assert_eq!(promote(&file, "development", "qa", &["--apply"]).code, 0);
+    assert_eq!(
+        promote(&file, "development", "qa", &["--apply", "--allow-removals"]).code,
+        0
+    );
     let after_apply = file_sha(&file);
     let again = promote(&file, "development", "qa", &[]);
     assert_eq!(again.code, 0, "{again:?}");
     assert!(again.stdout.contains("already matches"), "{again:?}");
-    let applied_again = promote(&file, "development", "qa", &["--apply"]);
+    let applied_again = promote(&file, "development", "qa", &["--apply", "--allow-removals"]);
     assert_eq!(applied_again.code, 0, "{applied_again:?}");
     assert_eq!(
         file_sha(&file),
@@ -482,7 +494,7 @@ fn line_endings_are_kept() {
     let unterminated = STYLES.trim_end().to_owned();
     for text in [&crlf, &unterminated] {
         let (_dir, file) = fixture(text);
-        let run = promote(&file, "development", "qa", &["--apply"]);
+        let run = promote(&file, "development", "qa", &["--apply", "--allow-removals"]);
         assert_eq!(run.code, 0, "{run:?}");
         let new = fs::read_to_string(&file).unwrap();
         assert_eq!(outside_qa_promotables(text), outside_qa_promotables(&new));
@@ -597,9 +609,123 @@ fn the_sample_config_promotes_and_still_checks() {
         fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/specter.toml")).unwrap();
     let (_dir, file) = fixture(&sample);
     for (from, to) in [("qa", "production"), ("development", "qa")] {
-        let run = promote(&file, from, to, &["--apply"]);
+        let run = promote(&file, from, to, &["--apply", "--allow-removals"]);
         assert_eq!(run.code, 0, "{from} -> {to}: {run:?}");
     }
     let check = specter(&["check", "--config", file.to_str().unwrap()]);
     assert_eq!(check.code, 0, "{check:?}");
+}
+
+// --- security-relevant loosenings, --only sub-keys ------------------------------------
+
+/// Production protects itself (HSTS, cookie stripping, allow_ips, a denied path, a body
+/// limit); qa has none of it, but reads the same paths.
+const GUARDED: &str = r#"[listen]
+http = "127.0.0.1:0"
+
+[environments.qa]
+upstream = "http://127.0.0.1:9002"
+
+[environments.qa.policy]
+allow_paths = ["/v1/", "/v2/"]
+methods = ["GET", "POST", "DELETE"]
+
+[environments.production]
+upstream = "http://127.0.0.1:9003"
+
+[environments.production.policy]
+allow_paths = ["/v1/"]
+methods = ["GET", "POST"]
+deny_paths = ["/v1/internal/"]
+allow_ips = ["10.0.0.0/8"]
+max_body = "1MiB"
+request_headers = { remove = ["cookie"] }
+response_headers = { set = { "strict-transport-security" = "max-age=31536000" } }
+"#;
+
+#[test]
+fn loosening_promotions_are_named_and_refused_without_allow_removals() {
+    let (_dir, file) = fixture(GUARDED);
+    let before = file_sha(&file);
+    let dry = promote(&file, "qa", "production", &["--only", "policy"]);
+    assert_eq!(dry.code, 2, "{dry:?}");
+    let block = dry
+        .stdout
+        .split_once("SECURITY-RELEVANT")
+        .unwrap_or_else(|| panic!("no security block: {dry:?}"))
+        .1;
+    for named in [
+        "policy.response_headers.set.strict-transport-security",
+        "policy.request_headers.remove",
+        "\"cookie\"",
+        "policy.allow_ips",
+        "policy.deny_paths",
+        "policy.max_body",
+        "policy.methods",
+        "\"DELETE\"",
+    ] {
+        assert!(block.contains(named), "{named} not named: {dry:?}");
+    }
+    assert!(
+        !block.contains("allow_paths"),
+        "allow_paths widening is not listed: {dry:?}"
+    );
+
+    let refused = promote(&file, "qa", "production", &["--only", "policy", "--apply"]);
+    assert_eq!(refused.code, 1, "{refused:?}");
+    assert!(refused.stderr.contains("--allow-removals"), "{refused:?}");
+    assert!(refused.stderr.contains("policy.allow_ips"), "{refused:?}");
+    assert_eq!(file_sha(&file), before, "nothing written");
+
+    let allowed = promote(
+        &file,
+        "qa",
+        "production",
+        &["--only", "policy", "--apply", "--allow-removals"],
+    );
+    assert_eq!(allowed.code, 0, "{allowed:?}");
+    assert!(allowed.stdout.contains("policy.allow_ips"), "{allowed:?}");
+    let prod = env_table(&fs::read_to_string(&file).unwrap(), "production");
+    assert!(!prod["policy"].as_table().unwrap().contains_key("allow_ips"));
+}
+
+#[test]
+fn only_accepts_one_key_inside_a_group() {
+    let (_dir, file) = fixture(GUARDED);
+    let run = promote(
+        &file,
+        "qa",
+        "production",
+        &["--only", "policy.allow_paths", "--apply"],
+    );
+    assert_eq!(run.code, 0, "allow_paths alone is no loosening: {run:?}");
+    let new = fs::read_to_string(&file).unwrap();
+    let policy = env_table(&new, "production")["policy"]
+        .as_table()
+        .unwrap()
+        .clone();
+    let qa = env_table(&new, "qa")["policy"].as_table().unwrap().clone();
+    assert_eq!(policy["allow_paths"], qa["allow_paths"]);
+    // Everything else of production's policy stays as it was.
+    let before = env_table(GUARDED, "production")["policy"]
+        .as_table()
+        .unwrap()
+        .clone();
+    for kept in [
+        "methods",
+        "deny_paths",
+        "allow_ips",
+        "max_body",
+        "request_headers",
+        "response_headers",
+    ] {
+        assert_eq!(policy[kept], before[kept], "{kept} changed:\n{new}");
+    }
+    assert!(new.contains("deny_paths = [\"/v1/internal/\"]"), "{new}");
+
+    let typo = promote(&file, "qa", "production", &["--only", "policy.alow_paths"]);
+    assert_eq!(typo.code, 1, "{typo:?}");
+    assert!(typo.stderr.contains("policy.alow_paths"), "{typo:?}");
+    let bad = promote(&file, "qa", "production", &["--only", "keys.id"]);
+    assert_eq!(bad.code, 1, "{bad:?}");
 }

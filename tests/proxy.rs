@@ -178,6 +178,38 @@ async fn connection_header_tricks_change_nothing() {
     answer.assert_error(401, "missing_api_key");
 }
 
+/// The 401 says where the key goes (the configured header, and Bearer), and two keys
+/// get their own sentence under the same code.
+#[tokio::test]
+async fn key_errors_say_where_the_key_goes_and_that_one_is_enough() {
+    let up = Upstream::start("qa").await;
+    let toml = format!(
+        "[auth]\nheader = \"x-team-token\"\n\n{}",
+        single_environment("qa", &up, "", "k", "spk_qa_k")
+    );
+    let gw = TestGateway::start(&toml).await;
+    let c = client();
+    let missing = get(&c, &gw.url("/x"), &[]).await;
+    missing.assert_error(401, "missing_api_key");
+    let message = missing.json()["message"].as_str().unwrap().to_owned();
+    assert!(message.contains("x-team-token"), "{message}");
+    assert!(message.contains("Authorization: Bearer"), "{message}");
+    let two = get(
+        &c,
+        &gw.url("/x"),
+        &[
+            ("x-team-token", "spk_qa_k"),
+            ("authorization", "Bearer spk_qa_k"),
+        ],
+    )
+    .await;
+    two.assert_error(401, "invalid_api_key");
+    let message = two.json()["message"].as_str().unwrap().to_owned();
+    assert!(message.contains("one API key, not two"), "{message}");
+    assert!(!message.contains("spk_qa_k"), "{message}");
+    assert_eq!(up.count(), 0);
+}
+
 #[tokio::test]
 async fn forwarded_headers_and_host() {
     let up = Upstream::start("qa").await;

@@ -467,6 +467,42 @@ async fn a_config_path_that_is_not_a_regular_file_is_refused_without_blocking() 
     fx.assert_routed(KEY, "b").await;
 }
 
+/// An environment's `keys_file` is watched like the config: a key added to it (written
+/// beside and renamed over) is served after the reload, and a removed one refused.
+#[tokio::test]
+async fn a_keys_file_is_watched_and_reloaded() {
+    const NEW: &str = "spk_development_fromfile000000000000000000";
+    let a = Upstream::start("a").await;
+    let dir = TempDir::new().unwrap();
+    let keys = dir.path().join("development.keys");
+    let line = |id: &str, key: &str| {
+        format!(
+            "{id} {}\n",
+            specter::config::hex(&specter::config::sha256(key.as_bytes()))
+        )
+    };
+    std::fs::write(&keys, line("svc", KEY)).unwrap();
+    let path = dir.path().join("specter.toml");
+    let text = listen_block("127.0.0.1:0", "127.0.0.1:0")
+        + &format!(
+            "[environments.development]\nupstream = \"{}\"\nkeys_file = \"{}\"\n",
+            a.url(),
+            keys.display()
+        );
+    std::fs::write(&path, text).unwrap();
+    let fx = Fixture::start_at(dir, path).await;
+    fx.watch();
+    fx.assert_routed(KEY, "a").await;
+    fx.get(NEW).await.assert_error(401, "invalid_api_key");
+
+    let tmp = keys.with_file_name(".development.keys.tmp");
+    std::fs::write(&tmp, line("svc-2", NEW)).unwrap();
+    std::fs::rename(&tmp, &keys).unwrap();
+    fx.wait_for_version(2).await;
+    fx.assert_routed(NEW, "a").await;
+    fx.get(KEY).await.assert_error(401, "invalid_api_key");
+}
+
 /// After a rejected reload: version 1 still serves (to upstream `a`) and `/config`
 /// reports the error. Returns the error text.
 async fn rejected_error(fx: &Fixture) -> String {

@@ -844,6 +844,55 @@ async fn reload_swaps_the_certificate_for_new_connections_only() {
     assert_eq!(up.count(), 3);
 }
 
+/// `specter_tls_certificate_expiry_seconds` carries each served file's end of
+/// validity, and follows a certificate replaced by a reload.
+#[tokio::test]
+async fn certificate_expiry_is_exported_and_follows_a_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let leaf = |year: i32| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        params.not_after = rcgen::date_time_ymd(year, 5, 6);
+        Leaf::new(params.self_signed(&key).unwrap(), key)
+    };
+    let up = Upstream::start("production").await;
+    let files = leaf(2031).write(dir.path(), "server");
+    let gw = start_https(
+        dir.path(),
+        &format!(
+            "{}{}",
+            tls_section("", std::slice::from_ref(&files)),
+            production(&up.url())
+        ),
+    )
+    .await;
+    let admin = gw.gateway.admin_addr().unwrap();
+    let c = client();
+    let sample = |year: i32| {
+        let at = time::Date::from_calendar_date(year, time::Month::May, 6)
+            .unwrap()
+            .midnight()
+            .assume_utc()
+            .unix_timestamp();
+        format!(
+            "specter_tls_certificate_expiry_seconds{{certificate=\"{}\"}} {at}\n",
+            files.0.display()
+        )
+    };
+    let metrics = get(&c, &format!("http://{admin}/metrics"), &[])
+        .await
+        .text();
+    assert!(metrics.contains(&sample(2031)), "{metrics}");
+
+    leaf(2032).write(dir.path(), "server");
+    specter::reload::reload_now(gw.gateway.shared(), &gw.config_path).expect("reload");
+    let metrics = get(&c, &format!("http://{admin}/metrics"), &[])
+        .await
+        .text();
+    assert!(metrics.contains(&sample(2032)), "{metrics}");
+    assert!(!metrics.contains(&sample(2031)), "{metrics}");
+}
+
 // ---------------------------------------------------------------------------------
 // 6. https upstreams with a private CA
 
@@ -949,7 +998,8 @@ async fn certs_dev_writes_a_usable_localhost_certificate() {
 
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("certs");
-    // A stale, world-readable key from before: rewriting it must also narrow its mode.
+    // A stale, world-readable key from before: rewriting it (--force) must also narrow
+    // its mode.
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(out.join("localhost.key"), "stale").unwrap();
     std::fs::set_permissions(
@@ -961,7 +1011,7 @@ async fn certs_dev_writes_a_usable_localhost_certificate() {
     let run = timeout(
         T,
         tokio::task::spawn_blocking(move || {
-            run_specter(&["certs", "dev", "--out", &out_arg], None)
+            run_specter(&["certs", "dev", "--out", &out_arg, "--force"], None)
         }),
     )
     .await

@@ -330,6 +330,16 @@ def summarize(name, desc, per_round):
     return {"name": name, "desc": desc, "rounds": len(per_round), "rows": rows, "ratios": ratios}
 
 
+def redis_calls(url):
+    """Round trips the gateway made to Redis (scripts, script loads, connection set-up),
+    from INFO commandstats; the commands a script runs inside Redis are no round trips."""
+    port = url.rsplit(":", 1)[1].split("/")[0]
+    out = subprocess.run(["redis-cli", "-p", port, "INFO", "commandstats"], capture_output=True, text=True).stdout
+    sent = ("cmdstat_eval", "cmdstat_script", "cmdstat_client", "cmdstat_hello")
+    return sum(int(m.group(1)) for line in out.splitlines() if line.startswith(sent)
+               for m in [re.search(r"calls=(\d+)", line)] if m)
+
+
 def ladder(stack, work, rounds, duration):
     """specter alone, adding one feature at a time; then the 429 path."""
     base = open(os.path.join(work, "specter.toml")).read()
@@ -349,8 +359,9 @@ def ladder(stack, work, rounds, duration):
     rungs += tracing_rungs(stack, full)[1:]
     redis = stack.start_redis()
     if redis:
-        store = f'[rate_limit_store]\nredis = "{redis}"\ntimeout = "20ms"\n\n'
-        rungs.append(("full hot path, rate limits in Redis (fleet mode)", store + full, "warn"))
+        store = f'[rate_limit_store]\nredis = "{redis}"\ntimeout = "20ms"\n'
+        rungs.append(("fleet exact: full hot path, limits in Redis", store + 'mode = "exact"\n\n' + full, "warn"))
+        rungs.append(("fleet lease: full hot path, limits in Redis, 5% batches", store + 'mode = "lease"\n\n' + full, "warn"))
     out = []
     for label, text, log in rungs:
         path = os.path.join(work, "ladder.toml")
@@ -358,7 +369,11 @@ def ladder(stack, work, rounds, duration):
             f.write(text)
         stack.restart_specter(path, log)
         port = stack.ports["SPECTER_PORT"]
+        calls0 = redis_calls(redis) if "[rate_limit_store]" in text else None
         rs = [measure(stack, "specter", lambda: wrk(f"http://127.0.0.1:{port}/", 64, duration)) for _ in range(rounds)]
+        if calls0 is not None:
+            served = sum(x["rps"] * x["wall"] for x in rs)
+            label += f" ({(redis_calls(redis) - calls0) / max(served, 1):.3f} Redis calls/request)"
         out.append({"rung": label, "rps": median(x["rps"] for x in rs), "p99": median(x["p99"] for x in rs),
                     "req_per_cpu_s": median(x["req_per_cpu_s"] for x in rs)})
         print(f"  [ladder] {label}: {out[-1]['rps']:.0f}/s", file=sys.stderr)

@@ -96,7 +96,7 @@ pub fn extract<'h>(
     let mut found: Option<(&[u8], KeySource)> = None;
     for value in headers.get_all(header) {
         if found.is_some() {
-            return Err(GatewayError::InvalidApiKey);
+            return Err(GatewayError::TwoApiKeys);
         }
         found = Some((value.as_bytes().trim_ascii(), KeySource::Header));
     }
@@ -107,12 +107,14 @@ pub fn extract<'h>(
             continue; // another scheme (Basic ...) is the upstream's business
         }
         if found.is_some() {
-            return Err(GatewayError::InvalidApiKey);
+            return Err(GatewayError::TwoApiKeys);
         }
         found = Some((v[6..].trim_ascii(), KeySource::Bearer));
     }
     match found {
-        None => Err(GatewayError::MissingApiKey),
+        None => Err(GatewayError::MissingApiKey {
+            header: header.clone(),
+        }),
         Some((b"", _)) => Err(GatewayError::InvalidApiKey),
         Some(found) => Ok(found),
     }
@@ -160,10 +162,10 @@ mod tests {
             ok(&[("authorization", "bearer  k2 ")]).unwrap().0,
             b"k2".to_vec()
         );
-        assert!(matches!(ok(&[]), Err(GatewayError::MissingApiKey)));
+        assert!(matches!(ok(&[]), Err(GatewayError::MissingApiKey { .. })));
         assert!(matches!(
             ok(&[("authorization", "Basic abc")]),
-            Err(GatewayError::MissingApiKey)
+            Err(GatewayError::MissingApiKey { .. })
         ));
         assert!(matches!(
             ok(&[("authorization", "Bearer")]),
@@ -175,11 +177,11 @@ mod tests {
         ));
         assert!(matches!(
             ok(&[("x-api-key", "a"), ("x-api-key", "a")]),
-            Err(GatewayError::InvalidApiKey)
+            Err(GatewayError::TwoApiKeys)
         ));
         assert!(matches!(
             ok(&[("x-api-key", "a"), ("authorization", "Bearer a")]),
-            Err(GatewayError::InvalidApiKey)
+            Err(GatewayError::TwoApiKeys)
         ));
         assert!(matches!(
             ok(&[("x-api-key", "")]),

@@ -9,6 +9,10 @@ use std::path::{Path, PathBuf};
 pub enum CertsError {
     #[error("generating the certificate: {0}")]
     Generate(#[from] rcgen::Error),
+    #[error("--out {0} names a file; --out is the directory that receives localhost.pem and localhost.key, e.g. --out certs")]
+    OutIsFile(PathBuf),
+    #[error("{0} already exists; pass --force to replace it (a running gateway reloads a replaced certificate)")]
+    Exists(PathBuf),
     #[error("writing {path}: {source}")]
     Write {
         path: PathBuf,
@@ -28,8 +32,23 @@ pub fn self_signed() -> Result<(String, String), CertsError> {
     Ok((cert.pem(), signing_key.serialize_pem()))
 }
 
-/// Writes `localhost.pem` and `localhost.key` (mode 0600) into `out`.
-pub fn dev(out: &Path) -> Result<(PathBuf, PathBuf), CertsError> {
+/// Writes `localhost.pem` and `localhost.key` (mode 0600) into `out`; existing files
+/// are replaced only with `force`.
+pub fn dev(out: &Path, force: bool) -> Result<(PathBuf, PathBuf), CertsError> {
+    let named_like_a_file = out.extension().is_some_and(|e| {
+        ["pem", "key", "crt", "cer"]
+            .iter()
+            .any(|f| e.eq_ignore_ascii_case(f))
+    });
+    if (out.exists() && !out.is_dir()) || (!out.exists() && named_like_a_file) {
+        return Err(CertsError::OutIsFile(out.to_owned()));
+    }
+    for name in ["localhost.pem", "localhost.key"] {
+        let path = out.join(name);
+        if !force && path.exists() {
+            return Err(CertsError::Exists(path));
+        }
+    }
     let (cert, key) = self_signed()?;
     write_pair(out, "localhost", &cert, &key)
 }

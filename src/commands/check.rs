@@ -89,8 +89,9 @@ pub fn explain_report(c: &Config) -> String {
             quota(&e.rate_limit.per_key),
             quota(&e.rate_limit.total)
         ));
-        if let Some(max) = e.policy.max_body {
-            s.push_str(&format!("  max body  : {}\n", bytesize::ByteSize(max)));
+        for line in crate::config::policy_view::explain_lines(&e.policy) {
+            s.push_str(&line);
+            s.push('\n');
         }
         let shares = if e.shares_upstream_with.is_empty() {
             "none (backend is its own)".to_owned()

@@ -20,7 +20,7 @@ use crate::body::{self, Body};
 use crate::config::{self, hex, sha256};
 use crate::server::{Gateway, StartError};
 
-const TEMPLATE: &str = include_str!("../../config/demo.toml");
+pub(super) const TEMPLATE: &str = include_str!("../../config/demo.toml");
 pub const ENVIRONMENTS: [&str; 3] = ["development", "qa", "production"];
 
 /// The demo's keys. Public on purpose: they open nothing but the demo's echo servers.
@@ -30,7 +30,15 @@ pub fn demo_key(env: &str) -> String {
 
 /// Starts an echo upstream for `environment` on `127.0.0.1:0`.
 pub async fn echo_upstream(environment: &'static str) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    echo_upstream_at(environment, SocketAddr::from(([127, 0, 0, 1], 0))).await
+}
+
+/// Starts an echo upstream for `environment` on `addr`.
+pub async fn echo_upstream_at(
+    environment: &'static str,
+    addr: SocketAddr,
+) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {

@@ -165,7 +165,7 @@ async fn fetch_rows(admin: &str) -> Result<Vec<crate::admin::KeyRow>, UsageError
     use http_body_util::BodyExt;
     let stream = tokio::net::TcpStream::connect(admin)
         .await
-        .map_err(UsageError::Connect)?;
+        .map_err(|e| UsageError::Connect(admin.to_owned(), e))?;
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
     tokio::spawn(conn);
@@ -183,8 +183,8 @@ async fn fetch_rows(admin: &str) -> Result<Vec<crate::admin::KeyRow>, UsageError
 
 #[derive(Debug, thiserror::Error)]
 pub enum UsageError {
-    #[error("cannot reach the admin listener: {0}")]
-    Connect(#[source] std::io::Error),
+    #[error("cannot reach the admin listener at {0}: {1}; is the gateway running, and is that its listen.admin?")]
+    Connect(String, #[source] std::io::Error),
     #[error("admin request failed: {0}")]
     Http(#[from] hyper::Error),
     #[error("the admin listener answered {0}")]

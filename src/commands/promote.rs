@@ -12,8 +12,10 @@
 //!
 //! - `document`: settings as comparable leaves; the edit itself
 //! - `render`: summary line, side-by-side table
+//! - `loosening`: the changes that weaken a security-relevant setting
 
 mod document;
+pub mod loosening;
 mod render;
 
 use std::fmt;
@@ -73,10 +75,66 @@ impl FromStr for Group {
     }
 }
 
+/// What `--only` names: a whole group, or one key inside `rate_limit` or `policy`
+/// (`policy.allow_paths`, `rate_limit.per_key`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Only {
+    Group(Group),
+    Key { group: Group, key: String },
+}
+
+impl fmt::Display for Only {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Only::Group(g) => write!(f, "{g}"),
+            Only::Key { group, key } => write!(f, "{group}.{key}"),
+        }
+    }
+}
+
+impl FromStr for Only {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let Some((group, key)) = s.trim().split_once('.') else {
+            return s.parse().map(Only::Group);
+        };
+        let group: Group = group.parse()?;
+        let valid_key = !key.is_empty()
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        match group {
+            Group::RateLimit | Group::Policy if valid_key => Ok(Only::Key {
+                group,
+                key: key.to_owned(),
+            }),
+            _ => Err(format!(
+                "\"{s}\" is not promotable; name a group (rate_limit, policy, timeouts) or one key inside rate_limit or policy, e.g. policy.allow_paths"
+            )),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum PromoteError {
     #[error("\"{0}\" is both FROM and TO; name two different environments")]
     SameEnvironment(String),
+    #[error(
+        "promoting {from} onto {to} loosens security-relevant settings of {to}, so nothing was written:\n{}\nreview them, then run again with --allow-removals",
+        render::loosenings(list)
+    )]
+    Loosens {
+        from: String,
+        to: String,
+        list: Vec<loosening::Loosening>,
+    },
+    #[error("neither {from} nor {to} sets {only}; check its spelling")]
+    NothingSelected {
+        from: String,
+        to: String,
+        only: String,
+    },
     #[error(transparent)]
     Edit(#[from] EditError),
 }
@@ -105,6 +163,8 @@ pub struct Promotion {
     pub changes: Vec<Setting>,
     pub old_text: String,
     pub new_text: String,
+    /// The changes that weaken a security-relevant setting of TO.
+    pub loosenings: Vec<loosening::Loosening>,
 }
 
 impl Promotion {
@@ -130,19 +190,52 @@ pub fn plan(
     to: &str,
     groups: &[Group],
 ) -> Result<Promotion, PromoteError> {
+    let only: Vec<Only> = groups.iter().copied().map(Only::Group).collect();
+    plan_only(text, path, from, to, &only)
+}
+
+/// [`plan`] for groups and single keys inside them.
+pub fn plan_only(
+    text: &str,
+    path: &Path,
+    from: &str,
+    to: &str,
+    only: &[Only],
+) -> Result<Promotion, PromoteError> {
     if from == to {
         return Err(PromoteError::SameEnvironment(from.to_owned()));
     }
     let (mut doc, ends) = edit::document::parse(text, path)?;
     let source = environment(&doc, from, path)?.clone();
-    let changes: Vec<Setting> =
-        document::compare(environment(&doc, to, path)?, &source, &keys(groups))
-            .into_iter()
-            .filter(Setting::differs)
-            .collect();
+    let target = environment(&doc, to, path)?;
+    let groups: Vec<Group> = only
+        .iter()
+        .filter_map(|o| match o {
+            Only::Group(g) => Some(*g),
+            Only::Key { .. } => None,
+        })
+        .collect();
+    let mut changes: Vec<Setting> = document::compare(target, &source, &keys(&groups));
+    let (rows, wanted_source) = single_keys(target, &source, only, &groups).map_err(|only| {
+        PromoteError::NothingSelected {
+            from: from.to_owned(),
+            to: to.to_owned(),
+            only,
+        }
+    })?;
+    changes.extend(rows);
+    changes.retain(Setting::differs);
     let target = edit::document::environment_mut(&mut doc, to).expect("looked up above");
-    for key in keys(groups) {
+    for key in keys(&groups) {
         document::sync(target, &source, key);
+    }
+    for o in only {
+        match o {
+            Only::Key { group, .. } if !groups.contains(group) => {
+                document::sync(target, &wanted_source, group.keys()[0]);
+            }
+            _ => {}
+        }
     }
     let new_text = if changes.is_empty() {
         text.to_owned()
@@ -156,10 +249,45 @@ pub fn plan(
     Ok(Promotion {
         from: from.to_owned(),
         to: to.to_owned(),
+        loosenings: loosening::find(&changes),
         changes,
         old_text: text.to_owned(),
         new_text,
     })
+}
+
+/// For the `--only` keys inside groups not promoted whole: their settings in both
+/// environments, and TO's environment with FROM's values for them (the source that
+/// syncs those keys and nothing else). Errs with the key that neither sets.
+fn single_keys(
+    target: &toml_edit::Item,
+    source: &toml_edit::Item,
+    only: &[Only],
+    whole: &[Group],
+) -> Result<(Vec<Setting>, toml_edit::Item), String> {
+    let mut rows = Vec::new();
+    let mut wanted = target.clone();
+    for o in only {
+        let Only::Key { group, key } = o else {
+            continue;
+        };
+        if whole.contains(group) {
+            continue;
+        }
+        let top = group.keys()[0];
+        let prefix = format!("{top}.{key}");
+        let before = rows.len();
+        rows.extend(
+            document::compare(target, source, &[top])
+                .into_iter()
+                .filter(|s| s.path == prefix || s.path.starts_with(&format!("{prefix}."))),
+        );
+        if rows.len() == before {
+            return Err(o.to_string());
+        }
+        document::take_key(&mut wanted, source, top, key);
+    }
+    Ok((rows, wanted))
 }
 
 /// Every promotable setting of `a` (left) and `b` (right), in group order.
@@ -201,8 +329,10 @@ pub struct PromoteRequest<'a> {
     pub from: &'a str,
     pub to: &'a str,
     /// Empty means every group.
-    pub only: &'a [Group],
+    pub only: &'a [Only],
     pub apply: bool,
+    /// Apply even when security-relevant settings are loosened.
+    pub allow_removals: bool,
     /// ANSI colours in the diff (only when stdout is a terminal).
     pub colour: bool,
 }
@@ -213,14 +343,11 @@ pub fn run(
     out: &mut dyn std::io::Write,
 ) -> Result<Outcome, PromoteError> {
     let (text, digest) = read_config(req.config)?;
-    let groups = if req.only.is_empty() {
-        &Group::ALL[..]
-    } else {
-        req.only
-    };
-    let p = plan(&text, req.config, req.from, req.to, groups)?;
+    let all: Vec<Only> = Group::ALL.into_iter().map(Only::Group).collect();
+    let only = if req.only.is_empty() { &all } else { req.only };
+    let p = plan_only(&text, req.config, req.from, req.to, only)?;
     if p.changes.is_empty() {
-        let names: Vec<String> = groups.iter().map(Group::to_string).collect();
+        let names: Vec<String> = only.iter().map(Only::to_string).collect();
         let _ = writeln!(
             out,
             "{} already matches {} ({}); nothing to change",
@@ -232,9 +359,22 @@ pub fn run(
     }
     if !req.apply {
         let _ = write!(out, "{}", p.unified_diff(req.config, req.colour));
+        if !p.loosenings.is_empty() {
+            let _ = write!(out, "{}", render::loosening_block(&p.to, &p.loosenings));
+        }
         let _ = writeln!(out, "{}", p.summary());
         let _ = writeln!(out, "dry run: nothing written; add --apply to write it");
         return Ok(Outcome::WouldChange);
+    }
+    if !p.loosenings.is_empty() && !req.allow_removals {
+        return Err(PromoteError::Loosens {
+            from: p.from,
+            to: p.to,
+            list: p.loosenings,
+        });
+    }
+    if !p.loosenings.is_empty() {
+        let _ = write!(out, "{}", render::loosening_block(&p.to, &p.loosenings));
     }
     let written = write_atomically(req.config, p.new_text.as_bytes(), &digest)?;
     let _ = writeln!(

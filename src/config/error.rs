@@ -60,15 +60,29 @@ impl fmt::Display for ConfigWarning {
 pub struct SourceMap<'a> {
     pub file: &'a Path,
     pub text: &'a str,
+    /// Offsets where lines start, found on the first lookup: a config with 100,000
+    /// warnings must not scan its text from the top for each of them.
+    line_starts: std::sync::OnceLock<Vec<usize>>,
 }
 
-impl SourceMap<'_> {
+impl<'a> SourceMap<'a> {
+    pub fn new(file: &'a Path, text: &'a str) -> SourceMap<'a> {
+        SourceMap {
+            file,
+            text,
+            line_starts: std::sync::OnceLock::new(),
+        }
+    }
+
     pub fn position(&self, offset: usize) -> (usize, usize) {
-        let offset = offset.min(self.text.len());
-        let before = &self.text[..floor_char_boundary(self.text, offset)];
-        let line = before.matches('\n').count() + 1;
-        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-        let col = before[line_start..].chars().count() + 1;
+        let offset = floor_char_boundary(self.text, offset.min(self.text.len()));
+        let starts = self.line_starts.get_or_init(|| {
+            std::iter::once(0)
+                .chain(self.text.match_indices('\n').map(|(i, _)| i + 1))
+                .collect()
+        });
+        let line = starts.partition_point(|&s| s <= offset);
+        let col = self.text[starts[line - 1]..offset].chars().count() + 1;
         (line, col)
     }
 
@@ -99,16 +113,30 @@ impl SourceMap<'_> {
     }
 
     /// The `[table]` header in force at `offset`, for errors that toml reports without
-    /// a key path (unknown fields, wrong types).
+    /// a key path (wrong types). A header line counts whole, even when the error points
+    /// into its middle.
     pub fn enclosing_table(&self, offset: usize) -> Option<&str> {
-        let before = &self.text[..floor_char_boundary(self.text, offset)];
-        before.lines().rev().find_map(|line| {
-            let line = line.trim();
-            let inner = line.strip_prefix("[[").and_then(|l| l.split("]]").next());
-            let inner = inner.or_else(|| line.strip_prefix('[').and_then(|l| l.split(']').next()));
-            inner.map(str::trim)
-        })
+        let start = floor_char_boundary(self.text, offset.min(self.text.len()));
+        let line_end = self.text[start..]
+            .find('\n')
+            .map_or(self.text.len(), |i| start + i);
+        self.text[..line_end].lines().rev().find_map(header_name)
     }
+
+    /// The table named by the header written on the line holding `offset`, if that
+    /// line is a `[table]` or `[[array]]` header.
+    pub fn header_at(&self, offset: usize) -> Option<&str> {
+        let start = floor_char_boundary(self.text, offset.min(self.text.len()));
+        let line_start = self.text[..start].rfind('\n').map_or(0, |i| i + 1);
+        header_name(self.text[line_start..].lines().next()?)
+    }
+}
+
+fn header_name(line: &str) -> Option<&str> {
+    let line = line.trim();
+    let inner = line.strip_prefix("[[").and_then(|l| l.split("]]").next());
+    let inner = inner.or_else(|| line.strip_prefix('[').and_then(|l| l.split(']').next()));
+    inner.map(str::trim)
 }
 
 fn floor_char_boundary(text: &str, mut offset: usize) -> usize {

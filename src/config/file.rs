@@ -32,6 +32,8 @@ pub struct RawListen {
     pub admin: Option<Spanned<String>>,
     #[serde(default)]
     pub trusted_proxies: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub admin_hosts: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -94,6 +96,7 @@ pub struct RawEnvironment {
     pub policy: RawPolicy,
     #[serde(default)]
     pub keys: Vec<Spanned<RawKey>>,
+    pub keys_file: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -153,9 +156,13 @@ pub struct RawKey {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawStore {
-    pub redis: Spanned<String>,
+    pub redis: Option<Spanned<String>>,
+    pub cluster: Option<Spanned<Vec<Spanned<String>>>>,
     pub timeout: Option<Spanned<String>>,
     pub on_error: Option<Spanned<String>>,
+    pub mode: Option<Spanned<String>>,
+    pub lease: Option<Spanned<String>>,
+    pub lease_ttl: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

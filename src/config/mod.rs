@@ -3,7 +3,10 @@
 
 pub mod error;
 pub mod file;
+pub mod keys_file;
+pub mod policy_view;
 pub mod read;
+mod syntax;
 mod validate;
 
 use std::net::SocketAddr;
@@ -27,7 +30,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub tls: Option<TlsConfig>,
     pub auth: AuthConfig,
-    /// In file order (sorted by name, as TOML tables are unordered).
+    /// Sorted by name (TOML tables are unordered); `State::environment` relies on it.
     pub environments: Vec<EnvironmentConfig>,
     pub rate_limit_store: Option<StoreConfig>,
     pub tracing: TracingConfig,
@@ -59,6 +62,9 @@ pub struct ListenConfig {
     pub https: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
     pub trusted_proxies: Vec<IpNet>,
+    /// Host names the admin listener answers besides its own address and `localhost`
+    /// (lower-case): any other name may be a DNS-rebinding page in a browser.
+    pub admin_hosts: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,7 +143,10 @@ pub struct EnvironmentConfig {
     pub shares_upstream_with: Vec<String>,
     pub rate_limit: RateLimitConfig,
     pub policy: PolicyConfig,
+    /// The `[[keys]]` tables, then the lines of `keys_file`.
     pub keys: Vec<KeyConfig>,
+    /// One key per line (see [`keys_file`]); watched like the config.
+    pub keys_file: Option<PathBuf>,
 }
 
 impl EnvironmentConfig {
@@ -157,6 +166,7 @@ impl EnvironmentConfig {
             rate_limit,
             policy,
             keys: _,
+            keys_file: _,
         } = self;
         *name == other.name
             && *upstreams == other.upstreams
@@ -265,9 +275,44 @@ pub enum StoreErrorMode {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreConfig {
-    pub redis: String,
+    pub servers: StoreServers,
     pub timeout: Duration,
     pub on_error: StoreErrorMode,
+    pub mode: StoreMode,
+}
+
+/// Where the fleet's counters live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreServers {
+    /// One Redis server (`redis = "..."`).
+    Single(String),
+    /// Seed nodes of a Redis Cluster (`cluster = [...]`); the rest is discovered.
+    Cluster(Vec<String>),
+}
+
+/// How often a gateway asks the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreMode {
+    /// One round trip per request.
+    Exact,
+    /// Batches of cells taken from the shared buckets and spent locally.
+    Lease(LeaseConfig),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseConfig {
+    /// Share of a bucket's burst taken per round trip, in hundredths of a percent
+    /// (`"5%"` is 500), so the config stays `Eq` and exact.
+    pub share_bp: u32,
+    /// A batch older than this goes back to the store.
+    pub ttl: Duration,
+}
+
+impl LeaseConfig {
+    /// Cells per batch for a bucket of `burst`: the configured share, at least 1.
+    pub fn batch(&self, burst: u32) -> u32 {
+        (u64::from(burst) * u64::from(self.share_bp) / 10_000).max(1) as u32
+    }
 }
 
 /// A validated config and the warnings found on the way.

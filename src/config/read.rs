@@ -8,7 +8,7 @@
 //! on regular files), then its type is checked on the open descriptor (no window
 //! between the check and the read), then at most [`MAX_FILE_BYTES`] are read.
 
-use std::fs::FileType;
+use std::fs::{File, FileType};
 use std::io::{self, Read};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
@@ -34,7 +34,9 @@ pub fn read_regular(path: &Path) -> Result<Vec<u8>, ReadError> {
     read_capped(path, MAX_FILE_BYTES)
 }
 
-fn read_capped(path: &Path, cap: u64) -> Result<Vec<u8>, ReadError> {
+/// Opens the regular file at `path` for a streaming reader (which must stop at
+/// [`MAX_FILE_BYTES`] itself, e.g. with `Read::take`).
+pub fn open_regular(path: &Path) -> Result<File, ReadError> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
@@ -43,6 +45,15 @@ fn read_capped(path: &Path, cap: u64) -> Result<Vec<u8>, ReadError> {
     if !meta.is_file() {
         return Err(ReadError::NotRegular(describe(meta.file_type())));
     }
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(ReadError::TooLarge);
+    }
+    Ok(file)
+}
+
+fn read_capped(path: &Path, cap: u64) -> Result<Vec<u8>, ReadError> {
+    let file = open_regular(path)?;
+    let meta = file.metadata()?;
     if meta.len() > cap {
         return Err(ReadError::TooLarge);
     }

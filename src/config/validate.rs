@@ -19,6 +19,8 @@ use super::file::*;
 use super::*;
 use crate::policy::path::normalize_path;
 
+mod listen;
+mod store;
 mod tracing_table;
 
 /// Keys expiring within this window are reported by `specter check`.
@@ -63,6 +65,8 @@ pub mod range {
     pub const CONNECT_TIMEOUT: (Duration, Duration) = (ms(1), s(300));
     pub const REQUEST_TIMEOUT: (Duration, Duration) = (ms(1), s(DAY));
     pub const STORE_TIMEOUT: (Duration, Duration) = (ms(1), s(10));
+    /// Lease mode: how old a batch may get before it goes back to Redis.
+    pub const LEASE_TTL: (Duration, Duration) = (ms(10), s(10));
     pub const RATE_PER: (Duration, Duration) = (ms(1), s(366 * DAY));
     /// How long a drained bucket may take to refill (burst x per / requests).
     pub const RATE_BUCKET_DEPTH: Duration = s(100 * 366 * DAY);
@@ -74,33 +78,14 @@ pub fn parse_and_validate(
     path: &Path,
     options: CheckOptions,
 ) -> Result<Loaded, ConfigErrors> {
-    let map = SourceMap { file: path, text };
-    let raw: RawConfig = toml::from_str(text).map_err(|e| {
-        let span = e.span().unwrap_or(0..0);
-        let mut message = e.message().trim_end().to_owned();
-        // toml names neither the key nor the value; the source line does.
-        if let Some((key, value)) = map.assignment_at(span.start) {
-            message = format!("{key} = {value}: {message}");
-        }
-        if let Some(table) = map.enclosing_table(span.start) {
-            message = format!("in [{table}]: {message}");
-        }
-        if message.contains("unknown field") {
-            message.push_str("; remove it or check its spelling");
-        } else if message.contains("expected a string") || message.contains("must be quoted") {
-            message.push_str("; write the value as a quoted string (durations like \"30s\", sizes like \"10MiB\")");
-        } else if message.contains("expected i64") || message.contains("expected u") {
-            message.push_str("; write a whole number without quotes, e.g. 100");
-        } else if message.contains("expected a boolean") {
-            message.push_str("; write true or false, without quotes");
-        }
-        ConfigErrors(vec![map.error(span, message)])
-    })?;
+    let map = SourceMap::new(path, text);
+    let raw = super::syntax::parse(&map)?;
     let mut v = Validator {
         map,
         options,
         errors: Vec::new(),
         warnings: Vec::new(),
+        file_keys: HashMap::new(),
     };
     let config = v.config(raw);
     if v.errors.is_empty() {
@@ -118,6 +103,16 @@ struct Validator<'a> {
     options: CheckOptions,
     errors: Vec<ConfigError>,
     warnings: Vec<ConfigWarning>,
+    /// Where each environment's `keys_file` keys came from, for the checks across keys.
+    file_keys: HashMap<String, FileKeysOrigin>,
+}
+
+/// An environment's keys from `[[keys]]` come first; these are the ones after them.
+struct FileKeysOrigin {
+    path: PathBuf,
+    /// How many keys came from `[[keys]]` tables.
+    inline: usize,
+    lines: Vec<u32>,
 }
 
 impl Validator<'_> {
@@ -182,6 +177,27 @@ impl Validator<'_> {
             .iter()
             .filter_map(|c| self.cidr("listen.trusted_proxies", c))
             .collect();
+        let admin_hosts = l
+            .admin_hosts
+            .iter()
+            .filter_map(|h| self.admin_host(h))
+            .collect();
+        let written = [
+            ("http", &l.http, http),
+            ("https", &l.https, https),
+            ("admin", &l.admin, admin),
+        ];
+        let listeners: Vec<listen::Listener<'_>> = written
+            .into_iter()
+            .filter_map(|(key, raw, addr)| {
+                Some(listen::Listener {
+                    key,
+                    addr: addr?,
+                    raw: raw.as_ref()?,
+                })
+            })
+            .collect();
+        self.check_listeners(&listeners);
         if l.http.is_none() && l.https.is_none() {
             return self.fail(
                 raw.span(),
@@ -193,7 +209,25 @@ impl Validator<'_> {
             https,
             admin,
             trusted_proxies,
+            admin_hosts,
         })
+    }
+
+    fn admin_host(&mut self, raw: &Spanned<String>) -> Option<String> {
+        let host = raw.get_ref().to_ascii_lowercase();
+        let valid = !host.is_empty()
+            && host.len() <= 253
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+        if valid {
+            Some(host)
+        } else {
+            self.fail(
+                raw.span(),
+                format!("listen.admin_hosts: \"{}\" is not a host name; write the name without scheme or port, e.g. \"admin.internal\"", raw.get_ref()),
+            )
+        }
     }
 
     fn limits(&mut self, raw: &RawLimits) -> Option<LimitsConfig> {
@@ -356,6 +390,7 @@ impl Validator<'_> {
             }
         }
         self.check_key_uniqueness(raw);
+        self.check_file_keys(&envs);
         self.check_shared_upstreams(raw, &envs);
         (self.errors.len() == before).then_some(envs)
     }
@@ -411,12 +446,27 @@ impl Validator<'_> {
             .collect();
         let rate_limit = self.rate_limit(n, &e.rate_limit);
         let policy = self.policy(n, &e.policy);
-        let keys = e
+        let mut keys: Vec<KeyConfig> = e
             .keys
             .iter()
             .enumerate()
             .filter_map(|(i, k)| self.key(n, i, k))
             .collect();
+        let keys_file = e.keys_file.as_ref().map(|f| PathBuf::from(f.get_ref()));
+        if let Some(path) = &keys_file {
+            match super::keys_file::read(path, n, &self.options, &mut self.warnings) {
+                Ok(file) => {
+                    let origin = FileKeysOrigin {
+                        path: path.clone(),
+                        inline: keys.len(),
+                        lines: file.lines,
+                    };
+                    keys.extend(file.keys);
+                    self.file_keys.insert(n.clone(), origin);
+                }
+                Err(errors) => self.errors.extend(errors),
+            }
+        }
         if self.errors.len() != before {
             return None;
         }
@@ -434,6 +484,7 @@ impl Validator<'_> {
             rate_limit: rate_limit?,
             policy: policy?,
             keys,
+            keys_file,
         })
     }
 
@@ -883,6 +934,93 @@ impl Validator<'_> {
         }
     }
 
+    /// Keys from `keys_file`s: a hash used twice anywhere, or an id twice in one
+    /// environment, reported at the file's line. Sorting (16 bytes a key) instead of
+    /// hash maps keeps a million keys' check within a few tens of MiB.
+    fn check_file_keys(&mut self, envs: &[EnvironmentConfig]) {
+        if self.file_keys.is_empty() {
+            return;
+        }
+        let origins: Vec<Option<&FileKeysOrigin>> =
+            envs.iter().map(|e| self.file_keys.get(&e.name)).collect();
+        let from_file = |env: usize, key: usize| -> Option<(PathBuf, usize)> {
+            let o = origins[env]?;
+            let line = *o.lines.get(key.checked_sub(o.inline)?)?;
+            Some((o.path.clone(), line as usize))
+        };
+        let mut errors = Vec::new();
+        let mut all: Vec<(&KeyDigest, u32, u32)> = envs
+            .iter()
+            .enumerate()
+            .flat_map(|(e, env)| {
+                env.keys
+                    .iter()
+                    .enumerate()
+                    .map(move |(k, key)| (&key.sha256, e as u32, k as u32))
+            })
+            .collect();
+        all.sort_unstable();
+        for pair in all.windows(2) {
+            let [(a, ea, ka), (b, eb, kb)] = pair else {
+                continue;
+            };
+            if a != b {
+                continue;
+            }
+            // Reported at a keys-file line; two [[keys]] tables are the TOML check's.
+            let (ea, ka, eb, kb) = (*ea as usize, *ka as usize, *eb as usize, *kb as usize);
+            let ((here_env, here_key), (other_env, other_key)) = if from_file(eb, kb).is_some() {
+                ((eb, kb), (ea, ka))
+            } else {
+                ((ea, ka), (eb, kb))
+            };
+            let Some((file, line)) = from_file(here_env, here_key) else {
+                continue;
+            };
+            let (name, other) = (&envs[here_env].name, &envs[other_env]);
+            errors.push(ConfigError {
+                file,
+                line,
+                col: 1,
+                message: format!(
+                    "environments.{name}.keys_file: the key hash on this line is also key \"{}\" of environment \"{}\"; a key belongs to exactly one environment, so generate a new key with `specter keys new --env {name}`",
+                    other.keys[other_key].id, other.name
+                ),
+            });
+        }
+        for (e, env) in envs.iter().enumerate() {
+            if origins[e].is_none() {
+                continue;
+            }
+            let mut ids: Vec<u32> = (0..env.keys.len() as u32).collect();
+            ids.sort_unstable_by(|a, b| {
+                env.keys[*a as usize]
+                    .id
+                    .cmp(&env.keys[*b as usize].id)
+                    .then(a.cmp(b))
+            });
+            for pair in ids.windows(2) {
+                let (first, second) = (pair[0] as usize, pair[1] as usize);
+                if env.keys[first].id != env.keys[second].id {
+                    continue;
+                }
+                let Some((file, line)) = from_file(e, second) else {
+                    continue;
+                };
+                errors.push(ConfigError {
+                    file,
+                    line,
+                    col: 1,
+                    message: format!(
+                        "environments.{}.keys_file: key id \"{}\" is used twice in this environment; give each key its own id",
+                        env.name, env.keys[second].id
+                    ),
+                });
+            }
+        }
+        self.errors.extend(errors);
+    }
+
     /// The product's promise: one environment's keys can never reach another's backend.
     fn check_shared_upstreams(
         &mut self,
@@ -901,12 +1039,15 @@ impl Validator<'_> {
                 }
             }
         }
+        let raw_by_name: HashMap<&str, &RawEnvironment> = raw
+            .iter()
+            .map(|(n, e)| (n.get_ref().as_str(), e.get_ref()))
+            .collect();
         let mut owners: HashMap<(String, u16), &EnvironmentConfig> = HashMap::new();
         for env in envs {
-            let (key, spans) = raw
-                .iter()
-                .find(|(n, _)| n.get_ref() == &env.name)
-                .map(|(_, e)| upstream_spans(e.get_ref()))
+            let (key, spans) = raw_by_name
+                .get(env.name.as_str())
+                .map(|e| upstream_spans(e))
                 .unwrap_or_default();
             for (i, up) in env.upstreams.iter().enumerate() {
                 let endpoint = (canonical_host(&up.host), up.port);
@@ -934,42 +1075,6 @@ impl Validator<'_> {
                 }
             }
         }
-    }
-
-    fn store(&mut self, raw: &Spanned<RawStore>) -> Option<StoreConfig> {
-        let s = raw.get_ref();
-        let url = s.redis.get_ref();
-        let redis = if url.starts_with("redis://")
-            || url.starts_with("rediss://")
-            || url.starts_with("redis+unix://")
-        {
-            Some(url.clone())
-        } else {
-            self.fail(
-                s.redis.span(),
-                format!("rate_limit_store.redis: \"{url}\" is not a Redis URL; write e.g. \"redis://127.0.0.1:6379/0\""),
-            )
-        };
-        let timeout = self.duration_or(
-            "rate_limit_store.timeout",
-            &s.timeout,
-            Duration::from_millis(20),
-            range::STORE_TIMEOUT,
-        );
-        let on_error = match s.on_error.as_ref().map(|m| m.get_ref().as_str()) {
-            None | Some("local") => Some(StoreErrorMode::Local),
-            Some("allow") => Some(StoreErrorMode::Allow),
-            Some("deny") => Some(StoreErrorMode::Deny),
-            Some(other) => {
-                let span = s.on_error.as_ref().map(|m| m.span()).unwrap_or_default();
-                self.fail(span, format!("rate_limit_store.on_error: \"{other}\" is not a mode; use \"local\", \"allow\" or \"deny\""))
-            }
-        };
-        Some(StoreConfig {
-            redis: redis?,
-            timeout: timeout?,
-            on_error: on_error?,
-        })
     }
 
     // --- scalar helpers -----------------------------------------------------------

@@ -53,7 +53,8 @@ impl Record {
             key_id = self.key_id.as_ref().map_or("-", |k| k.as_str()),
             upstream = self.upstream.as_deref().unwrap_or("-"),
             upstream_status = self.upstream_status,
-            duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
+            // Microsecond resolution: more digits are clock noise, and cost log bytes.
+            duration_ms = self.started.elapsed().as_micros() as f64 / 1000.0,
             bytes_in = self.bytes_in.load(Ordering::Relaxed),
             bytes_out,
             completed,

@@ -203,12 +203,15 @@ impl UpstreamPool {
         })
     }
 
-    pub fn record_success(&self, i: usize) {
+    /// Returns true when this success brought an ejected upstream back.
+    pub fn record_success(&self, i: usize) -> bool {
         let slot = &self.slots[i];
-        if slot.consecutive_failures.load(Ordering::Relaxed) != 0 {
+        let failures = slot.consecutive_failures.load(Ordering::Relaxed);
+        if failures != 0 {
             slot.consecutive_failures.store(0, Ordering::Relaxed);
             slot.down_until_ms.store(0, Ordering::Relaxed);
         }
+        failures >= FAILURES_TO_EJECT
     }
 
     /// Returns true when this failure ejected the upstream.

@@ -477,7 +477,9 @@ async fn send(
             .send(upstream, parts, body, path_and_query.clone());
         let err = match tokio::time::timeout(timeout, sent).await {
             Ok(Ok(mut response)) => {
-                env.upstreams.record_success(upstream);
+                if env.upstreams.record_success(upstream) {
+                    tracing::info!(environment = %env.config.name, upstream = %env.upstreams.slots[upstream].upstream.uri, "upstream back in rotation");
+                }
                 outcome.upstream_status = Some(response.status().as_u16());
                 if let Some(client) = client_upgrade.take() {
                     upgrade::tunnel(client, &mut response);

@@ -13,7 +13,11 @@
 
 pub mod failures;
 #[cfg(feature = "redis")]
+pub mod lease;
+#[cfg(feature = "redis")]
 pub mod redis;
+#[cfg(feature = "redis")]
+pub mod store_health;
 
 use std::fmt::Write;
 use std::sync::Arc;

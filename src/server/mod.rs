@@ -112,6 +112,7 @@ impl Gateway {
                 })?;
                 tasks.push(tokio::spawn(crate::admin::serve(
                     listener,
+                    local,
                     shared.clone(),
                     stop_rx.clone(),
                 )));

@@ -11,7 +11,7 @@
 pub mod activity;
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -25,13 +25,6 @@ use crate::body::{self, Body};
 use crate::state::{Environment, Shared, State};
 
 pub use activity::Activity;
-
-/// What the status page keeps between requests.
-#[derive(Default)]
-pub struct Board {
-    /// Certificate facts, read from the files once per config version.
-    certificates: Mutex<Option<(u64, Arc<Vec<Value>>)>>,
-}
 
 /// Once a second, closes each environment's current sample.
 pub async fn sample_every_second(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
@@ -112,7 +105,7 @@ pub fn view(shared: &Shared) -> Value {
             "last_reload_error": last_error,
         },
         "environments": environments,
-        "certificates": *certificates(shared, &state),
+        "certificates": certificates(&state),
     })
 }
 
@@ -187,74 +180,23 @@ fn keys(state: &State, env: usize) -> (Vec<Value>, Value) {
     (rows, counts)
 }
 
-fn certificates(shared: &Shared, state: &State) -> Arc<Vec<Value>> {
-    let Ok(mut cached) = shared.status.certificates.lock() else {
-        return Arc::default();
-    };
-    if let Some((version, certs)) = &*cached {
-        if *version == state.version {
-            return certs.clone();
-        }
-    }
-    let certs: Arc<Vec<Value>> = Arc::new(
-        state
-            .config
-            .tls
-            .iter()
-            .flat_map(|t| &t.certificates)
-            .map(|c| certificate(&c.cert_path))
-            .collect(),
-    );
-    *cached = Some((state.version, certs.clone()));
-    certs
-}
-
-/// The leaf certificate's names and validity; the private key is never read here.
-fn certificate(path: &std::path::Path) -> Value {
-    use rustls_pki_types::pem::PemObject;
-    let file = path.display().to_string();
-    let leaf = crate::config::read::read_regular(path)
-        .ok()
-        .and_then(|pem| {
-            rustls_pki_types::CertificateDer::pem_slice_iter(&pem)
-                .next()
-                .and_then(Result::ok)
-        });
-    let Some(leaf) = leaf else {
-        return json!({"file": file, "error": "unreadable"});
-    };
-    let Ok((_, cert)) = x509_parser::parse_x509_certificate(leaf.as_ref()) else {
-        return json!({"file": file, "error": "unparsable"});
-    };
-    let names: Vec<String> = cert
-        .subject_alternative_name()
-        .ok()
-        .flatten()
-        .map(|san| {
-            san.value
-                .general_names
-                .iter()
-                .filter_map(|n| match n {
-                    x509_parser::extensions::GeneralName::DNSName(d) => Some((*d).to_owned()),
-                    _ => None,
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let not_after = cert.validity().not_after.timestamp();
+/// The served certificates (described once per config build) with their expiry.
+fn certificates(state: &State) -> Vec<Value> {
     let now = i64::try_from(activity::unix_now()).unwrap_or(i64::MAX);
-    let at = |secs: i64| {
-        u64::try_from(secs)
-            .ok()
-            .map(|s| crate::admin::rfc3339(UNIX_EPOCH + Duration::from_secs(s)))
-    };
-    json!({
-        "file": file,
-        "names": names,
-        "not_before": at(cert.validity().not_before.timestamp()),
-        "not_after": at(not_after),
-        "days_left": (not_after - now).div_euclid(86_400),
-    })
+    state
+        .certificates
+        .iter()
+        .map(|c| {
+            let not_after = u64::try_from(c.not_after)
+                .ok()
+                .map(|s| crate::admin::rfc3339(UNIX_EPOCH + Duration::from_secs(s)));
+            json!({
+                "file": c.path,
+                "not_after": not_after,
+                "days_left": (c.not_after - now).div_euclid(86_400),
+            })
+        })
+        .collect()
 }
 
 /// Replaces every run of 20 or more key-like characters (letters, digits, `_`, `-`)

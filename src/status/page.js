@@ -83,8 +83,8 @@ function render(status) {
     banner.hidden = true;
   }
   document.getElementById("environments").replaceChildren(...status.environments.map(environment));
-  const certs = status.certificates.map((x) => el("tr", {}, el("td", {}, x.file), el("td", {}, (x.names || []).join(", ")),
-    el("td", {}, x.not_after || x.error || "–"), el("td", { class: x.days_left < 14 ? "expiring" : "" }, x.days_left ?? "–")));
+  const certs = status.certificates.map((x) => el("tr", {}, el("td", {}, x.file),
+    el("td", {}, x.not_after || "–"), el("td", { class: x.days_left < 14 ? "expiring" : "" }, x.days_left ?? "–")));
   document.querySelector("#certificates tbody").replaceChildren(...certs);
   document.getElementById("certificates-section").hidden = certs.length === 0;
 }

@@ -288,12 +288,19 @@ impl std::fmt::Debug for Run {
 
 /// Runs `specter ARGS` from the package root to its end, feeding `stdin` if given.
 pub fn run_specter(args: &[&str], stdin: Option<&str>) -> Run {
+    run_specter_env(args, stdin, &[])
+}
+
+/// [`run_specter`] with extra environment variables.
+pub fn run_specter_env(args: &[&str], stdin: Option<&str>, env: &[(&str, &str)]) -> Run {
     use std::io::Write;
     use std::process::{Command, Stdio};
     let mut child = Command::new(specter_bin())
         .args(args)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .env_remove("RUST_LOG")
+        .env_remove("SPECTER_CONFIG")
+        .envs(env.iter().copied())
         .stdin(if stdin.is_some() {
             Stdio::piped()
         } else {

@@ -34,11 +34,7 @@ pub fn parse_to_read(text: &str, path: &Path) -> Result<(DocumentMut, LineEnds),
     };
     let doc: DocumentMut = lf.parse().map_err(|source: toml_edit::TomlError| {
         let offset = source.span().map_or(0, |s| s.start);
-        let (line, col) = SourceMap {
-            file: path,
-            text: &lf,
-        }
-        .position(offset);
+        let (line, col) = SourceMap::new(path, &lf).position(offset);
         EditError::Unparsable {
             path: path.to_path_buf(),
             line,

@@ -57,10 +57,16 @@ impl<'a> ConfigEdit<'a> {
         all.iter()
             .find(|e| e.id == id)
             .cloned()
-            .ok_or_else(|| KeysError::UnknownKey {
-                id: id.to_owned(),
-                env: self.env.clone(),
-                known: known_ids(&all),
+            .ok_or_else(|| {
+                let mut known = known_ids(&all);
+                if let Some(file) = self.environment().get("keys_file").and_then(Item::as_str) {
+                    known.push_str(&format!("; keys listed in its keys_file {file} are not edited by this command: change that file (one `id sha256 [not_before] [not_after]` per line, written beside it and renamed over)"));
+                }
+                KeysError::UnknownKey {
+                    id: id.to_owned(),
+                    env: self.env.clone(),
+                    known,
+                }
             })
     }
 

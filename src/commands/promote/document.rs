@@ -33,6 +33,28 @@ pub(super) fn compare(left: &Item, right: &Item, keys: &[&str]) -> Vec<Setting> 
     rows
 }
 
+/// Sets `into[top][key]` to `from[top][key]` (or removes it when `from` lacks it):
+/// `into` then serves as the source that promotes one key and nothing else of `top`.
+pub(super) fn take_key(into: &mut Item, from: &Item, top: &str, key: &str) {
+    let Some(env) = into.as_table_like_mut() else {
+        return;
+    };
+    if env.get(top).is_none() {
+        env.insert(top, Item::Table(toml_edit::Table::new()));
+    }
+    let Some(group) = env.get_mut(top).and_then(Item::as_table_like_mut) else {
+        return;
+    };
+    match child(from, top).and_then(|g| child(g, key)) {
+        Some(value) => {
+            group.insert(key, value.clone());
+        }
+        None => {
+            group.remove(key);
+        }
+    }
+}
+
 /// Makes `to[key]` hold the same leaves as `from[key]`; `to` and `from` are table-like.
 /// Equal subtrees are left alone, so TO keeps its own layout wherever values agree.
 pub(super) fn sync(to: &mut Item, from: &Item, key: &str) {

@@ -73,3 +73,20 @@ pub(super) fn side_by_side(settings: &[Setting], a: &str, b: &str) -> String {
     ));
     s
 }
+
+/// One `  - path: what` line per loosened setting.
+pub(super) fn loosenings(list: &[super::loosening::Loosening]) -> String {
+    list.iter()
+        .map(|l| format!("  - {}: {}", l.path, l.what))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The block a dry run (and an `--allow-removals` apply) prints after the diff.
+pub(super) fn loosening_block(to: &str, list: &[super::loosening::Loosening]) -> String {
+    format!(
+        "\nSECURITY-RELEVANT: this loosens {} setting(s) of {to}; --apply refuses it without --allow-removals:\n{}\n\n",
+        list.len(),
+        loosenings(list)
+    )
+}
