@@ -23,7 +23,8 @@
 //!   `ratelimit::lease`: lease mode's locally spent batches of them
 //! - [`error`]: `GatewayError` -> status + JSON body
 //! - [`body`]: the body type; the streaming size limit and read timeout
-//! - [`trace`]: W3C trace context: the client's `traceparent` continued, or a new trace
+//! - [`trace`]: W3C trace context: the client's `traceparent` continued, or a new trace;
+//!   [`trace::export`] sends sampled requests' spans to an OTLP/HTTP collector
 //!
 //! Around it:
 //!

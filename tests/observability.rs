@@ -656,7 +656,8 @@ async fn admin_health_readiness_and_errors() {
     let (c, admin) = (client(), gw.admin.unwrap());
     assert_eq!(admin_get(&c, admin, "/healthz").await.status, 200);
     assert_eq!(admin_get(&c, admin, "/readyz").await.status, 200);
-    for path in ["/nope", "/metrics/extra", "/"] {
+    // `/` is the status page (tests/status_page.rs).
+    for path in ["/nope", "/metrics/extra", "/status.json/x"] {
         let answer = admin_get(&c, admin, path).await;
         assert_eq!(answer.status, 404, "{path}");
         assert_eq!(answer.headers["content-type"], "application/json");
