@@ -329,7 +329,13 @@ async fn headless_chromium_renders_the_live_status_page() {
     .unwrap();
     let png = std::fs::read(&shot)
         .unwrap_or_else(|_| panic!("no screenshot: {}", String::from_utf8_lossy(&taken.stderr)));
-    assert!(png.starts_with(b"\x89PNG"), "a PNG at {}", shot.display());
+    assert!(
+        png.starts_with(b"\x89PNG"),
+        "no PNG at {} ({} bytes); chromium said: {}",
+        shot.display(),
+        png.len(),
+        String::from_utf8_lossy(&taken.stderr)
+    );
     eprintln!("status page screenshot: {}", shot.display());
     background.abort();
 }
