@@ -946,18 +946,7 @@ impl Validator<'_> {
             Some((o.path.clone(), line as usize))
         };
         let mut errors = Vec::new();
-        let mut all: Vec<(&KeyDigest, u32, u32)> = envs
-            .iter()
-            .enumerate()
-            .flat_map(|(e, env)| {
-                env.keys
-                    .iter()
-                    .enumerate()
-                    .map(move |(k, key)| (&key.sha256, e as u32, k as u32))
-            })
-            .collect();
-        all.sort_unstable();
-        for pair in all.windows(2) {
+        for pair in keys_by_digest(envs).windows(2) {
             let [(a, ea, ka), (b, eb, kb)] = pair else {
                 continue;
             };
