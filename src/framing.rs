@@ -7,14 +7,14 @@
 //! - `Content-Length` together with `Transfer-Encoding` (RFC 9112 §6.3 lets a server
 //!   reject it, and a proxy should). hyper's parser drops the `Content-Length` before a
 //!   handler sees the headers, so the connection's IO wrapper
-//!   ([`crate::server::io::ClientIo`]), which sees the raw bytes, reports it for the
-//!   first head of a connection. A later head with both is read as chunked, its
-//!   `Content-Length` dropped, and hyper closes the connection after the response (the
-//!   RFC's other allowed answer). The header check below only guards against a parser
-//!   that would keep both;
-//! - bare-LF line endings in the first head, also seen by the IO wrapper. Later heads
-//!   are parsed by hyper's lenient parser, but specter re-frames every request with
-//!   CRLF, so no such difference can reach an upstream.
+//!   ([`crate::server::io::ClientIo`]), which sees the raw bytes, reports it for every
+//!   request head (empty lines before the request line included). The header check
+//!   below only guards against a parser that would keep both. One form is left to
+//!   hyper: a head pipelined behind a request whose body is still being read is not
+//!   scanned, and such a head with both is read as chunked, its `Content-Length`
+//!   dropped, and the connection closed after the response (the RFC's other answer);
+//! - bare-LF line endings in a head, also seen by the IO wrapper. specter re-frames
+//!   every request with CRLF, so no difference can reach an upstream either way.
 
 use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING, UPGRADE};
 use http::uri::Authority;

@@ -469,3 +469,53 @@ async fn the_admin_listener_answers_only_its_own_names() {
         assert_eq!(status, 200, "{answered}: {answer}");
     }
 }
+
+/// `Content-Length` with `Transfer-Encoding` is refused on every head: after empty
+/// lines, and on the second request of a keep-alive connection.
+///
+/// Failing when written: both were forwarded as chunked (only a connection's first
+/// head was scanned, and empty lines ended that scan early).
+#[tokio::test]
+async fn length_with_chunked_is_refused_on_every_head() {
+    let up = RawUpstream::start().await;
+    let gw = gateway(&up, "").await;
+    let smuggle = format!(
+        "POST /v1/x HTTP/1.1\r\nhost: g\r\nx-api-key: {KEY}\r\ncontent-length: 5\r\n\
+         transfer-encoding: chunked\r\n\r\n0\r\n\r\n"
+    );
+    let (status, answer) =
+        status_of(raw(gw.http, format!("\r\n\r\n{smuggle}").as_bytes(), WAIT).await);
+    assert_eq!(status, 400, "{answer}");
+
+    let mut stream = TcpStream::connect(gw.http).await.unwrap();
+    let first = format!("GET /v1/x HTTP/1.1\r\nhost: g\r\nx-api-key: {KEY}\r\n\r\n");
+    stream.write_all(first.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    while !answer.ends_with(b"ok") {
+        let mut chunk = [0u8; 1024];
+        let n = tokio::time::timeout(WAIT, stream.read(&mut chunk))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&chunk[..n]);
+    }
+    assert!(answer.starts_with(b"HTTP/1.1 200"));
+    stream.write_all(smuggle.as_bytes()).await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    let (status, answer) = status_of(String::from_utf8_lossy(&rest).into_owned());
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        answer.contains("both Content-Length and Transfer-Encoding"),
+        "{answer}"
+    );
+    assert_eq!(
+        up.heads().len(),
+        1,
+        "the smuggled request reached the upstream"
+    );
+}

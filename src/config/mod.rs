@@ -392,6 +392,24 @@ pub fn valid_key_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"-_.:@/".contains(&b))
 }
 
+/// Every key of `environments` as (digest, environment index, key index), sorted by
+/// digest: 16 bytes a key, where a hash set of a million keys would take several times
+/// that. Digests are unique in a valid config, so neighbours are the only repeats.
+pub fn keys_by_digest(environments: &[EnvironmentConfig]) -> Vec<(&KeyDigest, u32, u32)> {
+    let mut all: Vec<(&KeyDigest, u32, u32)> = environments
+        .iter()
+        .enumerate()
+        .flat_map(|(e, env)| {
+            env.keys
+                .iter()
+                .enumerate()
+                .map(move |(k, key)| (&key.sha256, e as u32, k as u32))
+        })
+        .collect();
+    all.sort_unstable();
+    all
+}
+
 /// Lower-case hex, for digests.
 pub fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";

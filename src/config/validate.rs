@@ -461,7 +461,13 @@ impl Validator<'_> {
                         inline: keys.len(),
                         lines: file.lines,
                     };
-                    keys.extend(file.keys);
+                    // Moved, not copied, when there are no [[keys]] tables: a copy of a
+                    // million keys would double the peak of a reload.
+                    if keys.is_empty() {
+                        keys = file.keys;
+                    } else {
+                        keys.extend(file.keys);
+                    }
                     self.file_keys.insert(n.clone(), origin);
                 }
                 Err(errors) => self.errors.extend(errors),
@@ -949,18 +955,7 @@ impl Validator<'_> {
             Some((o.path.clone(), line as usize))
         };
         let mut errors = Vec::new();
-        let mut all: Vec<(&KeyDigest, u32, u32)> = envs
-            .iter()
-            .enumerate()
-            .flat_map(|(e, env)| {
-                env.keys
-                    .iter()
-                    .enumerate()
-                    .map(move |(k, key)| (&key.sha256, e as u32, k as u32))
-            })
-            .collect();
-        all.sort_unstable();
-        for pair in all.windows(2) {
+        for pair in keys_by_digest(envs).windows(2) {
             let [(a, ea, ka), (b, eb, kb)] = pair else {
                 continue;
             };

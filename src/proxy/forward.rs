@@ -61,12 +61,17 @@ const GATEWAY_SET: [HeaderName; 9] = [
 /// request. Believed only from `trusted_proxies`: from anyone else they are forgeries
 /// (`X-Original-URL` even re-routes Symfony and IIS upstreams past path rules).
 fn forwarding_header(name: &str) -> bool {
-    name.starts_with("x-forwarded-")
-        || matches!(
-            name,
-            "forwarded" | "x-real-ip" | "x-original-url" | "x-rewrite-url" | "x-host"
-        )
+    name.starts_with("x-forwarded-") || FORWARDING.contains(&name)
 }
+
+/// The forwarding headers besides the `x-forwarded-*` family.
+const FORWARDING: [&str; 5] = [
+    "forwarded",
+    "x-real-ip",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-host",
+];
 
 /// `a` spells `b` once `_` is read as `-`, as CGI and WSGI upstreams read header names.
 fn spells(a: &[u8], b: &[u8]) -> bool {
@@ -82,17 +87,10 @@ fn spells_gateway_owned(name: &str, auth_header: &HeaderName) -> bool {
     let prefixed = |p: &str| n.len() > p.len() && spells(&n[..p.len()], p.as_bytes());
     prefixed("x-specter-")
         || prefixed("x-forwarded-")
-        || [
-            "forwarded",
-            "x-real-ip",
-            "x-original-url",
-            "x-rewrite-url",
-            "x-host",
-            "x-request-id",
-        ]
-        .iter()
-        .any(|owned| spells(n, owned.as_bytes()))
-        || spells(n, auth_header.as_str().as_bytes())
+        || FORWARDING
+            .iter()
+            .chain(&["x-request-id", auth_header.as_str()])
+            .any(|owned| spells(n, owned.as_bytes()))
 }
 
 /// What the gateway knows about a request that the upstream must be told.
