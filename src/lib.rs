@@ -30,7 +30,9 @@
 //!
 //! - [`config`]: raw TOML types -> validated model, errors with `file:line:col`
 //!   (`config::syntax` words the parser's errors and finds every unknown key;
-//!   [`config::policy_view`] shows a policy to people)
+//!   [`config::policy_view`] shows a policy to people; [`config::read`] opens every
+//!   file an operator names, regular files only and capped; [`config::keys_file`]
+//!   reads a line-oriented keys file; `config::range` is every value's range)
 //! - [`state`]: the immutable snapshot behind one `ArcSwap`, built whole then swapped
 //! - [`reload`]: file watcher + SIGHUP -> load -> build -> swap; keeps the last good
 //! - [`tls`]: rustls server and client configs, SNI certificate choice
