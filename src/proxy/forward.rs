@@ -143,18 +143,26 @@ pub fn rewrite_request(headers: &mut HeaderMap, f: &Forwarded<'_>, rules: &Heade
         headers.insert(name.clone(), value.clone());
     }
     // The address this hop heard from: the peer when extending a trusted chain.
+    let extended = previous_xff.is_some();
     let (xff, for_ip) = match previous_xff {
         Some(prev) => (format!("{prev}, {}", f.peer_ip), f.peer_ip),
         None => (f.client_ip.to_string(), f.client_ip),
     };
-    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(xff)) {
-        headers.insert(X_FORWARDED_FOR, v);
-    }
+    let xff = HeaderValue::from_maybe_shared(bytes::Bytes::from(xff)).ok();
     let forwarded = forwarded_element(previous_forwarded, for_ip, f.host.as_ref(), f.tls);
     if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(forwarded)) {
         headers.insert(FORWARDED, v);
     }
-    if let Ok(v) = HeaderValue::from_str(&f.client_ip.to_string()) {
+    // Without a chain to extend, X-Forwarded-For is the client address alone: the same
+    // bytes serve X-Real-IP (a reference count, not a second allocation).
+    let real_ip = match &xff {
+        Some(v) if !extended => Some(v.clone()),
+        _ => HeaderValue::from_str(&f.client_ip.to_string()).ok(),
+    };
+    if let Some(v) = xff {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+    if let Some(v) = real_ip {
         headers.insert(X_REAL_IP, v);
     }
     headers.insert(
