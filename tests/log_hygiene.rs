@@ -7,18 +7,13 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use bytes::Bytes;
 use common::*;
 use futures_util::future::join_all;
-use http::Request;
-use http_body_util::Full;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::time::Instant;
 
 const T: Duration = Duration::from_secs(10);
 const KEY: &str = "spk_production_loghygiene0000000000000000";
@@ -71,46 +66,14 @@ async fn try_start(
     )
     .unwrap();
     let log = dir.join("specter.log");
-    let mut command = Command::new(specter_bin());
-    command
-        .args(["run", "--config"])
-        .arg(&config)
-        .args(["--log-format", "json"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap());
-    match rust_log {
-        Some(filter) => command.env("RUST_LOG", filter),
-        None => command.env_remove("RUST_LOG"),
-    };
-    let mut child = Child(command.spawn().expect("specter starts"));
-    let c = client();
-    let deadline = Instant::now() + T;
-    loop {
-        let ready = c
-            .request(
-                Request::get(format!("http://{admin}/readyz"))
-                    .body(Full::new(Bytes::new()))
-                    .unwrap(),
-            )
-            .await
-            .is_ok_and(|r| r.status() == 200);
-        if ready {
-            return Ok(Running {
-                _child: child,
-                http,
-                https,
-                admin,
-                log,
-            });
-        }
-        let exited = child.0.try_wait().unwrap();
-        if exited.is_some() || Instant::now() >= deadline {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            return Err(format!("(exit: {exited:?})\n{text}"));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let child = spawn_json_logged(&config, &log, rust_log, admin, T).await?;
+    Ok(Running {
+        _child: child,
+        http,
+        https,
+        admin,
+        log,
+    })
 }
 
 /// An address nothing listens on: bound, then released.

@@ -9,7 +9,7 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -742,45 +742,13 @@ async fn try_run_binary(
     let path = dir.join("specter.toml");
     std::fs::write(&path, text).unwrap();
     let log = dir.join("specter.log");
-    let mut command = Command::new(specter_bin());
-    command
-        .args(["run", "--config"])
-        .arg(&path)
-        .args(["--log-format", "json"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap());
-    match rust_log {
-        Some(level) => command.env("RUST_LOG", level),
-        None => command.env_remove("RUST_LOG"),
-    };
-    let mut child = Child(command.spawn().expect("specter starts"));
-    let c = client();
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let ready = c
-            .request(
-                Request::get(format!("http://{admin}/readyz"))
-                    .body(Full::new(Bytes::new()))
-                    .unwrap(),
-            )
-            .await
-            .is_ok_and(|r| r.status() == 200);
-        if ready {
-            return Ok(Running {
-                child,
-                http,
-                admin,
-                log,
-            });
-        }
-        let exited = child.0.try_wait().unwrap();
-        if exited.is_some() || Instant::now() >= deadline {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            return Err(format!("(exit: {exited:?})\n{text}"));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let child = spawn_json_logged(&path, &log, rust_log, admin, DEADLINE).await?;
+    Ok(Running {
+        child,
+        http,
+        admin,
+        log,
+    })
 }
 
 impl Running {

@@ -326,6 +326,45 @@ pub fn run_specter_env(args: &[&str], stdin: Option<&str>, env: &[(&str, &str)])
     }
 }
 
+/// `specter run --config CONFIG --log-format json`, stderr (the JSON log) into `log`,
+/// `RUST_LOG` as given (unset for `None`), until `/readyz` on `admin` answers 200.
+/// `Err` holds the exit status and the log when it exits or is not ready within `limit`.
+pub async fn spawn_json_logged(
+    config: &Path,
+    log: &Path,
+    rust_log: Option<&str>,
+    admin: SocketAddr,
+    limit: Duration,
+) -> Result<Child, String> {
+    use std::process::{Command, Stdio};
+    let mut command = Command::new(specter_bin());
+    command
+        .args(["run", "--config"])
+        .arg(config)
+        .args(["--log-format", "json"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap());
+    match rust_log {
+        Some(filter) => command.env("RUST_LOG", filter),
+        None => command.env_remove("RUST_LOG"),
+    };
+    let mut child = Child(command.spawn().expect("specter starts"));
+    let (c, readyz) = (client(), format!("http://{admin}/readyz"));
+    let ready = poll_until(limit, || {
+        let request = c.get(readyz.parse().unwrap());
+        async move { request.await.is_ok_and(|r| r.status() == 200) }
+    })
+    .await;
+    match child.0.try_wait().unwrap() {
+        None if ready => Ok(child),
+        exited => Err(format!(
+            "(exit: {exited:?})\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        )),
+    }
+}
+
 /// A `specter run` process serving a config file, its stderr (the JSON log) captured
 /// in a file beside it; killed when dropped.
 pub struct SpecterProcess {
@@ -355,34 +394,27 @@ impl SpecterProcess {
         http: SocketAddr,
         admin: SocketAddr,
     ) -> Result<SpecterProcess, String> {
-        use std::process::{Command, Stdio};
         std::fs::write(path, text).unwrap();
         let log = path.with_extension("log");
-        let child = Command::new(specter_bin())
-            .args(["--log-format", "json", "run", "--config"])
-            .arg(path)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("specter starts");
-        let mut process = SpecterProcess {
-            child: Child(child),
+        let child = spawn_json_logged(path, &log, None, admin, Duration::from_secs(10)).await?;
+        let process = SpecterProcess {
+            child,
             http,
             admin,
             log,
         };
-        let (c, readyz) = (client(), format!("http://{admin}/readyz"));
-        let ready = poll_until(Duration::from_secs(10), || {
-            let running = process.log_text().contains("specter running");
-            let request = c.get(readyz.parse().unwrap());
-            async move { running && request.await.is_ok_and(|r| r.status() == 200) }
+        // The watcher is in place once "specter running" is logged.
+        let running = poll_until(Duration::from_secs(10), || {
+            std::future::ready(process.log_text().contains("specter running"))
         })
         .await;
-        match process.child.0.try_wait().unwrap() {
-            None if ready => Ok(process),
-            exited => Err(format!("(exit: {exited:?})\n{}", process.log_text())),
+        if running {
+            Ok(process)
+        } else {
+            Err(format!(
+                "no \"specter running\" line:\n{}",
+                process.log_text()
+            ))
         }
     }
 
