@@ -69,16 +69,21 @@ def cpu_times():
     return out
 
 
-def proc_cpu(pids):
-    """utime+stime (seconds) summed over processes and their children threads."""
-    total = 0
+def proc_times(pids):
+    """(user, system) CPU seconds summed over processes (all their threads)."""
+    user = system = 0
     for pid in pids:
         try:
             f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-            total += int(f[11]) + int(f[12])
+            user, system = user + int(f[11]), system + int(f[12])
         except OSError:
             pass
-    return total / CLK_TCK
+    return user / CLK_TCK, system / CLK_TCK
+
+
+def proc_cpu(pids):
+    """utime+stime (seconds) summed over processes and their children threads."""
+    return sum(proc_times(pids))
 
 
 def vm(pid, field):
@@ -96,12 +101,12 @@ def children(pid):
 class Stack:
     """The upstream and the three proxies, started once for the whole run."""
 
-    def __init__(self, work, specter_bin):
+    def __init__(self, work, specter_bin, floor_bin):
         self.work = work
         self.procs = {}
         p = {name: free_port() for name in [
             "UPSTREAM_PORT", "UPSTREAM_H2C_PORT", "NGINX_PORT", "NGINX_H2C_PORT", "NGINX_TLS_PORT",
-            "HAPROXY_PORT", "HAPROXY_H2C_PORT", "HAPROXY_TLS_PORT", "SPECTER_PORT",
+            "HAPROXY_PORT", "HAPROXY_H2C_PORT", "HAPROXY_TLS_PORT", "FLOOR_PORT", "SPECTER_PORT",
             "SPECTER_TLS_PORT", "SPECTER_ADMIN_PORT"]}
         p["WORK"] = work
         p["KEY_SHA256"] = hashlib.sha256(KEY.encode()).hexdigest()
@@ -119,8 +124,11 @@ class Stack:
         self.start("upstream", ["taskset", "-c", "0", "nginx", "-p", work, "-c", f"{work}/nginx-upstream.conf"])
         self.start("nginx", ["taskset", "-c", "1", "nginx", "-p", work, "-c", f"{work}/nginx-proxy.conf"])
         self.start("haproxy", ["taskset", "-c", "1", "haproxy", "-db", "-f", f"{work}/haproxy.cfg"])
+        self.floor_bin = floor_bin
+        self.start("floor", ["taskset", "-c", "1", floor_bin, "proxy", f"127.0.0.1:{p['FLOOR_PORT']}",
+                             f"127.0.0.1:{p['UPSTREAM_PORT']}"])
         self.start_specter(f"{work}/specter.toml")
-        for port in ["UPSTREAM_PORT", "NGINX_PORT", "HAPROXY_PORT", "SPECTER_PORT"]:
+        for port in ["UPSTREAM_PORT", "NGINX_PORT", "HAPROXY_PORT", "FLOOR_PORT", "SPECTER_PORT"]:
             wait_port(p[port])
 
     def start(self, name, cmd, env=None):
@@ -132,6 +140,21 @@ class Stack:
         cmd = ["taskset", "-c", "1", self.bin, "--log-format", "json", "run", "--config", config]
         self.start("specter", cmd, env=env)
         wait_port(self.ports["SPECTER_ADMIN_PORT"], timeout=300)
+
+    def start_rung(self, name, text, log, binary):
+        """Another specter on CPU 1, on ports of its own, for one ladder rung."""
+        for port in ("SPECTER_PORT", "SPECTER_TLS_PORT", "SPECTER_ADMIN_PORT"):
+            text = text.replace(f":{self.ports[port]}\"", f":{free_port()}\"")
+        port = int(re.search(r'^http\s*=\s*"127.0.0.1:(\d+)"', text, re.M).group(1))
+        admin = int(re.search(r'^admin\s*=\s*"127.0.0.1:(\d+)"', text, re.M).group(1))
+        path = os.path.join(self.work, f"rung-{name}.toml")
+        with open(path, "w") as f:
+            f.write(text)
+        env = dict(os.environ, TOKIO_WORKER_THREADS="1", RUST_LOG=log)
+        self.start(f"rung-{name}", ["taskset", "-c", "1", binary, "--log-format", "json", "run", "--config", path], env=env)
+        wait_port(admin, timeout=300)
+        wait_port(port)
+        return port
 
     def restart_specter(self, config, log="warn"):
         self.stop("specter")
@@ -221,13 +244,15 @@ def measure(stack, target, run):
     pids = stack.pids(proxy) if proxy else []
     ours = stack.pids("upstream") + pids
     cpu0 = cpu_times()
-    proc0 = proc_cpu(pids)
+    user0, sys0 = proc_times(pids)
     ours0 = proc_cpu(ours)
     start = time.time()
     result = run()
     wall = time.time() - start
     cpu1 = cpu_times()
-    proxy_cpu = proc_cpu(pids) - proc0
+    user1, sys1 = proc_times(pids)
+    proxy_cpu = (user1 - user0) + (sys1 - sys0)
+    served = result["rps"] * wall
     busy = {c: (cpu1[c][0] - cpu0[c][0]) / max(1, cpu1[c][1] - cpu0[c][1]) for c in cpu1}
     machine_busy = sum(cpu1[c][0] - cpu0[c][0] for c in cpu1) / CLK_TCK
     # wrk's own CPU is not sampled; it runs on CPU 0, so CPU 0's busy time covers it.
@@ -239,7 +264,10 @@ def measure(stack, target, run):
         "cpu0_busy": busy.get(0, 0.0),
         "cpu1_busy": busy.get(1, 0.0),
         "others": max(0.0, others) / (wall * len(cpu1)),
-        "req_per_cpu_s": result["rps"] * wall / proxy_cpu if proxy and proxy_cpu > 0 else None,
+        "req_per_cpu_s": served / proxy_cpu if proxy and proxy_cpu > 0 else None,
+        # The proxy's CPU per request, split as the kernel accounts it (nanoseconds).
+        "user_ns": (user1 - user0) / served * 1e9 if proxy and served else None,
+        "sys_ns": (sys1 - sys0) / served * 1e9 if proxy and served else None,
     })
     return result
 
@@ -258,7 +286,8 @@ def scenarios(stack, work):
     with open(post, "w") as f:
         f.write('wrk.method = "POST"\nwrk.body = string.rep("a", 65536)\n'
                 'wrk.headers["Content-Type"] = "application/octet-stream"\n')
-    plain = {"direct": p["UPSTREAM_PORT"], "nginx": p["NGINX_PORT"], "haproxy": p["HAPROXY_PORT"], "specter": p["SPECTER_PORT"]}
+    plain = {"direct": p["UPSTREAM_PORT"], "floor": p["FLOOR_PORT"], "nginx": p["NGINX_PORT"],
+             "haproxy": p["HAPROXY_PORT"], "specter": p["SPECTER_PORT"]}
     tls = {"nginx": p["NGINX_TLS_PORT"], "haproxy": p["HAPROXY_TLS_PORT"], "specter": p["SPECTER_TLS_PORT"]}
     h2c = {"direct": p["UPSTREAM_H2C_PORT"], "nginx": p["NGINX_H2C_PORT"], "haproxy": p["HAPROXY_H2C_PORT"], "specter": p["SPECTER_PORT"]}
     return {
@@ -310,6 +339,8 @@ def summarize(name, desc, per_round):
             "p50": median(x["p50"] for x in rs),
             "p99": median(x["p99"] for x in rs),
             "req_per_cpu_s": median(x["req_per_cpu_s"] for x in rs),
+            "user_ns": median(x["user_ns"] for x in rs),
+            "sys_ns": median(x["sys_ns"] for x in rs),
             "non2xx": sum(x["non2xx"] for x in rs),
             "valid_rounds": sum(1 for x in rs if x["valid"]),
         }
@@ -323,6 +354,11 @@ def summarize(name, desc, per_round):
             ratios[f"specter/{peer} requests per CPU-second"] = median(
                 r["specter"]["req_per_cpu_s"] / r[peer]["req_per_cpu_s"] for r in per_round
                 if r["specter"]["req_per_cpu_s"] and r[peer]["req_per_cpu_s"])
+    if "floor" in targets and "specter" in targets:
+        # The floor is a hyper proxy with nothing else: specter's own cost over hyper.
+        ratios["specter/floor CPU per request"] = median(
+            r["floor"]["req_per_cpu_s"] / r["specter"]["req_per_cpu_s"] for r in per_round
+            if r["specter"]["req_per_cpu_s"] and r["floor"]["req_per_cpu_s"])
     if "direct" in targets:
         for t in targets:
             if t != "direct":
@@ -340,8 +376,9 @@ def redis_calls(url):
                for m in [re.search(r"calls=(\d+)", line)] if m)
 
 
-def ladder(stack, work, rounds, duration):
-    """specter alone, adding one feature at a time; then the 429 path."""
+def ladder_rungs(stack, work, baseline_bin=None):
+    """(key, label, config text, RUST_LOG, binary) per rung: the floor, then specter
+    adding one feature at a time, then the variants measured against the full path."""
     base = open(os.path.join(work, "specter.toml")).read()
     head, _, _ = base.partition("[environments.bench.rate_limit]")
     key_block = base[base.index("[[environments.bench.keys]]"):]
@@ -349,74 +386,91 @@ def ladder(stack, work, rounds, duration):
     policy = base[base.index("[environments.bench.policy]"):base.index("[[environments.bench.keys]]")]
     tiny = "[environments.bench.rate_limit]\nper_key = { requests = 1, per = \"1h\" }\n\n"
     full = head + limits + policy + key_block
+    # The trace collector is the nginx upstream (it answers POST /v1/traces with 405),
+    # so every batch is still encoded and sent.
+    collector = f'http://127.0.0.1:{stack.ports["UPSTREAM_PORT"]}'
+    tracing = lambda ratio: f'[tracing]\notlp = "{collector}"\nsample_ratio = {ratio}\n\n'
     rungs = [
-        ("key check only", head + key_block, "warn"),
-        ("+ rate limits (never triggered)", head + limits + key_block, "warn"),
-        ("+ rate limits + policy (the full hot path)", full, "warn"),
-        ("full hot path + JSON access log (RUST_LOG=info, to a file)", full, "info"),
-        ("429 path (every request rate-limited)", head + tiny + key_block, "warn"),
+        ("floor", "floor: hyper server + hyper client, no gateway logic", None, None, None),
+        ("key", "specter: one key, no limits, no policy", head + key_block, "warn", stack.bin),
+        ("limits", "+ rate limits, per key and total (never triggered)", head + limits + key_block, "warn", stack.bin),
+        ("policy", "+ policy (the full hot path; trace context on, export off)", full, "warn", stack.bin),
+        ("log", "+ JSON access log (RUST_LOG=info, to a file)", full, "info", stack.bin),
     ]
-    rungs += tracing_rungs(stack, full)[1:]
     redis = stack.start_redis()
     if redis:
         store = f'[rate_limit_store]\nredis = "{redis}"\ntimeout = "20ms"\n'
-        rungs.append(("fleet exact: full hot path, limits in Redis", store + 'mode = "exact"\n\n' + full, "warn"))
-        rungs.append(("fleet lease: full hot path, limits in Redis, 5% batches", store + 'mode = "lease"\n\n' + full, "warn"))
-    out = []
-    for label, text, log in rungs:
-        path = os.path.join(work, "ladder.toml")
-        with open(path, "w") as f:
-            f.write(text)
-        stack.restart_specter(path, log)
-        port = stack.ports["SPECTER_PORT"]
-        calls0 = redis_calls(redis) if "[rate_limit_store]" in text else None
-        rs = [measure(stack, "specter", lambda: wrk(f"http://127.0.0.1:{port}/", 64, duration)) for _ in range(rounds)]
-        if calls0 is not None:
-            served = sum(x["rps"] * x["wall"] for x in rs)
-            label += f" ({(redis_calls(redis) - calls0) / max(served, 1):.3f} Redis calls/request)"
-        out.append({"rung": label, "rps": median(x["rps"] for x in rs), "p99": median(x["p99"] for x in rs),
-                    "req_per_cpu_s": median(x["req_per_cpu_s"] for x in rs)})
-        print(f"  [ladder] {label}: {out[-1]['rps']:.0f}/s", file=sys.stderr)
-    stack.restart_specter(os.path.join(work, "specter.toml"))
+        rungs.append(("fleet", "full hot path + fleet mode, exact (limits in Redis)", store + 'mode = "exact"\n\n' + full, "warn", stack.bin))
+        rungs.append(("lease", "full hot path + fleet mode, lease (5% batches)", store + 'mode = "lease"\n\n' + full, "warn", stack.bin))
+    rungs += [
+        ("otlp0", "full hot path + [tracing] otlp, sample_ratio = 0.0", tracing("0.0") + full, "warn", stack.bin),
+        ("otlp1", "full hot path + [tracing] otlp, sample_ratio = 1.0", tracing("1.0") + full, "warn", stack.bin),
+        ("429", "429 path (every request rate-limited)", head + tiny + key_block, "warn", stack.bin),
+    ]
+    if baseline_bin:
+        rungs.append(("baseline", f"full hot path, baseline binary {baseline_bin}", full, "warn", baseline_bin))
+    return rungs, redis
+
+
+def ladder(stack, work, rounds, duration, only=None, baseline_bin=None):
+    """Every rung runs at once as its own process on CPU 1 (an idle one costs nothing);
+    rounds alternate over them, rotated each round, so the host's drift hits every rung
+    alike. Reports CPU per request (user and system, from /proc) as medians of rounds."""
+    rungs, redis = ladder_rungs(stack, work, baseline_bin)
+    if only:
+        rungs = [r for r in rungs if r[0] in only]
+    ports = {}
+    for key, _, text, log, binary in rungs:
+        if text is None:
+            ports[key] = stack.ports["FLOOR_PORT"]
+            continue
+        ports[key] = stack.start_rung(key, text, log, binary)
+    per = {key: [] for key, *_ in rungs}
+    calls = {}
+    for r in range(rounds):
+        order = rungs[r % len(rungs):] + rungs[:r % len(rungs)]
+        for key, label, text, *_ in order:
+            fleet = text is not None and "[rate_limit_store]" in text
+            calls0 = redis_calls(redis) if fleet else None
+            url = f"http://127.0.0.1:{ports[key]}/"
+            x = measure(stack, f"rung-{key}" if text else "floor", lambda: wrk(url, 64, duration))
+            x["valid"] = valid(x)
+            per[key].append(x)
+            if fleet:
+                calls.setdefault(key, []).append((redis_calls(redis) - calls0) / max(x["rps"] * x["wall"], 1))
+            print(f"  [ladder] round {r + 1} {key}: {x['rps']:.0f}/s, "
+                  f"{x['user_ns'] or 0:.0f} + {x['sys_ns'] or 0:.0f} ns/request{'' if x['valid'] else ' *'}",
+                  file=sys.stderr)
+    for key, _, text, *_ in rungs:
+        if text is not None:
+            stack.stop(f"rung-{key}")
+    out, previous, floor = [], None, None
+    for key, label, *_ in rungs:
+        rs = per[key]
+        row = {"key": key, "rung": label, "rps": median(x["rps"] for x in rs),
+               "p99": median(x["p99"] for x in rs), "req_per_cpu_s": median(x["req_per_cpu_s"] for x in rs),
+               "user_ns": median(x["user_ns"] for x in rs), "sys_ns": median(x["sys_ns"] for x in rs),
+               "total_ns": median(x["user_ns"] + x["sys_ns"] for x in rs if x["user_ns"] is not None),
+               "valid_rounds": sum(1 for x in rs if x["valid"]), "rounds": len(rs)}
+        if key in calls:
+            row["rung"] += f" ({median(calls[key]):.3f} Redis calls/request)"
+        if key == "floor":
+            floor = row
+        # "Added" is against the rung above for the feature steps, against the full
+        # hot path for the variants listed after it.
+        ref = previous if key in ("key", "limits", "policy", "log") else out_row(out, "policy")
+        if ref:
+            row["added_user_ns"] = row["user_ns"] - ref["user_ns"]
+            row["added_sys_ns"] = row["sys_ns"] - ref["sys_ns"]
+        if floor and key != "floor":
+            row["x_floor"] = row["total_ns"] / floor["total_ns"]
+        out.append(row)
+        previous = row
     return out
 
 
-def tracing_rungs(stack, full):
-    """Trace context is always on; these add OTLP export. The collector is the nginx
-    upstream (it answers POST /v1/traces with 405), so every batch is encoded and sent."""
-    collector = f'http://127.0.0.1:{stack.ports["UPSTREAM_PORT"]}'
-    tracing = lambda ratio: f'[tracing]\notlp = "{collector}"\nsample_ratio = {ratio}\n\n'
-    return [
-        ("full hot path, trace context on, export off (default)", full, "warn"),
-        ("+ [tracing] otlp, sample_ratio = 0.0", tracing("0.0") + full, "warn"),
-        ("+ [tracing] otlp, sample_ratio = 1.0 (every request exported)", tracing("1.0") + full, "warn"),
-    ]
-
-
-def trace_ladder(stack, work, rounds, duration, baseline_bin=None):
-    """The tracing rungs only, alternated round by round (the host's noise then hits
-    every rung alike). `baseline_bin`: also run this binary (e.g. one built before trace
-    context existed) on the same config, to measure trace context itself."""
-    base = open(os.path.join(work, "specter.toml")).read()
-    rungs = [(label, text, log, stack.bin) for label, text, log in tracing_rungs(stack, base)]
-    if baseline_bin:
-        rungs.insert(0, (f"baseline binary {baseline_bin}", base, "warn", baseline_bin))
-    per = {label: [] for label, _, _, _ in rungs}
-    ours = stack.bin
-    for r in range(rounds):
-        for label, text, log, binary in rungs:
-            path = os.path.join(work, "ladder.toml")
-            with open(path, "w") as f:
-                f.write(text)
-            stack.bin = binary
-            stack.restart_specter(path, log)
-            stack.bin = ours
-            port = stack.ports["SPECTER_PORT"]
-            per[label].append(measure(stack, "specter", lambda: wrk(f"http://127.0.0.1:{port}/", 64, duration)))
-            print(f"  [trace ladder] round {r + 1} {label}: {per[label][-1]['rps']:.0f}/s", file=sys.stderr)
-    stack.restart_specter(os.path.join(work, "specter.toml"))
-    return [{"rung": label, "rps": median(x["rps"] for x in rs), "p99": median(x["p99"] for x in rs),
-             "req_per_cpu_s": median(x["req_per_cpu_s"] for x in rs)} for label, rs in per.items()]
+def out_row(rows, key):
+    return next((r for r in rows if r["key"] == key), None)
 
 
 def reload_bench(stack, work, keys, reloads=5):
@@ -488,19 +542,37 @@ def memory(stack, work, keys):
         out[f"specter with {keys:,} keys"] = vm(stack.procs["specter"].pid, "VmRSS")
         out[f"(load time for {keys:,} keys, s)"] = round(time.time() - started, 1)
         stack.restart_specter(os.path.join(work, "specter.toml"))
-    for name, port in (("specter", stack.ports["SPECTER_PORT"]), ("nginx", stack.ports["NGINX_PORT"])):
+    out.update(idle_connections(stack, 3000))
+    return out
+
+
+def idle_connections(stack, n):
+    """RSS growth per idle keep-alive connection after one request on each: hyper's own
+    server (the floor's `serve`), the floor proxy, specter and nginx."""
+    port = free_port()
+    stack.start("floor-serve", ["taskset", "-c", "1", stack.floor_bin, "serve", f"127.0.0.1:{port}"])
+    wait_port(port)
+    out = {}
+    request = f"GET / HTTP/1.1\r\nHost: x\r\nx-api-key: {KEY}\r\n\r\n".encode()
+    for name, label, port in (("floor-serve", "hyper's own server (floor serve)", port),
+                              ("floor", "floor proxy", stack.ports["FLOOR_PORT"]),
+                              ("specter", "specter", stack.ports["SPECTER_PORT"]),
+                              ("nginx", "nginx", stack.ports["NGINX_PORT"])):
+        pids = stack.pids(name)
+        before = sum(vm(pid, "VmRSS") for pid in pids)
         socks = []
-        request = f"GET / HTTP/1.1\r\nHost: x\r\nx-api-key: {KEY}\r\n\r\n".encode()
-        for _ in range(10_000):
+        for _ in range(n):
             s = socket.create_connection(("127.0.0.1", port))
             s.sendall(request)
             socks.append(s)
         for s in socks:
             s.recv(4096)
-        rss = sum(vm(pid, "VmRSS") for pid in stack.pids(name))
-        out[f"{name} with 10,000 idle keep-alive connections"] = rss
+        time.sleep(1)  # settle: responses written, upstream connections back in their pools
+        after = sum(vm(pid, "VmRSS") for pid in pids)
+        out[f"{label}: RSS growth per idle keep-alive connection ({n:,}), KiB"] = round((after - before) / n, 1)
         for s in socks:
             s.close()
+    stack.stop("floor-serve")
     return out
 
 
@@ -513,7 +585,8 @@ def cpu_split(stack, duration):
             u, s = u + int(f[11]), s + int(f[12])
         return u / CLK_TCK, s / CLK_TCK
     lines = ["| proxy | req/s | user µs/request | system µs/request |", "|---|---:|---:|---:|"]
-    for name, port in (("nginx", "NGINX_PORT"), ("haproxy", "HAPROXY_PORT"), ("specter", "SPECTER_PORT")):
+    for name, port in (("floor", "FLOOR_PORT"), ("nginx", "NGINX_PORT"), ("haproxy", "HAPROXY_PORT"),
+                       ("specter", "SPECTER_PORT")):
         pids = stack.pids(name)
         u0, s0 = times(pids)
         r = wrk(f"http://127.0.0.1:{stack.ports[port]}/", 64, duration)
@@ -523,23 +596,36 @@ def cpu_split(stack, duration):
     return "\n".join(lines)
 
 
+def num(v, sign="", digits=0):
+    """A table cell: '-' for a missing figure."""
+    if v is None or v != v:
+        return "-"
+    return f"{v:{sign}.{digits}f}"
+
+
 def markdown(results, ladder_rows, mem, args, reload=None):
     lines = [f"Run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {args.rounds} rounds x {args.duration} s per target, "
              f"`nproc` = {os.cpu_count()}. Medians over rounds; `*` = fewer valid rounds than run.", ""]
     for s in results:
-        lines += [f"### {s['desc']}", "", "| target | req/s | p50 ms | p99 ms | req per CPU-second | non-2xx | valid rounds |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"### {s['desc']}", "", "| target | req/s | p50 ms | p99 ms | req per CPU-second | user ns/req | "
+                  "system ns/req | non-2xx | valid rounds |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for t, r in s["rows"].items():
-            cps = "-" if r["req_per_cpu_s"] != r["req_per_cpu_s"] else f"{r['req_per_cpu_s']:.0f}"
-            lines.append(f"| {t} | {r['rps']:.0f} | {r['p50']:.2f} | {r['p99']:.2f} | {cps} | {r['non2xx']} | "
-                         f"{r['valid_rounds']}/{s['rounds']} |")
+            lines.append(f"| {t} | {r['rps']:.0f} | {r['p50']:.2f} | {r['p99']:.2f} | {num(r['req_per_cpu_s'])} | "
+                         f"{num(r['user_ns'])} | {num(r['sys_ns'])} | {r['non2xx']} | {r['valid_rounds']}/{s['rounds']} |")
         lines.append("")
         lines += [f"- {k}: **{v:.2f}**" for k, v in s["ratios"].items()]
         lines.append("")
     if ladder_rows:
-        lines += ["### Feature-cost ladder (specter alone, small GET, 64 connections)", "",
-                  "| configuration | req/s | p99 ms | req per CPU-second |", "|---|---:|---:|---:|"]
-        lines += [f"| {r['rung']} | {r['rps']:.0f} | {r['p99']:.2f} | {r['req_per_cpu_s'] or 0:.0f} |" for r in ladder_rows]
+        lines += ["### Feature-cost ladder (small GET, 64 connections; rungs alternate in each round)", "",
+                  "CPU per request of the proxy process from `/proc/PID/stat`, in nanoseconds, medians of rounds. "
+                  "*Added* is against the rung above for the feature steps, against the full hot path (\"+ policy\") "
+                  "for the rows after it.", "",
+                  "| rung | req/s | p99 ms | req per CPU-second | user ns | system ns | added user ns | added system ns "
+                  "| × floor | valid rounds |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in ladder_rows:
+            lines.append(f"| {r['rung']} | {r['rps']:.0f} | {r['p99']:.2f} | {num(r['req_per_cpu_s'])} | {num(r['user_ns'])} | "
+                         f"{num(r['sys_ns'])} | {num(r.get('added_user_ns'), '+')} | {num(r.get('added_sys_ns'), '+')} | "
+                         f"{num(r.get('x_floor'), digits=2)} | {r['valid_rounds']}/{r['rounds']} |")
         lines.append("")
     if reload:
         sw = reload["swap_ms"]
@@ -552,7 +638,7 @@ def markdown(results, ladder_rows, mem, args, reload=None):
             lines.append(f"| {label} | {r['rps']:.0f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['non2xx']} |")
         lines.append("")
     if mem:
-        lines += ["### Memory (RSS, KiB)", "", "| what | RSS KiB |", "|---|---:|"]
+        lines += ["### Memory", "", "| what | KiB |", "|---|---:|"]
         lines += [f"| {k} | {v} |" for k, v in mem.items()]
         lines.append("")
     return "\n".join(lines)
@@ -563,9 +649,13 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--scenarios", default="small,post64k,conns1000,https,handshakes,h2")
-    ap.add_argument("--ladder", action="store_true")
-    ap.add_argument("--trace-ladder", action="store_true", help="only the tracing rungs, alternated")
-    ap.add_argument("--baseline-bin", help="with --trace-ladder: also measure this binary")
+    ap.add_argument("--ladder", action="store_true", help="the feature-cost ladder from the floor")
+    ap.add_argument("--rungs", help="only these ladder rungs, comma-separated (floor,key,limits,policy,log,"
+                    "fleet,lease,otlp0,otlp1,429,baseline)")
+    ap.add_argument("--trace-ladder", action="store_true", help="the ladder's tracing rungs only")
+    ap.add_argument("--baseline-bin", help="add a ladder rung: this specter binary on the full hot path (A/B)")
+    ap.add_argument("--idle", type=int, default=0, help="only measure RSS per idle connection, with this many")
+    ap.add_argument("--floor-bin", help="the floor proxy (default: target/release/examples/floor beside --bin)")
     ap.add_argument("--memory-keys", type=int, default=0, help="also measure RSS with this many keys")
     ap.add_argument("--reload-keys", type=int, default=0, help="also time reloads of a config with this many keys")
     ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release", "specter"))
@@ -575,13 +665,18 @@ def main():
 
     work = tempfile.mkdtemp(prefix="specter-bench-")
     try:
-        stack = Stack(work, args.bin)
+        floor = args.floor_bin or os.path.join(os.path.dirname(args.bin), "examples", "floor")
+        stack = Stack(work, args.bin, floor)
     except Exception:
         print(f"could not start the stack; logs are in {work}", file=sys.stderr)
         raise
-    if args.cpu_split:
+    if args.cpu_split or args.idle:
         try:
-            print(cpu_split(stack, args.duration))
+            if args.cpu_split:
+                print(cpu_split(stack, args.duration))
+            if args.idle:
+                for k, v in idle_connections(stack, args.idle).items():
+                    print(f"{k}: {v}")
         finally:
             stack.stop_all()
         return
@@ -592,9 +687,12 @@ def main():
             desc, targets, runner = all_scenarios[name]
             print(f"scenario {name}: {desc}", file=sys.stderr)
             results.append(run_scenario(stack, name, desc, targets, runner, args.rounds, args.duration))
-        ladder_rows = ladder(stack, work, args.rounds, args.duration) if args.ladder else []
+        only = set(args.rungs.split(",")) if args.rungs else None
         if args.trace_ladder:
-            ladder_rows += trace_ladder(stack, work, args.rounds, args.duration, args.baseline_bin)
+            only = {"floor", "policy", "otlp0", "otlp1", "baseline"}
+        ladder_rows = []
+        if args.ladder or args.trace_ladder or args.rungs or args.baseline_bin:
+            ladder_rows = ladder(stack, work, args.rounds, args.duration, only, args.baseline_bin)
         reload = reload_bench(stack, work, args.reload_keys) if args.reload_keys else None
         mem = memory(stack, work, args.memory_keys) if args.memory_keys else {}
         for name in ("specter", "nginx", "haproxy"):

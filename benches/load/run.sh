@@ -21,5 +21,5 @@ systemctl stop nginx haproxy 2>/dev/null || true
 # 10,000-connection scenarios need file descriptors for both ends.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-cargo build --release --quiet
+cargo build --release --quiet --bin specter --example floor
 exec python3 benches/load/bench.py "$@"
