@@ -35,18 +35,27 @@ pub fn message(payload: &(dyn Any + Send)) -> &str {
 }
 
 /// Runs `future`; a panic is recorded and yields `None`.
-pub async fn caught<F: Future>(
-    metrics: &Metrics,
+///
+/// A plain function returning a combinator, not an `async fn`: an `async fn` would
+/// hold `future` twice in its state (the argument and the running copy), and on the
+/// request path that doubled every move of the request's future.
+pub fn caught<'a, F>(
+    metrics: &'a Metrics,
     task: &'static str,
     future: F,
-) -> Option<F::Output> {
-    match AssertUnwindSafe(future).catch_unwind().await {
-        Ok(output) => Some(output),
-        Err(payload) => {
-            record(metrics, task, &*payload);
-            None
-        }
-    }
+) -> impl Future<Output = Option<F::Output>> + 'a
+where
+    F: Future + 'a,
+{
+    AssertUnwindSafe(future)
+        .catch_unwind()
+        .map(move |result| match result {
+            Ok(output) => Some(output),
+            Err(payload) => {
+                record(metrics, task, &*payload);
+                None
+            }
+        })
 }
 
 /// hyper's executor for what it spawns itself (an HTTP/2 stream's task, which polls

@@ -139,7 +139,7 @@ impl UpstreamPool {
                 uri.authority = slot.upstream.uri.authority().cloned();
                 uri.path_and_query = Some(target);
                 parts.uri = Uri::from_parts(uri).map_err(|e| UpstreamError::Request(e.into()))?;
-                let response = client.request(Request::from_parts(parts, body)).await?;
+                let response = Box::pin(client.request(Request::from_parts(parts, body))).await?;
                 return Ok(response.map(|b| b.map_err(Into::into).boxed()));
             }
             Transport::Http1(connector) => connector,
@@ -152,7 +152,12 @@ impl UpstreamPool {
         loop {
             let (mut sender, reused) = match slot.idle.checkout().await {
                 Some(sender) => (sender, true),
-                None => (connect(connector, &slot.upstream.uri).await?, false),
+                // Boxed: connecting is rare on a warm pool, and its future would
+                // otherwise make every request's future (moved on each poll path) 2 KiB larger.
+                None => (
+                    Box::pin(connect(connector, &slot.upstream.uri)).await?,
+                    false,
+                ),
             };
             match sender.try_send_request(request).await {
                 Ok(response) => return Ok(pooled(response, sender, &slot.idle)),

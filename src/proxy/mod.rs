@@ -472,10 +472,14 @@ async fn send(
             .ok_or(GatewayError::NoHealthyUpstream)?;
         outcome.upstream = Some(upstream);
         let timeout = env.config.request_timeout;
-        let sent = env
-            .upstreams
-            .send(upstream, parts, body, path_and_query.clone());
-        let err = match tokio::time::timeout(timeout, sent).await {
+        // One expression: a `let` for the send future would keep a second copy of it
+        // in this future's state.
+        let sent = tokio::time::timeout(
+            timeout,
+            env.upstreams
+                .send(upstream, parts, body, path_and_query.clone()),
+        );
+        let err = match sent.await {
             Ok(Ok(mut response)) => {
                 if env.upstreams.record_success(upstream) {
                     tracing::info!(environment = %env.config.name, upstream = %env.upstreams.slots[upstream].upstream.uri, "upstream back in rotation");
@@ -541,10 +545,10 @@ async fn check_limits(
     #[cfg(feature = "redis")]
     if let (Some(store), true) = (&state.store, env.limiter.is_limited()) {
         use crate::config::StoreErrorMode;
-        match store
-            .check(&env.config.name, key_id.as_str(), &env.config.rate_limit)
-            .await
-        {
+        // Boxed: a round trip to Redis dwarfs an allocation, and the store's future
+        // would otherwise enlarge every request's future, fleet mode or not.
+        let checked = store.check(&env.config.name, key_id.as_str(), &env.config.rate_limit);
+        match Box::pin(checked).await {
             Ok(verdict) => return verdict.map_err(|(e, h)| (e, Some(h))),
             Err(e) => {
                 shared.metrics.rate_limit_store_errors.inc();
