@@ -29,6 +29,14 @@ pub const HOP_BY_HOP: [HeaderName; 9] = [
     http::header::UPGRADE,
 ];
 
+/// A value the gateway makes per request and then sends twice or more (the request id
+/// goes upstream and back to the client; `traceparent` upstream and into a span).
+/// Built on a reference-counted array: one allocation, and every clone is a count.
+/// (A value from a `Vec` allocates again on its first clone, to share itself.)
+pub fn shared_value<const N: usize>(bytes: [u8; N]) -> Option<http::HeaderValue> {
+    http::HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(bytes)).ok()
+}
+
 /// A header map from `(name, value)` pairs, in order (repeated names append), for unit
 /// tests.
 #[cfg(test)]

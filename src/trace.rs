@@ -79,7 +79,7 @@ impl TraceContext {
         hex_into(&self.span_id, &mut buf[36..52]);
         buf[52] = b'-';
         hex_into(&[u8::from(self.sampled)], &mut buf[53..55]);
-        HeaderValue::from_bytes(&buf).expect("hex digits and dashes are a valid header value")
+        crate::headers::shared_value(buf).expect("hex digits and dashes are a valid header value")
     }
 
     /// The trace id as 32 lower-case hex digits, for logs and error bodies.

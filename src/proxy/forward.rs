@@ -1,6 +1,7 @@
 //! Header rewriting between client and upstream, in both directions.
 
 use std::net::IpAddr;
+use std::sync::OnceLock;
 
 use http::header::{
     HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, FORWARDED, HOST,
@@ -16,15 +17,25 @@ use crate::headers::*;
 /// candidate. Runs before the gateway sets its own headers, so `Connection:
 /// x-specter-environment` removes only the client's copy, never the gateway's.
 fn remove_where(headers: &mut HeaderMap, also: impl Fn(&HeaderName) -> bool) {
-    let connection = headers.contains_key(CONNECTION);
-    let doomed: Vec<HeaderName> = headers
+    if headers.contains_key(CONNECTION) {
+        // The names `Connection` lists must all be read before it goes itself.
+        let doomed: Vec<HeaderName> = headers
+            .keys()
+            .filter(|n| HOP_BY_HOP.contains(n) || also(n) || named_by_connection(headers, n))
+            .cloned()
+            .collect();
+        for name in doomed {
+            headers.remove(name);
+        }
+        return;
+    }
+    // The usual message has one such name or none: find it, remove it, look again,
+    // with no list allocated for it.
+    while let Some(name) = headers
         .keys()
-        .filter(|n| {
-            HOP_BY_HOP.contains(n) || also(n) || (connection && named_by_connection(headers, n))
-        })
+        .find(|n| HOP_BY_HOP.contains(n) || also(n))
         .cloned()
-        .collect();
-    for name in doomed {
+    {
         headers.remove(name);
     }
 }
@@ -117,6 +128,36 @@ pub struct Forwarded<'a> {
     pub environment: &'a HeaderValue,
     pub key_id: &'a HeaderValue,
     pub client_cert_subject: Option<&'a HeaderValue>,
+    /// The connection's forwarding values, built by its first request.
+    pub cache: &'a OnceLock<ConnForwarding>,
+}
+
+/// `X-Forwarded-For` / `X-Real-IP` and `Forwarded` for a request that extends no
+/// chain. They depend only on the client address, the Host and the scheme, which a
+/// keep-alive connection's requests nearly always share: its first request builds
+/// them, and the next ones that match take a reference count instead of formatting.
+#[derive(Debug, Clone)]
+pub struct ConnForwarding {
+    client_ip: IpAddr,
+    host: Option<HeaderValue>,
+    ip: HeaderValue,
+    forwarded: HeaderValue,
+}
+
+impl ConnForwarding {
+    fn new(client_ip: IpAddr, host: Option<&HeaderValue>, tls: bool) -> Option<ConnForwarding> {
+        let forwarded = forwarded_element(None, client_ip, host, tls);
+        Some(ConnForwarding {
+            client_ip,
+            host: host.cloned(),
+            ip: HeaderValue::from_maybe_shared(bytes::Bytes::from(client_ip.to_string())).ok()?,
+            forwarded: HeaderValue::from_maybe_shared(bytes::Bytes::from(forwarded)).ok()?,
+        })
+    }
+
+    fn matches(&self, client_ip: IpAddr, host: Option<&HeaderValue>) -> bool {
+        self.client_ip == client_ip && self.host.as_ref() == host
+    }
 }
 
 pub fn rewrite_request(headers: &mut HeaderMap, f: &Forwarded<'_>, rules: &HeaderRules) {
@@ -139,26 +180,54 @@ pub fn rewrite_request(headers: &mut HeaderMap, f: &Forwarded<'_>, rules: &Heade
                 && (!f.allow_underscores || spells_gateway_owned(n.as_str(), f.auth_header)))
             || (!f.keep_tracestate && n == crate::trace::TRACESTATE)
     });
+    // Room for what is added below at once, instead of growing the map step by step.
+    headers.reserve(rules.set.len() + 11);
     for (name, value) in &rules.set {
         headers.insert(name.clone(), value.clone());
     }
-    // The address this hop heard from: the peer when extending a trusted chain.
-    let extended = previous_xff.is_some();
-    let (xff, for_ip) = match previous_xff {
-        Some(prev) => (format!("{prev}, {}", f.peer_ip), f.peer_ip),
-        None => (f.client_ip.to_string(), f.client_ip),
+    let (xff, real_ip, forwarded) = match (previous_xff, previous_forwarded) {
+        (None, None) => {
+            let host = f.host.as_ref();
+            let built;
+            let values = match f.cache.get() {
+                Some(cached) if cached.matches(f.client_ip, host) => Some(cached),
+                Some(_) => {
+                    built = ConnForwarding::new(f.client_ip, host, f.tls);
+                    built.as_ref()
+                }
+                None => ConnForwarding::new(f.client_ip, host, f.tls)
+                    .map(|fresh| f.cache.get_or_init(|| fresh)),
+            };
+            match values {
+                Some(v) => (
+                    Some(v.ip.clone()),
+                    Some(v.ip.clone()),
+                    Some(v.forwarded.clone()),
+                ),
+                None => (None, None, None),
+            }
+        }
+        (previous_xff, previous_forwarded) => {
+            // Extending a trusted proxy's chain: the address this hop heard from is
+            // the peer's.
+            let extended = previous_xff.is_some();
+            let (xff, for_ip) = match previous_xff {
+                Some(prev) => (format!("{prev}, {}", f.peer_ip), f.peer_ip),
+                None => (f.client_ip.to_string(), f.client_ip),
+            };
+            let xff = HeaderValue::from_maybe_shared(bytes::Bytes::from(xff)).ok();
+            let forwarded = forwarded_element(previous_forwarded, for_ip, f.host.as_ref(), f.tls);
+            let real_ip = match &xff {
+                Some(v) if !extended => Some(v.clone()),
+                _ => HeaderValue::from_str(&f.client_ip.to_string()).ok(),
+            };
+            let forwarded = HeaderValue::from_maybe_shared(bytes::Bytes::from(forwarded)).ok();
+            (xff, real_ip, forwarded)
+        }
     };
-    let xff = HeaderValue::from_maybe_shared(bytes::Bytes::from(xff)).ok();
-    let forwarded = forwarded_element(previous_forwarded, for_ip, f.host.as_ref(), f.tls);
-    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(forwarded)) {
+    if let Some(v) = forwarded {
         headers.insert(FORWARDED, v);
     }
-    // Without a chain to extend, X-Forwarded-For is the client address alone: the same
-    // bytes serve X-Real-IP (a reference count, not a second allocation).
-    let real_ip = match &xff {
-        Some(v) if !extended => Some(v.clone()),
-        _ => HeaderValue::from_str(&f.client_ip.to_string()).ok(),
-    };
     if let Some(v) = xff {
         headers.insert(X_FORWARDED_FOR, v);
     }
@@ -266,6 +335,7 @@ mod tests {
             environment: &env,
             key_id: &kid,
             client_cert_subject: None,
+            cache: &OnceLock::new(),
         };
         rewrite_request(&mut h, &f, &HeaderRules::default());
         h

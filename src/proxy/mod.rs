@@ -41,6 +41,8 @@ pub struct ConnInfo {
     pub client_cert_subject: Option<HeaderValue>,
     /// What the connection's IO wrapper noticed (bare LF, activity).
     pub signals: Arc<crate::server::io::ConnSignals>,
+    /// The forwarding headers its requests share, built by the first.
+    pub forwarding: std::sync::OnceLock<forward::ConnForwarding>,
 }
 
 /// What the access log and the response decoration need to know about a request.
@@ -103,7 +105,7 @@ pub async fn handle(
             )
         }
     };
-    decorate(&mut response, env, &outcome, &request_id);
+    decorate(&mut response, env, outcome.ratelimit.take(), &request_id);
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
     env.map_or(&shared.unidentified, |e| &e.metrics).observe(
@@ -194,7 +196,7 @@ fn error_response(
 fn decorate(
     response: &mut Response<Body>,
     env: Option<&Environment>,
-    outcome: &Outcome,
+    ratelimit: Option<HeaderValue>,
     request_id: &HeaderValue,
 ) {
     let switching = response.status() == http::StatusCode::SWITCHING_PROTOCOLS;
@@ -210,8 +212,8 @@ fn decorate(
         if let Some(policy) = env.limiter.policy_header() {
             headers.insert(RATELIMIT_POLICY, policy.clone());
         }
-        if let Some(state) = &outcome.ratelimit {
-            headers.insert(RATELIMIT, state.clone());
+        if let Some(state) = ratelimit {
+            headers.insert(RATELIMIT, state);
         }
     }
     headers.insert(X_REQUEST_ID, request_id.clone());
@@ -394,6 +396,7 @@ fn upstream_request(
         environment: &env.name_header,
         key_id: a.key_id.header_value(),
         client_cert_subject: conn.client_cert_subject.as_ref(),
+        cache: &conn.forwarding,
     };
     forward::rewrite_request(
         &mut parts.headers,
@@ -618,9 +621,8 @@ fn request_id(headers: &http::HeaderMap) -> HeaderValue {
         }
     }
     let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
-    let id = uuid::Uuid::now_v7();
-    HeaderValue::from_bytes(id.hyphenated().encode_lower(&mut buf).as_bytes())
-        .expect("uuid is ASCII")
+    uuid::Uuid::now_v7().hyphenated().encode_lower(&mut buf);
+    crate::headers::shared_value(buf).expect("uuid is ASCII")
 }
 
 /// Displays an error with its whole source chain: "a: b: c".

@@ -436,6 +436,7 @@ impl Connection {
             tls,
             client_cert_subject,
             signals: signals.clone(),
+            forwarding: Default::default(),
         });
         let shared = self.shared.clone();
         let service = service_fn(move |req| {
