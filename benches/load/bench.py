@@ -132,7 +132,10 @@ class Stack:
             wait_port(p[port])
 
     def start(self, name, cmd, env=None):
-        log = open(os.path.join(self.work, f"{name}.log"), "w")
+        # Logs go to a folder of their own: specter watches its config's folder, and
+        # every write to a file there (an access log line) would wake its watcher.
+        os.makedirs(os.path.join(self.work, "logs"), exist_ok=True)
+        log = open(os.path.join(self.work, "logs", f"{name}.log"), "w")
         self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, start_new_session=True)
 
     def start_specter(self, config, log="warn"):
