@@ -325,7 +325,9 @@ impl Acceptor {
                 let served = async move {
                     match kind {
                         Kind::Http => conn.serve(stream, false, None).await,
-                        Kind::Https => conn.serve_tls(stream).await,
+                        // Boxed: the handshake's state would otherwise size every
+                        // plain connection's task too (held for its whole life).
+                        Kind::Https => Box::pin(conn.serve_tls(stream)).await,
                     }
                 };
                 crate::panics::caught(&shared.metrics, "connection", served).await
