@@ -654,10 +654,13 @@ fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuar
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(writer);
+        .with_writer(writer.clone());
     match format {
         LogFormat::Pretty => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Json => {
+            specter::proxy::access::write_json_to(writer.clone());
+            builder.json().flatten_event(true).init()
+        }
     }
     guard
 }

@@ -2,17 +2,21 @@
 //! (or abandoned), so it can carry the bytes both ways and the whole duration. When the
 //! `specter::access` target is disabled, nothing is wrapped and nothing is counted.
 
+use std::cell::RefCell;
+use std::io::Write;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::OnceLock;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderValue, Method};
 use http_body_util::BodyExt;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
+use tracing_appender::non_blocking::NonBlocking;
 
 use crate::body::{Body, BoxError};
 
@@ -39,8 +43,27 @@ pub struct Record {
     pub bytes_in: Arc<AtomicU64>,
 }
 
+/// Where JSON access lines go when the log format is JSON: the log's own writer.
+static JSON_SINK: OnceLock<NonBlocking> = OnceLock::new();
+
+/// Under `--log-format json`, access lines are formatted here, straight into the
+/// log's writer, instead of through `tracing`'s JSON layer: the same line, field for
+/// field, at a third of the cost (that layer writes through a UTF-8 check per piece).
+/// The `specter::access` filter still decides whether lines are written at all.
+pub fn write_json_to(writer: NonBlocking) {
+    let _ = JSON_SINK.set(writer);
+}
+
 impl Record {
     fn write(&self, bytes_out: u64, completed: bool) {
+        if let Some(sink) = JSON_SINK.get() {
+            LINE.with_borrow_mut(|line| {
+                line.clear();
+                self.json_line(line, bytes_out, completed);
+                let _ = sink.clone().write_all(line);
+            });
+            return;
+        }
         tracing::info!(
             target: "specter::access",
             request_id = self.request_id.to_str().unwrap_or(""),
@@ -61,6 +84,83 @@ impl Record {
             error = self.error.unwrap_or("-"),
         );
     }
+}
+
+thread_local! {
+    static LINE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// The timestamp's whole seconds, formatted once per second.
+    static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+}
+
+impl Record {
+    /// The line `tracing_subscriber`'s JSON format (flattened) writes for the event in
+    /// [`Record::write`]: timestamp, level, the fields in order, target.
+    fn json_line(&self, out: &mut Vec<u8>, bytes_out: u64, completed: bool) {
+        let since_epoch = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        out.extend_from_slice(b"{\"timestamp\":\"");
+        SECOND.with_borrow_mut(|(second, text)| {
+            if *second != since_epoch.as_secs() {
+                *second = since_epoch.as_secs();
+                *text = rfc3339_seconds(since_epoch.as_secs());
+            }
+            out.extend_from_slice(text.as_bytes());
+        });
+        let _ = write!(
+            out,
+            ".{:06}Z\",\"level\":\"INFO\"",
+            since_epoch.subsec_micros()
+        );
+        let text = |out: &mut Vec<u8>, name: &str, value: &str| {
+            let _ = write!(out, ",\"{name}\":");
+            let _ = serde_json::to_writer(out, value);
+        };
+        let number = |out: &mut Vec<u8>, name: &str, value: u64| {
+            let _ = write!(out, ",\"{name}\":{value}");
+        };
+        text(out, "request_id", self.request_id.to_str().unwrap_or(""));
+        text(out, "trace_id", self.trace_id.as_str());
+        let _ = write!(out, ",\"client_ip\":\"{}\"", self.client_ip);
+        text(out, "method", self.method.as_str());
+        text(out, "path", self.target.as_ref().map_or("-", |t| t.path()));
+        number(out, "status", self.status.into());
+        text(
+            out,
+            "environment",
+            self.environment.as_deref().unwrap_or("-"),
+        );
+        text(
+            out,
+            "key_id",
+            self.key_id.as_ref().map_or("-", |k| k.as_str()),
+        );
+        text(out, "upstream", self.upstream.as_deref().unwrap_or("-"));
+        number(out, "upstream_status", self.upstream_status.into());
+        out.extend_from_slice(b",\"duration_ms\":");
+        let ms = self.started.elapsed().as_micros() as f64 / 1000.0;
+        let _ = serde_json::to_writer(&mut *out, &ms);
+        number(out, "bytes_in", self.bytes_in.load(Ordering::Relaxed));
+        number(out, "bytes_out", bytes_out);
+        let _ = write!(out, ",\"completed\":{completed}");
+        text(out, "error", self.error.unwrap_or("-"));
+        out.extend_from_slice(b",\"target\":\"specter::access\"}\n");
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS` (UTC) for seconds since the epoch.
+fn rfc3339_seconds(secs: u64) -> String {
+    let at = time::OffsetDateTime::from_unix_timestamp(secs as i64)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
+        at.year(),
+        at.month() as u8,
+        at.day(),
+        at.hour(),
+        at.minute(),
+        at.second()
+    )
 }
 
 /// Wraps a response body so the line is written once it ends or is dropped.
