@@ -17,7 +17,8 @@ pub const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 pub const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1 plus the legacy ones): never forwarded.
-pub const HOP_BY_HOP: [HeaderName; 9] = [
+/// A `static`, not a `const`: a `const` array of names is built and dropped at every use.
+pub static HOP_BY_HOP: [HeaderName; 9] = [
     http::header::CONNECTION,
     KEEP_ALIVE,
     PROXY_CONNECTION,

@@ -56,7 +56,8 @@ fn named_by_connection(headers: &HeaderMap, name: &HeaderName) -> bool {
 
 /// Headers only the gateway may set: a client's copy never reaches the upstream.
 /// (`X-Forwarded-For` and `Forwarded` from a trusted proxy are read first and extended.)
-const GATEWAY_SET: [HeaderName; 9] = [
+/// A `static`, not a `const`, like `HOP_BY_HOP`.
+static GATEWAY_SET: [HeaderName; 9] = [
     X_FORWARDED_FOR,
     X_FORWARDED_PROTO,
     X_FORWARDED_HOST,
