@@ -25,7 +25,7 @@ use http::{HeaderMap, Method};
 
 use specter::auth::{self, KeyId, KeyTable};
 use specter::config::{sha256, KeyConfig, PolicyConfig, QuotaConfig, RateLimitConfig};
-use specter::policy::path::normalize_path;
+use specter::path::normalize_path;
 use specter::policy::Policy;
 use specter::ratelimit::EnvLimiter;
 
@@ -314,7 +314,7 @@ fn trace_context(c: &mut Criterion) {
     });
     let t = TraceContext::from_headers(&continued, 0.0);
     group.bench_function("trace_id_hex", |b| b.iter(|| black_box(&t).trace_id_hex()));
-    let activity = specter::status::Activity::default();
+    let activity = specter::activity::Activity::default();
     group.bench_function("status_activity_record", |b| {
         b.iter(|| activity.record(black_box(200), black_box(Duration::from_micros(350)), false))
     });

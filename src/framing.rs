@@ -21,8 +21,8 @@ use http::{HeaderMap, Uri, Version};
 
 use std::sync::atomic::Ordering;
 
+use crate::conn::ConnSignals;
 use crate::error::GatewayError;
-use crate::server::io::ConnSignals;
 
 /// `signals` carries what the connection's IO wrapper saw in the raw first head.
 pub fn check_request(

@@ -44,17 +44,22 @@
 //! - [`commands`]: `check`, `keys`, `demo` (+ `demo_config`: `--write-config`,
 //!   `--backends-only`), `promote`/`diff`, `certs`, `admin_addr`: what the CLI runs
 
+pub mod activity;
 pub mod admin;
 pub mod auth;
 pub mod body;
+pub mod clock;
 pub mod commands;
 pub mod config;
+pub mod conn;
+pub mod digest;
 pub mod error;
 pub mod framing;
 pub mod headers;
 pub mod logthrottle;
 pub mod metrics;
 pub mod panics;
+pub mod path;
 pub mod policy;
 pub mod proxy;
 pub mod ratelimit;
@@ -64,5 +69,6 @@ pub mod state;
 pub mod status;
 pub mod tls;
 pub mod trace;
+pub mod upstream;
 
 pub use server::Gateway;

@@ -8,12 +8,10 @@
 use std::any::Any;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
 
 use futures_util::FutureExt;
 
 use crate::metrics::{Metrics, TaskLabels};
-use crate::state::Shared;
 
 /// Logs and counts the panic of a `task` ("request", "connection", "stream", "reload").
 pub fn record(metrics: &Metrics, task: &'static str, payload: &(dyn Any + Send)) {
@@ -56,22 +54,6 @@ where
                 None
             }
         })
-}
-
-/// hyper's executor for what it spawns itself (an HTTP/2 stream's task, which polls
-/// the response body), with panics caught.
-#[derive(Clone)]
-pub struct CatchingExecutor(pub Arc<Shared>);
-
-impl<F> hyper::rt::Executor<F> for CatchingExecutor
-where
-    F: Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    fn execute(&self, future: F) {
-        let shared = self.0.clone();
-        tokio::spawn(async move { caught(&shared.metrics, "stream", future).await });
-    }
 }
 
 #[cfg(test)]

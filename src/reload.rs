@@ -91,7 +91,7 @@ pub fn reload_now(shared: &Shared, path: &Path) -> Result<ReloadSummary, ReloadE
                 .inc();
             *shared.last_reload_error.lock().expect("not poisoned") = Some(ReloadFailure {
                 error: e.to_string(),
-                at: crate::admin::rfc3339(SystemTime::now()),
+                at: crate::clock::rfc3339(SystemTime::now()),
             });
             tracing::error!(
                 "config reload rejected, keeping version {}: {e}",
@@ -393,7 +393,7 @@ mod tests {
         let key = |id: &str, key: &str| {
             format!(
                 "[[environments.qa.keys]]\nid = \"{id}\"\nsha256 = \"{}\"\n",
-                crate::config::hex(&crate::config::sha256(key.as_bytes()))
+                crate::digest::hex(&crate::digest::sha256(key.as_bytes()))
             )
         };
         let base = "[listen]\nhttp = \"127.0.0.1:0\"\n[environments.qa]\nupstream = \"http://10.0.0.1:1\"\n";

@@ -12,9 +12,9 @@ use crate::auth::KeyTable;
 use crate::config::{Config, EnvironmentConfig, KeyConfig};
 use crate::metrics::Label;
 use crate::policy::Policy;
-use crate::proxy::client::UpstreamPool;
 use crate::ratelimit::EnvLimiter;
 use crate::tls::{self, TlsError};
+use crate::upstream::UpstreamPool;
 
 pub struct Environment {
     pub config: EnvironmentConfig,
@@ -27,7 +27,7 @@ pub struct Environment {
     pub metrics: crate::metrics::RequestMetrics,
     /// Live counters and the per-second ring for the status page; kept across reloads
     /// while the environment remains.
-    pub activity: Arc<crate::status::Activity>,
+    pub activity: Arc<crate::activity::Activity>,
 }
 
 pub struct State {

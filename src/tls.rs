@@ -286,7 +286,7 @@ pub fn describe(path: &Path) -> Option<CertificateInfo> {
     Some(CertificateInfo {
         path: path.display().to_string(),
         not_after: cert.validity().not_after.timestamp(),
-        sha256: crate::config::hex(&crate::config::sha256(leaf.as_ref())),
+        sha256: crate::digest::hex(&crate::digest::sha256(leaf.as_ref())),
     })
 }
 

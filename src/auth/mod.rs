@@ -16,7 +16,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use http::header::{HeaderName, HeaderValue, AUTHORIZATION};
 use http::HeaderMap;
 
-use crate::config::sha256;
+use crate::digest::sha256;
 use crate::error::GatewayError;
 
 /// Per-key usage counters, shared across config reloads for keys that remain.

@@ -18,7 +18,8 @@ use http::HeaderValue;
 use once_cell::race::OnceBox;
 
 use super::{KeyId, KeyUsage};
-use crate::config::{KeyConfig, KeyDigest};
+use crate::config::KeyConfig;
+use crate::digest::KeyDigest;
 
 /// Keys per directory bucket at least, on average (the bucket count is a power of two at
 /// or below `keys / 4`, so 4 to 8): a short scan of adjacent slots, and a directory of at
@@ -270,7 +271,7 @@ fn id_str(bytes: &[u8]) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::sha256;
+    use crate::digest::sha256;
 
     fn key(id: &str) -> KeyConfig {
         KeyConfig {

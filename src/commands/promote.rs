@@ -25,7 +25,7 @@ use std::str::FromStr;
 use toml_edit::DocumentMut;
 
 use super::edit::{self, EditError};
-use crate::config::hex;
+use crate::digest::hex;
 
 pub use edit::{read_config, write_atomically};
 

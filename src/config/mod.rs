@@ -21,8 +21,7 @@ use ipnet::IpNet;
 pub use error::{ConfigError, ConfigErrors, ConfigWarning};
 pub use validate::{range, KEY_EXPIRY_WARNING};
 
-/// SHA-256 digest of an API key: the only form in which keys are stored.
-pub type KeyDigest = [u8; 32];
+pub use crate::digest::{hex, sha256, KeyDigest};
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -408,21 +407,4 @@ pub fn keys_by_digest(environments: &[EnvironmentConfig]) -> Vec<(&KeyDigest, u3
         .collect();
     all.sort_unstable();
     all
-}
-
-/// Lower-case hex, for digests.
-pub fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(DIGITS[(b >> 4) as usize] as char);
-        out.push(DIGITS[(b & 0xf) as usize] as char);
-    }
-    out
-}
-
-/// SHA-256 of `data`.
-pub fn sha256(data: &[u8]) -> KeyDigest {
-    use sha2::Digest;
-    sha2::Sha256::digest(data).into()
 }

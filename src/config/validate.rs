@@ -17,7 +17,7 @@ use toml::Spanned;
 use super::error::SourceMap;
 use super::file::*;
 use super::*;
-use crate::policy::path::normalize_path;
+use crate::path::normalize_path;
 
 mod listen;
 mod store;
@@ -763,7 +763,7 @@ impl Validator<'_> {
             );
         }
         match normalize_path(s) {
-            Ok(n) => Some(crate::policy::prefix_form(&n)),
+            Ok(n) => Some(crate::path::prefix_form(&n)),
             Err(_) => self.fail(
                 raw.span(),
                 format!("{path}: \"{s}\" has an encoded '/', '\\' or NUL, which requests are refused for; write the plain path"),

@@ -1,6 +1,6 @@
 //! An environment's access policy: host, client address, method, path and body size.
 
-pub mod path;
+use crate::path;
 
 use std::net::IpAddr;
 
@@ -111,16 +111,6 @@ impl Policy {
     }
 }
 
-/// The stored form of a path prefix: normalised, without a trailing `/` (except `/`).
-pub fn prefix_form(normalized: &str) -> String {
-    let trimmed = normalized.trim_end_matches('/');
-    if trimmed.is_empty() {
-        "/".to_owned()
-    } else {
-        trimmed.to_owned()
-    }
-}
-
 /// Prefix match on whole segments: `/v1` matches `/v1` and `/v1/x`, never `/v10`;
 /// `fold` ignores ASCII case.
 pub fn path_matches(path: &str, prefix: &str, fold: bool) -> bool {
@@ -216,8 +206,6 @@ mod tests {
         assert!(!path_matches("/V1/x", "/v1", false));
         assert!(path_matches("/V1/x", "/v1", true));
         assert!(!path_matches("/v", "/v1", true));
-        assert_eq!(prefix_form("/v1/"), "/v1");
-        assert_eq!(prefix_form("/"), "/");
     }
 
     #[test]

@@ -4,7 +4,6 @@
 //! Nothing is sent upstream before every check passed.
 
 pub mod access;
-pub mod client;
 pub mod forward;
 pub mod upgrade;
 
@@ -23,10 +22,11 @@ use hyper::body::{Body as _, Incoming};
 
 use crate::auth::{KeyId, KeySource};
 use crate::body::{self, Body, BodyReadTimeout, BodyTooLarge, Guarded};
-use crate::error::GatewayError;
+use crate::error::{ErrorChain, GatewayError};
 use crate::headers::{RATELIMIT, RATELIMIT_POLICY, X_REQUEST_ID};
 use crate::metrics::{KindLabels, ScopeLabels};
-use crate::policy::{self, path::normalize_path};
+use crate::path::normalize_path;
+use crate::policy;
 use crate::state::{Environment, Shared, State};
 use crate::trace::{export, TraceContext};
 
@@ -34,13 +34,13 @@ use crate::trace::{export, TraceContext};
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
     /// The connection's place under `max_connections`; a tunnel takes it over.
-    pub slot: Arc<crate::server::Slot>,
+    pub slot: crate::conn::Held,
     pub peer: SocketAddr,
     pub tls: bool,
     /// Subject of a verified client certificate (mTLS), ready to forward.
     pub client_cert_subject: Option<HeaderValue>,
     /// What the connection's IO wrapper noticed (bare LF, activity).
-    pub signals: Arc<crate::server::io::ConnSignals>,
+    pub signals: Arc<crate::conn::ConnSignals>,
     /// The forwarding headers its requests share, built by the first.
     pub forwarding: std::sync::OnceLock<forward::ConnForwarding>,
 }
@@ -623,19 +623,4 @@ fn request_id(headers: &http::HeaderMap) -> HeaderValue {
     let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
     uuid::Uuid::now_v7().hyphenated().encode_lower(&mut buf);
     crate::headers::shared_value(buf).expect("uuid is ASCII")
-}
-
-/// Displays an error with its whole source chain: "a: b: c".
-pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
-
-impl std::fmt::Display for ErrorChain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut source = self.0.source();
-        while let Some(s) = source {
-            write!(f, ": {s}")?;
-            source = s.source();
-        }
-        Ok(())
-    }
 }

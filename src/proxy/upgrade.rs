@@ -7,10 +7,6 @@ use http::{Request, Response, StatusCode, Version};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
-use std::sync::Arc;
-
-use crate::server::Slot;
-
 /// The `Upgrade` protocol a request asks for, when it is a well-formed HTTP/1.1 upgrade.
 pub fn requested<B>(req: &Request<B>) -> Option<HeaderValue> {
     if req.version() != Version::HTTP_11 {
@@ -31,7 +27,7 @@ pub fn mark(headers: &mut HeaderMap, protocol: HeaderValue) {
 /// and the connection's slot, which the tunnel keeps for as long as it lives.
 pub struct ClientSide {
     pub upgrade: OnUpgrade,
-    pub slot: Arc<Slot>,
+    pub slot: crate::conn::Held,
 }
 
 /// When the upstream switched protocols, joins the two upgraded connections and copies

@@ -413,7 +413,7 @@ impl RedisStore {
     pub fn report(&self, error: &StoreError) {
         static STORE_FAILED: crate::logthrottle::Throttle =
             crate::logthrottle::Throttle::new("rate-limit store check failed");
-        let what = || crate::proxy::ErrorChain(error).to_string();
+        let what = || crate::error::ErrorChain(error).to_string();
         self.health.failed(what);
         let log = STORE_FAILED.check(&[]).map(|more| more.to_string());
         let due = self.health.cause_due();

@@ -16,27 +16,13 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// What the wrapper reports to the rest of the connection.
-#[derive(Debug, Default)]
-pub struct ConnSignals {
-    pub bare_lf: AtomicBool,
-    pub length_and_chunked: AtomicBool,
-    pub activity: AtomicU64,
-    /// Requests that reached the handler on this connection.
-    pub requests: AtomicU64,
-    /// Requests being handled (not counting response bodies still streaming, which
-    /// show up as activity).
-    pub in_flight: AtomicU64,
-    /// HTTP/1 request bytes arrived while no request was being handled: a head is
-    /// under way. Cleared when the request reaches the handler.
-    pub head_started: AtomicBool,
-}
+use crate::conn::ConnSignals;
 
 pin_project_lite::pin_project! {
     pub struct ClientIo<I> {

@@ -19,11 +19,11 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, LimitsConfig};
+use crate::conn::ConnSignals;
 use crate::metrics::ListenerLabels;
-use crate::panics::CatchingExecutor;
 use crate::proxy::{self, ConnInfo};
 use crate::state::{BuildError, Shared, State};
-use io::{ClientIo, ConnSignals};
+use io::ClientIo;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -242,6 +242,22 @@ fn connection_builder(
     // No HTTP/2 keep-alive pings: their traffic would keep an idle connection alive
     // forever; the idle watchdog in `Connection::serve` closes dead peers too.
     builder
+}
+
+/// hyper's executor for what it spawns itself (an HTTP/2 stream's task, which polls
+/// the response body), with panics caught.
+#[derive(Clone)]
+struct CatchingExecutor(pub Arc<Shared>);
+
+impl<F> hyper::rt::Executor<F> for CatchingExecutor
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, future: F) {
+        let shared = self.0.clone();
+        tokio::spawn(async move { crate::panics::caught(&shared.metrics, "stream", future).await });
+    }
 }
 
 struct Acceptor {

@@ -8,8 +8,6 @@
 //! string: keys appear by id, and the reload error has every long token masked (a
 //! rejected line may quote a hash, or a key pasted by mistake).
 
-pub mod activity;
-
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -23,8 +21,6 @@ use tokio::sync::watch;
 
 use crate::body::{self, Body};
 use crate::state::{Environment, Shared, State};
-
-pub use activity::Activity;
 
 /// Once a second, closes each environment's current sample.
 pub async fn sample_every_second(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
@@ -52,7 +48,7 @@ static PAGE: Lazy<(Bytes, HeaderValue)> = Lazy::new(|| {
     let html = include_str!("page.html")
         .replace("/*STYLE*/", STYLE)
         .replace("/*SCRIPT*/", SCRIPT);
-    let hash = |s: &str| base64(&crate::config::sha256(s.as_bytes()));
+    let hash = |s: &str| base64(&crate::digest::sha256(s.as_bytes()));
     let csp = format!(
         "default-src 'none'; script-src 'sha256-{}'; style-src 'sha256-{}'; connect-src 'self'; \
          img-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
@@ -96,12 +92,12 @@ pub fn view(shared: &Shared) -> Value {
         .map(|(i, env)| environment(&state, i, env))
         .collect();
     json!({
-        "generated_at": crate::admin::rfc3339(SystemTime::now()),
+        "generated_at": crate::clock::rfc3339(SystemTime::now()),
         "draining": shared.draining.load(Ordering::Relaxed),
         "config": {
             "version": state.version,
             "sha256": state.config.source.sha256,
-            "loaded_at": crate::admin::rfc3339(state.loaded_at),
+            "loaded_at": crate::clock::rfc3339(state.loaded_at),
             "last_reload_error": last_error,
         },
         "environments": environments,
@@ -165,11 +161,11 @@ fn keys(state: &State, env: usize) -> (Vec<Value>, Value) {
             json!({
                 "id": k.id,
                 "state": state_name,
-                "not_before": nb.map(crate::admin::rfc3339),
-                "not_after": na.map(crate::admin::rfc3339),
+                "not_before": nb.map(crate::clock::rfc3339),
+                "not_after": na.map(crate::clock::rfc3339),
                 "requests": k.usage.map_or(0, |u| u.requests.load(Ordering::Relaxed)),
                 "last_seen": (last_seen > 0)
-                    .then(|| crate::admin::rfc3339(UNIX_EPOCH + Duration::from_millis(last_seen))),
+                    .then(|| crate::clock::rfc3339(UNIX_EPOCH + Duration::from_millis(last_seen))),
             })
         })
         .collect();
@@ -182,14 +178,14 @@ fn keys(state: &State, env: usize) -> (Vec<Value>, Value) {
 
 /// The served certificates (described once per config build) with their expiry.
 fn certificates(state: &State) -> Vec<Value> {
-    let now = i64::try_from(activity::unix_now()).unwrap_or(i64::MAX);
+    let now = i64::try_from(crate::clock::unix_now()).unwrap_or(i64::MAX);
     state
         .certificates
         .iter()
         .map(|c| {
             let not_after = u64::try_from(c.not_after)
                 .ok()
-                .map(|s| crate::admin::rfc3339(UNIX_EPOCH + Duration::from_secs(s)));
+                .map(|s| crate::clock::rfc3339(UNIX_EPOCH + Duration::from_secs(s)));
             json!({
                 "file": c.path,
                 "not_after": not_after,
@@ -285,7 +281,7 @@ mod tests {
         let csp = csp.to_str().unwrap();
         assert!(csp.contains(&format!(
             "'sha256-{}'",
-            base64(&crate::config::sha256(SCRIPT.as_bytes()))
+            base64(&crate::digest::sha256(SCRIPT.as_bytes()))
         )));
         assert!(!csp.contains("unsafe"));
     }

@@ -135,9 +135,25 @@ fn decode_unreserved(bytes: &[u8]) -> Result<String, PathError> {
     String::from_utf8(out).map_err(|_| PathError::Encoded)
 }
 
+/// The stored form of a path prefix: normalised, without a trailing `/` (except `/`).
+pub fn prefix_form(normalized: &str) -> String {
+    let trimmed = normalized.trim_end_matches('/');
+    if trimmed.is_empty() {
+        "/".to_owned()
+    } else {
+        trimmed.to_owned()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prefixes_are_stored_without_a_trailing_slash() {
+        assert_eq!(prefix_form("/v1/"), "/v1");
+        assert_eq!(prefix_form("/"), "/");
+    }
 
     #[test]
     fn normal_forms() {

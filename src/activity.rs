@@ -91,7 +91,7 @@ impl Activity {
     }
 
     pub fn record_upstream_error(&self, upstream: &str, kind: &'static str) {
-        let at = unix_now();
+        let at = crate::clock::unix_now();
         let Ok(mut map) = self.upstream_errors.lock() else {
             return;
         };
@@ -104,7 +104,7 @@ impl Activity {
 
     /// The errors of `upstream` within [`RECENT`], oldest first.
     pub fn recent_errors(&self, upstream: &str) -> Vec<UpstreamError> {
-        let since = unix_now().saturating_sub(RECENT.as_secs());
+        let since = crate::clock::unix_now().saturating_sub(RECENT.as_secs());
         self.upstream_errors
             .lock()
             .ok()
@@ -187,12 +187,6 @@ fn percentile_ms(buckets: &[u64; BUCKETS], q: f64) -> f64 {
         }
     }
     (1u64 << BUCKETS) as f64 / 1000.0
-}
-
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]
