@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::sync::OnceLock;
 use std::task::{Context, Poll};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderValue, Method};
@@ -103,7 +103,10 @@ impl Record {
         SECOND.with_borrow_mut(|(second, text)| {
             if *second != since_epoch.as_secs() {
                 *second = since_epoch.as_secs();
-                *text = rfc3339_seconds(since_epoch.as_secs());
+                // `...:SSZ`, the `Z` moved after the microseconds.
+                *text =
+                    crate::clock::rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(*second));
+                text.pop();
             }
             out.extend_from_slice(text.as_bytes());
         });
@@ -146,21 +149,6 @@ impl Record {
         text(out, "error", self.error.unwrap_or("-"));
         out.extend_from_slice(b",\"target\":\"specter::access\"}\n");
     }
-}
-
-/// `YYYY-MM-DDTHH:MM:SS` (UTC) for seconds since the epoch.
-fn rfc3339_seconds(secs: u64) -> String {
-    let at = time::OffsetDateTime::from_unix_timestamp(secs as i64)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
-        at.year(),
-        at.month() as u8,
-        at.day(),
-        at.hour(),
-        at.minute(),
-        at.second()
-    )
 }
 
 /// Wraps a response body so the line is written once it ends or is dropped.
