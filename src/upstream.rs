@@ -61,6 +61,12 @@ pub struct UpstreamSlot {
     idle: Arc<IdleConnections>,
 }
 
+/// Where a prepared request goes.
+enum Route<'a> {
+    Http1(&'a Connector),
+    Http2(&'a Client<Connector, Body>),
+}
+
 enum Transport {
     Http1(Connector),
     Http2(Box<Client<Connector, Body>>),
@@ -124,49 +130,66 @@ impl UpstreamPool {
     }
 
     /// Sends `parts` + `body` to upstream `i` with `target` as the request target.
-    pub async fn send(
+    ///
+    /// The request is prepared here and only what the exchange needs is moved into the
+    /// returned future: every byte of it is copied each time the request's future moves.
+    pub fn send(
         &self,
         i: usize,
         mut parts: http::request::Parts,
         body: Body,
         target: PathAndQuery,
-    ) -> Result<Response<Body>, UpstreamError> {
+    ) -> impl std::future::Future<Output = Result<Response<Body>, UpstreamError>> + Send + '_ {
         let slot = &self.slots[i];
-        let connector = match &self.transport {
+        let prepared = match &self.transport {
             Transport::Http2(client) => {
                 let mut uri = http::uri::Parts::default();
                 uri.scheme = slot.upstream.uri.scheme().cloned();
                 uri.authority = slot.upstream.uri.authority().cloned();
                 uri.path_and_query = Some(target);
-                parts.uri = Uri::from_parts(uri).map_err(|e| UpstreamError::Request(e.into()))?;
-                let response = Box::pin(client.request(Request::from_parts(parts, body))).await?;
-                return Ok(response.map(|b| b.map_err(Into::into).boxed()));
+                Uri::from_parts(uri)
+                    .map_err(|e| UpstreamError::Request(e.into()))
+                    .map(|uri| {
+                        parts.uri = uri;
+                        (Route::Http2(client), Request::from_parts(parts, body))
+                    })
             }
-            Transport::Http1(connector) => connector,
-        };
-        parts.uri = Uri::from(target);
-        if !parts.headers.contains_key(HOST) {
-            parts.headers.insert(HOST, slot.host.clone());
-        }
-        let mut request = Request::from_parts(parts, body);
-        loop {
-            let (mut sender, reused) = match slot.idle.checkout().await {
-                Some(sender) => (sender, true),
-                // Boxed: connecting is rare on a warm pool, and its future would
-                // otherwise make every request's future (moved on each poll path) 2 KiB larger.
-                None => (
-                    Box::pin(connect(connector, &slot.upstream.uri)).await?,
-                    false,
-                ),
-            };
-            match sender.try_send_request(request).await {
-                Ok(response) => return Ok(pooled(response, sender, &slot.idle)),
-                // An idle connection that closed before the request was written to it:
-                // nothing reached the upstream, so send it again on a new connection.
-                Err(mut e) if reused && e.message().is_some() => {
-                    request = e.take_message().expect("checked above");
+            Transport::Http1(connector) => {
+                parts.uri = Uri::from(target);
+                if !parts.headers.contains_key(HOST) {
+                    parts.headers.insert(HOST, slot.host.clone());
                 }
-                Err(e) => return Err(e.into_error().into()),
+                Ok((Route::Http1(connector), Request::from_parts(parts, body)))
+            }
+        };
+        async move {
+            let (route, mut request) = prepared?;
+            let connector = match route {
+                Route::Http2(client) => {
+                    let response = Box::pin(client.request(request)).await?;
+                    return Ok(response.map(|b| b.map_err(Into::into).boxed()));
+                }
+                Route::Http1(connector) => connector,
+            };
+            loop {
+                let (mut sender, reused) = match slot.idle.checkout().await {
+                    Some(sender) => (sender, true),
+                    // Boxed: connecting is rare on a warm pool, and its future would
+                    // otherwise make every request's future 2 KiB larger.
+                    None => (
+                        Box::pin(connect(connector, &slot.upstream.uri)).await?,
+                        false,
+                    ),
+                };
+                match sender.try_send_request(request).await {
+                    Ok(response) => return Ok(pooled(response, sender, &slot.idle)),
+                    // An idle connection that closed before the request was written to
+                    // it: nothing reached the upstream, so send it again on a new one.
+                    Err(mut e) if reused && e.message().is_some() => {
+                        request = e.take_message().expect("checked above");
+                    }
+                    Err(e) => return Err(e.into_error().into()),
+                }
             }
         }
     }

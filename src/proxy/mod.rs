@@ -451,89 +451,90 @@ fn upstream_request(
 }
 
 /// Sends to a healthy upstream, retrying once elsewhere when that is safe.
-async fn send(
-    shared: &Shared,
-    env: &Environment,
+///
+/// Not an `async fn`: its arguments would sit in the future beside the values taken
+/// out of them, and the request's future is copied whole each time it moves.
+fn send<'a>(
+    shared: &'a Shared,
+    env: &'a Environment,
     attempt: Attempt,
     mut client_upgrade: Option<upgrade::ClientSide>,
-    outcome: &mut Outcome,
-) -> Result<Response<Body>, GatewayError> {
+    outcome: &'a mut Outcome,
+) -> impl std::future::Future<Output = Result<Response<Body>, GatewayError>> + Send + 'a {
     let Attempt {
         parts,
         body,
         path_and_query,
         mut spare,
     } = attempt;
-    let method = parts.method.clone();
+    let idempotent = is_idempotent(&parts.method);
     let mut next = Some((parts, body));
     let mut failed: Option<usize> = None;
-    loop {
-        let (parts, body) = next.take().expect("each attempt has its request");
-        let upstream = env
-            .upstreams
-            .pick(failed)
-            .ok_or(GatewayError::NoHealthyUpstream)?;
-        outcome.upstream = Some(upstream);
-        let timeout = env.config.request_timeout;
-        // One expression: a `let` for the send future would keep a second copy of it
-        // in this future's state.
-        let sent = tokio::time::timeout(
-            timeout,
-            env.upstreams
-                .send(upstream, parts, body, path_and_query.clone()),
-        );
-        let err = match sent.await {
-            Ok(Ok(mut response)) => {
-                if env.upstreams.record_success(upstream) {
-                    tracing::info!(environment = %env.config.name, upstream = %env.upstreams.slots[upstream].upstream.uri, "upstream back in rotation");
+    async move {
+        loop {
+            let (parts, body) = next.take().expect("each attempt has its request");
+            let upstream = env
+                .upstreams
+                .pick(failed)
+                .ok_or(GatewayError::NoHealthyUpstream)?;
+            outcome.upstream = Some(upstream);
+            let timeout = env.config.request_timeout;
+            let sent = env
+                .upstreams
+                .send(upstream, parts, body, path_and_query.clone());
+            let err = match tokio::time::timeout(timeout, sent).await {
+                Ok(Ok(mut response)) => {
+                    if env.upstreams.record_success(upstream) {
+                        tracing::info!(environment = %env.config.name, upstream = %env.upstreams.slots[upstream].upstream.uri, "upstream back in rotation");
+                    }
+                    outcome.upstream_status = Some(response.status().as_u16());
+                    if let Some(client) = client_upgrade.take() {
+                        upgrade::tunnel(client, &mut response);
+                    }
+                    return Ok(response);
                 }
-                outcome.upstream_status = Some(response.status().as_u16());
-                if let Some(client) = client_upgrade.take() {
-                    upgrade::tunnel(client, &mut response);
+                Ok(Err(e)) => e,
+                Err(_) => {
+                    upstream_error(shared, env, upstream, "timeout");
+                    return Err(GatewayError::UpstreamTimeout(timeout));
                 }
-                return Ok(response);
+            };
+            if let Some(too_large) = body::find_cause::<BodyTooLarge>(&err) {
+                return Err(GatewayError::BodyTooLarge {
+                    limit: too_large.limit,
+                });
             }
-            Ok(Err(e)) => e,
-            Err(_) => {
-                upstream_error(shared, env, upstream, "timeout");
-                return Err(GatewayError::UpstreamTimeout(timeout));
+            if body::find_cause::<BodyReadTimeout>(&err).is_some() {
+                return Err(GatewayError::RequestTimeout);
             }
-        };
-        if let Some(too_large) = body::find_cause::<BodyTooLarge>(&err) {
-            return Err(GatewayError::BodyTooLarge {
-                limit: too_large.limit,
-            });
-        }
-        if body::find_cause::<BodyReadTimeout>(&err).is_some() {
-            return Err(GatewayError::RequestTimeout);
-        }
-        let connect = err.is_connect();
-        upstream_error(
-            shared,
-            env,
-            upstream,
-            if connect { "connect" } else { "protocol" },
-        );
-        if connect && env.upstreams.record_connect_failure(upstream) {
-            static EJECTED: crate::logthrottle::Throttle = crate::logthrottle::Throttle::new(
-                "upstream ejected after repeated connect failures",
+            let connect = err.is_connect();
+            upstream_error(
+                shared,
+                env,
+                upstream,
+                if connect { "connect" } else { "protocol" },
             );
-            let up = &env.upstreams.slots[upstream].upstream;
-            if let Some(more) = EJECTED.check(&[&env.config.name, up.authority()]) {
-                tracing::warn!(environment = %env.config.name, upstream = %up.uri, "upstream ejected after repeated connect failures{more}");
+            if connect && env.upstreams.record_connect_failure(upstream) {
+                static EJECTED: crate::logthrottle::Throttle = crate::logthrottle::Throttle::new(
+                    "upstream ejected after repeated connect failures",
+                );
+                let up = &env.upstreams.slots[upstream].upstream;
+                if let Some(more) = EJECTED.check(&[&env.config.name, up.authority()]) {
+                    tracing::warn!(environment = %env.config.name, upstream = %up.uri, "upstream ejected after repeated connect failures{more}");
+                }
             }
-        }
-        // Retried once elsewhere: a failed connect (nothing was sent), or an idempotent
-        // request whose connection closed before any response byte (like nginx's
-        // `proxy_next_upstream error`).
-        if connect || (unanswered(&err) && is_idempotent(&method)) {
-            if let (None, Some(copy)) = (failed, spare.take()) {
-                next = Some((copy, body::empty()));
-                failed = Some(upstream);
-                continue;
+            // Retried once elsewhere: a failed connect (nothing was sent), or an idempotent
+            // request whose connection closed before any response byte (like nginx's
+            // `proxy_next_upstream error`).
+            if connect || (unanswered(&err) && idempotent) {
+                if let (None, Some(copy)) = (failed, spare.take()) {
+                    next = Some((copy, body::empty()));
+                    failed = Some(upstream);
+                    continue;
+                }
             }
+            return Err(GatewayError::UpstreamUnavailable(Box::new(err)));
         }
-        return Err(GatewayError::UpstreamUnavailable(Box::new(err)));
     }
 }
 
