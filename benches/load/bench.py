@@ -658,7 +658,7 @@ def main():
     ap.add_argument("--trace-ladder", action="store_true", help="the ladder's tracing rungs only")
     ap.add_argument("--baseline-bin", help="add a ladder rung: this specter binary on the full hot path (A/B)")
     ap.add_argument("--idle", type=int, default=0, help="only measure RSS per idle connection, with this many")
-    ap.add_argument("--floor-bin", help="the floor proxy (default: target/release/examples/floor beside --bin)")
+    ap.add_argument("--floor-bin", help="the floor proxy (default: target/release/examples/floor)")
     ap.add_argument("--memory-keys", type=int, default=0, help="also measure RSS with this many keys")
     ap.add_argument("--reload-keys", type=int, default=0, help="also time reloads of a config with this many keys")
     ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release", "specter"))
@@ -668,7 +668,9 @@ def main():
 
     work = tempfile.mkdtemp(prefix="specter-bench-")
     try:
-        floor = args.floor_bin or os.path.join(os.path.dirname(args.bin), "examples", "floor")
+        floor = args.floor_bin or os.path.join(ROOT, "target", "release", "examples", "floor")
+        if not os.path.exists(floor):
+            sys.exit(f"no floor binary at {floor}: cargo build --release --example floor (run.sh does)")
         stack = Stack(work, args.bin, floor)
     except Exception:
         print(f"could not start the stack; logs are in {work}", file=sys.stderr)
