@@ -8,6 +8,7 @@
 use std::any::Any;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 
 use futures_util::FutureExt;
 
@@ -51,6 +52,28 @@ where
             Ok(output) => Some(output),
             Err(payload) => {
                 record(metrics, task, &*payload);
+                None
+            }
+        })
+}
+
+/// [`caught`] for a future that must own what it reports to (a spawned task's):
+/// `owner` holds the metrics.
+pub fn caught_in<O, F>(
+    owner: Arc<O>,
+    task: &'static str,
+    future: F,
+) -> impl Future<Output = Option<F::Output>>
+where
+    O: AsRef<Metrics> + ?Sized,
+    F: Future,
+{
+    AssertUnwindSafe(future)
+        .catch_unwind()
+        .map(move |result| match result {
+            Ok(output) => Some(output),
+            Err(payload) => {
+                record((*owner).as_ref(), task, &*payload);
                 None
             }
         })

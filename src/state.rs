@@ -188,6 +188,12 @@ pub struct Shared {
     pub started: Arc<Config>,
 }
 
+impl AsRef<crate::metrics::Metrics> for Shared {
+    fn as_ref(&self) -> &crate::metrics::Metrics {
+        &self.metrics
+    }
+}
+
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ReloadFailure {
     pub error: String,

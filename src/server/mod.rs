@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -441,8 +442,13 @@ impl Connection {
     }
 
     /// Serves HTTP/1.1 or HTTP/2 until the client leaves, the connection has been idle
-    /// (no bytes either way and no request in progress) for `idle_timeout`, or a drain
-    /// closes it.
+    /// (no bytes either way and no request in progress) for `idle_timeout`, a request
+    /// head took longer than `header_read_timeout`, or a drain closes it.
+    ///
+    /// The connection runs in a task of its own and this task is its watchdog: woken
+    /// by its ticks and by the connection's end, never by the connection's traffic. A
+    /// request therefore costs the connection no timer at all (in one task, the timers
+    /// were polled at every wake-up: 0.3 to 0.5 µs per request, measured).
     async fn serve<I>(self, io: I, tls: bool, client_cert_subject: Option<http::HeaderValue>)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -475,73 +481,77 @@ impl Connection {
             .serve_connection_with_upgrades(io, service)
             .into_owned();
         let connection = self.watcher.watch(connection);
-        tokio::pin!(connection);
-        // Idle watchdog: four quiet ticks of a quarter of the timeout each. One interval
-        // for the connection's life: the other branches firing does not restart it.
-        let period = self.idle_timeout / 4;
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let (mut last_seen, mut quiet) = (signals.activity.load(Ordering::Relaxed), 0);
-        let first_deadline = tokio::time::sleep(self.header_read_timeout);
-        tokio::pin!(first_deadline);
-        let mut awaiting_first = true;
-        // The head being timed, named by the request count when its first byte came.
-        let mut timed_head: Option<u64> = None;
-        let head_deadline = tokio::time::sleep(Duration::ZERO);
-        tokio::pin!(head_deadline);
-        let head_under_way = || {
-            signals
-                .head_started
-                .load(Ordering::Relaxed)
-                .then(|| signals.requests.load(Ordering::Relaxed))
+        // Combinators, not an async block: the task then holds the connection once.
+        let (shared, peer) = (self.shared.clone(), self.peer);
+        let served = crate::panics::caught_in(self.shared.clone(), "connection", connection).map(
+            move |outcome| {
+                if let Some(Err(e)) = outcome {
+                    if let Some(status) = crate::framing::parser_refusal(&*e) {
+                        shared.unidentified.count(&shared.metrics, status);
+                    }
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+            },
+        );
+        let mut served = tokio::spawn(served);
+        let limits = (self.idle_timeout, self.header_read_timeout);
+        if let Some(reason) = watchdog(&signals, &mut served, limits).await {
+            tracing::debug!(peer = %self.peer, "{reason}; closing");
+            served.abort();
+        }
+    }
+}
+
+/// Ticks every quarter of the shorter of `idle_timeout` and `header_read_timeout`
+/// until the connection ends (`None`) or one of them is overrun (the reason). A
+/// deadline is therefore kept to within a quarter of its length, late, never early.
+async fn watchdog(
+    signals: &ConnSignals,
+    served: &mut JoinHandle<()>,
+    (idle_timeout, header_read_timeout): (Duration, Duration),
+) -> Option<&'static str> {
+    let period = idle_timeout.min(header_read_timeout) / 4;
+    let ticks = |d: Duration| {
+        u32::try_from(d.as_nanos().div_ceil(period.as_nanos().max(1))).unwrap_or(u32::MAX)
+    };
+    let (idle_ticks, head_ticks) = (ticks(idle_timeout), ticks(header_read_timeout));
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut last_seen, mut quiet) = (signals.activity.load(Ordering::Relaxed), 0u32);
+    let mut since_accept = 0u32;
+    // The head under way: the request count when it was first seen, and the ticks
+    // that have seen it since (it began within the tick before the first).
+    let mut head: Option<(u64, u32)> = None;
+    loop {
+        tokio::select! {
+            _ = &mut *served => return None,
+            _ = tick.tick() => {}
+        }
+        since_accept = since_accept.saturating_add(1);
+        let requests = signals.requests.load(Ordering::Relaxed);
+        // The first request must arrive within header_read_timeout of the accept
+        // (HTTP/2 has no header timer of its own).
+        if requests == 0 && since_accept >= head_ticks {
+            return Some("no request within header_read_timeout");
+        }
+        head = match (signals.head_started.load(Ordering::Relaxed), head) {
+            (true, Some((n, seen))) if n == requests => Some((n, seen + 1)),
+            (true, _) => Some((requests, 1)),
+            (false, _) => None,
         };
-        loop {
-            tokio::select! {
-                // Biased: the connection is polled first, so a head that began in this
-                // very poll is seen (and timed) by the branch after it. A head that
-                // arrives whole is handed to the handler within that poll: no timer.
-                biased;
-                result = &mut connection => {
-                    if let Err(e) = result {
-                        if let Some(status) = crate::framing::parser_refusal(&*e) {
-                            self.shared.unidentified.count(&self.shared.metrics, status);
-                        }
-                        tracing::debug!(peer = %self.peer, error = %e, "connection ended with an error");
-                    }
-                    return;
-                }
-                head = std::future::poll_fn(|_| match head_under_way() {
-                    Some(n) if timed_head != Some(n) => std::task::Poll::Ready(n),
-                    _ => std::task::Poll::Pending,
-                }) => {
-                    timed_head = Some(head);
-                    head_deadline.as_mut().reset(tokio::time::Instant::now() + self.header_read_timeout);
-                }
-                _ = &mut head_deadline, if timed_head.is_some() => {
-                    if head_under_way() == timed_head {
-                        tracing::debug!(peer = %self.peer, "request head not complete within header_read_timeout; closing");
-                        return;
-                    }
-                    timed_head = None;
-                }
-                _ = &mut first_deadline, if awaiting_first => {
-                    if signals.requests.load(Ordering::Relaxed) == 0 {
-                        tracing::debug!(peer = %self.peer, "no request within header_read_timeout; closing");
-                        return;
-                    }
-                    awaiting_first = false;
-                }
-                _ = tick.tick() => {
-                    let now = signals.activity.load(Ordering::Relaxed);
-                    let busy = signals.in_flight.load(Ordering::Relaxed) > 0;
-                    quiet = if now == last_seen && !busy { quiet + 1 } else { 0 };
-                    last_seen = now;
-                    if quiet >= 4 {
-                        tracing::debug!(peer = %self.peer, "closing idle connection");
-                        return;
-                    }
-                }
-            }
+        if head.is_some_and(|(_, seen)| seen > head_ticks) {
+            return Some("request head not complete within header_read_timeout");
+        }
+        let now = signals.activity.load(Ordering::Relaxed);
+        let busy = signals.in_flight.load(Ordering::Relaxed) > 0;
+        quiet = if now == last_seen && !busy {
+            quiet + 1
+        } else {
+            0
+        };
+        last_seen = now;
+        if quiet >= idle_ticks {
+            return Some("idle connection");
         }
     }
 }
