@@ -441,6 +441,51 @@ mod tests {
         assert_eq!(h[X_REAL_IP], "192.0.2.7");
     }
 
+    /// The forwarding values a connection's first request built are reused only by
+    /// requests with the same client and Host.
+    #[test]
+    fn a_connection_reuses_its_forwarding_values_only_for_the_same_host() {
+        let Ids(auth, rid, env, kid) = ids();
+        let cache = OnceLock::new();
+        let rewrite = |host: &'static str| {
+            let mut h = HeaderMap::new();
+            let f = Forwarded {
+                auth_header: &auth,
+                key_source: KeySource::Header,
+                client_ip: "192.0.2.7".parse().unwrap(),
+                peer_ip: "192.0.2.7".parse().unwrap(),
+                trusted_peer: false,
+                allow_underscores: false,
+                tls: true,
+                host: Some(HeaderValue::from_static(host)),
+                request_id: &rid,
+                traceparent: HeaderValue::from_static(
+                    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                ),
+                keep_tracestate: false,
+                environment: &env,
+                key_id: &kid,
+                client_cert_subject: None,
+                cache: &cache,
+            };
+            rewrite_request(&mut h, &f, &HeaderRules::default());
+            h
+        };
+        for host in ["a.example", "b.example", "a.example"] {
+            let h = rewrite(host);
+            assert_eq!(
+                h[FORWARDED],
+                format!("for=192.0.2.7;host=\"{host}\";proto=https").as_str()
+            );
+            assert_eq!(h[X_FORWARDED_FOR], "192.0.2.7");
+            assert_eq!(h[X_REAL_IP], "192.0.2.7");
+        }
+        assert!(cache.get().is_some_and(|c| c.matches(
+            "192.0.2.7".parse().unwrap(),
+            Some(&HeaderValue::from_static("a.example"))
+        )));
+    }
+
     #[test]
     fn ipv6_clients_are_quoted_in_forwarded() {
         let v6 = forwarded_element(None, "2001:db8::1".parse().unwrap(), None, true);
