@@ -46,15 +46,7 @@ pub fn caught<'a, F>(
 where
     F: Future + 'a,
 {
-    AssertUnwindSafe(future)
-        .catch_unwind()
-        .map(move |result| match result {
-            Ok(output) => Some(output),
-            Err(payload) => {
-                record(metrics, task, &*payload);
-                None
-            }
-        })
+    catching(future, move |payload| record(metrics, task, payload))
 }
 
 /// [`caught`] for a future that must own what it reports to (a spawned task's):
@@ -68,15 +60,18 @@ where
     O: AsRef<Metrics> + ?Sized,
     F: Future,
 {
+    catching(future, move |payload| {
+        record((*owner).as_ref(), task, payload)
+    })
+}
+
+fn catching<F: Future>(
+    future: F,
+    report: impl FnOnce(&(dyn Any + Send)),
+) -> impl Future<Output = Option<F::Output>> {
     AssertUnwindSafe(future)
         .catch_unwind()
-        .map(move |result| match result {
-            Ok(output) => Some(output),
-            Err(payload) => {
-                record((*owner).as_ref(), task, &*payload);
-                None
-            }
-        })
+        .map(move |result| result.map_err(|payload| report(&*payload)).ok())
 }
 
 #[cfg(test)]

@@ -314,29 +314,40 @@ mod tests {
         )
     }
 
-    /// A request from `peer` (trusted or not) through an environment that does or does
-    /// not allow underscore headers.
-    fn rewritten(pairs: &[(&str, &str)], trusted_peer: bool, allow_underscores: bool) -> HeaderMap {
-        let Ids(auth, rid, env, kid) = ids();
-        let mut h = map(pairs);
-        let f = Forwarded {
-            auth_header: &auth,
+    /// What the gateway tells the upstream in these tests: client 192.0.2.7 behind
+    /// peer 10.0.0.1 (untrusted), plain HTTP, Host `api.example.com`.
+    fn forwarded<'a>(ids: &'a Ids, cache: &'a OnceLock<ConnForwarding>) -> Forwarded<'a> {
+        let Ids(auth, rid, env, kid) = ids;
+        Forwarded {
+            auth_header: auth,
             key_source: KeySource::Header,
             client_ip: "192.0.2.7".parse().unwrap(),
             peer_ip: "10.0.0.1".parse().unwrap(),
-            trusted_peer,
-            allow_underscores,
+            trusted_peer: false,
+            allow_underscores: false,
             tls: false,
             host: Some(HeaderValue::from_static("api.example.com")),
-            request_id: &rid,
+            request_id: rid,
             traceparent: HeaderValue::from_static(
                 "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             ),
             keep_tracestate: false,
-            environment: &env,
-            key_id: &kid,
+            environment: env,
+            key_id: kid,
             client_cert_subject: None,
-            cache: &OnceLock::new(),
+            cache,
+        }
+    }
+
+    /// A request from `peer` (trusted or not) through an environment that does or does
+    /// not allow underscore headers.
+    fn rewritten(pairs: &[(&str, &str)], trusted_peer: bool, allow_underscores: bool) -> HeaderMap {
+        let (ids, cache) = (ids(), OnceLock::new());
+        let mut h = map(pairs);
+        let f = Forwarded {
+            trusted_peer,
+            allow_underscores,
+            ..forwarded(&ids, &cache)
         };
         rewrite_request(&mut h, &f, &HeaderRules::default());
         h
@@ -445,28 +456,13 @@ mod tests {
     /// requests with the same client and Host.
     #[test]
     fn a_connection_reuses_its_forwarding_values_only_for_the_same_host() {
-        let Ids(auth, rid, env, kid) = ids();
-        let cache = OnceLock::new();
+        let (ids, cache) = (ids(), OnceLock::new());
         let rewrite = |host: &'static str| {
             let mut h = HeaderMap::new();
             let f = Forwarded {
-                auth_header: &auth,
-                key_source: KeySource::Header,
-                client_ip: "192.0.2.7".parse().unwrap(),
-                peer_ip: "192.0.2.7".parse().unwrap(),
-                trusted_peer: false,
-                allow_underscores: false,
                 tls: true,
                 host: Some(HeaderValue::from_static(host)),
-                request_id: &rid,
-                traceparent: HeaderValue::from_static(
-                    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-                ),
-                keep_tracestate: false,
-                environment: &env,
-                key_id: &kid,
-                client_cert_subject: None,
-                cache: &cache,
+                ..forwarded(&ids, &cache)
             };
             rewrite_request(&mut h, &f, &HeaderRules::default());
             h
