@@ -215,3 +215,85 @@ impl Drop for Logged {
         self.finish(completed);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use std::sync::Mutex;
+
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The JSON line specter writes itself must stay the line tracing's JSON layer
+    /// writes for the same record (the pretty format still goes through tracing):
+    /// same keys in the same order, same values but for the clock's.
+    #[test]
+    fn the_direct_json_line_is_the_tracing_json_line() {
+        let record = Record {
+            started: Instant::now(),
+            request_id: HeaderValue::from_static("r\"1\\\\x"),
+            trace_id: crate::trace::TraceContext::from_headers(&http::HeaderMap::new(), 0.0)
+                .trace_id_hex(),
+            client_ip: "2001:db8::1".parse().unwrap(),
+            method: Method::PATCH,
+            target: Some(http::uri::PathAndQuery::from_static("/v1/%C3%A9?secret=1")),
+            status: 502,
+            environment: Some(Arc::from("qa")),
+            key_id: Some(crate::auth::KeyId::from("k1")),
+            upstream: Some("10.0.0.1:8080".to_owned()),
+            upstream_status: 0,
+            error: Some("upstream_unavailable"),
+            bytes_in: Arc::new(AtomicU64::new(7)),
+        };
+        let captured = Captured::default();
+        let sink = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_writer(move || sink.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || record.write(42, false));
+        let from_tracing = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let mut ours = Vec::new();
+        record.json_line(&mut ours, 42, false);
+        let ours = String::from_utf8(ours).unwrap();
+
+        let parse = |line: &str| -> Vec<(String, serde_json::Value)> {
+            let value: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+            let serde_json::Value::Object(map) = value else {
+                panic!("not an object: {line}")
+            };
+            map.into_iter()
+                .filter(|(k, _)| k != "timestamp" && k != "duration_ms")
+                .collect()
+        };
+        assert_eq!(
+            parse(&ours),
+            parse(&from_tracing),
+            "\n{ours}\n{from_tracing}"
+        );
+        let keys = |line: &str| {
+            let mut keys = Vec::new();
+            let mut rest = line;
+            while let Some(i) = rest.find("\":") {
+                let start = rest[..i].rfind('"').unwrap();
+                keys.push(rest[start + 1..i].to_owned());
+                rest = &rest[i + 2..];
+            }
+            keys
+        };
+        assert_eq!(keys(&ours), keys(&from_tracing));
+        assert!(ours.ends_with("}\n") && !ours.contains("secret"));
+    }
+}
