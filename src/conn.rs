@@ -2,8 +2,15 @@
 //! both: the signals its IO wrapper raises, and the guard that keeps its place under
 //! the connection limits.
 
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use futures_util::task::AtomicWaker;
+
+use crate::clock::monotonic_ns;
 
 /// What the connection's IO wrapper reports to the rest of the connection.
 #[derive(Debug, Default)]
@@ -19,6 +26,114 @@ pub struct ConnSignals {
     /// HTTP/1 request bytes arrived while no request was being handled: a head is
     /// under way. Cleared when the request reaches the handler.
     pub head_started: AtomicBool,
+    /// The response-head deadline of the HTTP/1 request in flight.
+    pub deadline: RequestDeadline,
+}
+
+/// The `request_timeout` of a connection's HTTP/1 request, kept by the connection's
+/// watchdog instead of a timer per request: arming it is a clock read and an atomic
+/// store. HTTP/1 has one request in flight per connection, so one slot is enough.
+///
+/// The watchdog sleeps until its next tick or the armed deadline, whichever is
+/// sooner, and publishes when that is (`watch_until`); a request whose deadline falls
+/// before it wakes the watchdog to look again. Instants are
+/// [`monotonic_ns`](crate::clock::monotonic_ns); 0 is "none".
+#[derive(Debug, Default)]
+pub struct RequestDeadline {
+    armed: AtomicU64,
+    /// The last deadline the watchdog found passed while still armed.
+    expired: AtomicU64,
+    watch_until: AtomicU64,
+    /// Set with a wake of `watchdog`: a deadline before `watch_until` was armed.
+    rearm: AtomicBool,
+    request: AtomicWaker,
+    watchdog: AtomicWaker,
+}
+
+/// The request's deadline passed before `inner` finished.
+#[derive(Debug)]
+pub struct Elapsed;
+
+impl RequestDeadline {
+    /// Runs `inner` with `timeout` armed from now; `Err(Elapsed)` once the watchdog
+    /// finds the deadline passed. The deadline is disarmed when this ends or is dropped.
+    pub fn run<'a, F: Future + Send + 'a>(
+        &'a self,
+        timeout: Duration,
+        inner: F,
+    ) -> impl Future<Output = Result<F::Output, Elapsed>> + Send + 'a {
+        let at = monotonic_ns(Instant::now())
+            .saturating_add(u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX));
+        async move {
+            let _armed = Armed::new(self, at);
+            let mut inner = std::pin::pin!(inner);
+            std::future::poll_fn(|cx| {
+                self.request.register(cx.waker());
+                if let Poll::Ready(out) = inner.as_mut().poll(cx) {
+                    return Poll::Ready(Ok(out));
+                }
+                if self.expired.load(SeqCst) == at {
+                    return Poll::Ready(Err(Elapsed));
+                }
+                Poll::Pending
+            })
+            .await
+        }
+    }
+
+    /// For the watchdog: when to look next, `next_tick` or the armed deadline if
+    /// sooner, published before it is returned. Re-read until stable, so that a
+    /// request arming meanwhile is either seen here or sees the published instant.
+    pub fn watch(&self, next_tick: u64) -> u64 {
+        loop {
+            let armed = self.armed.load(SeqCst);
+            let wake_at = if armed != 0 && armed != self.expired.load(SeqCst) {
+                armed.min(next_tick)
+            } else {
+                next_tick
+            };
+            self.watch_until.store(wake_at, SeqCst);
+            if self.armed.load(SeqCst) == armed {
+                return wake_at;
+            }
+        }
+    }
+
+    /// For the watchdog, once per wake-up: registers it to be woken by a rearm, and
+    /// says whether one happened.
+    pub fn rearmed(&self, cx: &mut std::task::Context<'_>) -> bool {
+        self.watchdog.register(cx.waker());
+        self.rearm.swap(false, SeqCst)
+    }
+
+    /// For the watchdog: `now` is past the armed deadline, so the request fails.
+    pub fn expire_if_passed(&self, now: u64) {
+        let armed = self.armed.load(SeqCst);
+        if armed != 0 && armed <= now {
+            self.expired.store(armed, SeqCst);
+            self.request.wake();
+        }
+    }
+}
+
+/// An armed deadline, disarmed on drop.
+struct Armed<'a>(&'a RequestDeadline, u64);
+
+impl<'a> Armed<'a> {
+    fn new(deadline: &'a RequestDeadline, at: u64) -> Self {
+        deadline.armed.store(at, SeqCst);
+        if at < deadline.watch_until.load(SeqCst) {
+            deadline.rearm.store(true, SeqCst);
+            deadline.watchdog.wake();
+        }
+        Armed(deadline, at)
+    }
+}
+
+impl Drop for Armed<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.armed.compare_exchange(self.1, 0, SeqCst, SeqCst);
+    }
 }
 
 /// A connection's place under `max_connections` (and `max_connections_per_ip`), held

@@ -411,6 +411,79 @@ async fn upstream_failures_map_to_502_and_504() {
     assert!(started.elapsed() < Duration::from_secs(3));
 }
 
+/// `request_timeout` answers 504 on time whichever way the deadline is kept: an
+/// HTTP/1 request's by the connection's watchdog (woken by a deadline before its next
+/// tick, or finding it at a tick), an HTTP/2 stream's by a timer. On one keep-alive
+/// connection, an expired deadline never carries over to the next request.
+#[tokio::test]
+async fn request_timeout_answers_on_time_and_per_request() {
+    let slow = Upstream::start_with("qa", Behaviour::Delay(Duration::from_secs(5))).await;
+    let slower = Upstream::start_with("staging", Behaviour::Delay(Duration::from_secs(5))).await;
+    let fast = Upstream::start("development").await;
+    // The watchdog ticks every 2.5 s (a quarter of the default header_read_timeout):
+    // a 50 ms deadline falls before its next tick and must wake it, a 3 s one is
+    // found by a tick and waited for exactly. Either way off, and the 504 would come
+    // up to 2.5 s late.
+    let toml = format!(
+        "[environments.qa]\nupstream = \"{slow}\"\nrequest_timeout = \"50ms\"\n{}\
+         [environments.staging]\nupstream = \"{}\"\nrequest_timeout = \"3s\"\n{}\
+         [environments.development]\nupstream = \"{}\"\n{}",
+        key_block("qa", "q", "spk_qa_q"),
+        slower.url(),
+        key_block("staging", "s", "spk_staging_s"),
+        fast.url(),
+        key_block("development", "d", "spk_development_d"),
+        slow = slow.url(),
+    );
+    let gw = TestGateway::start(&toml).await;
+    let stream = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    for (key, timeout) in [
+        ("spk_qa_q", Duration::from_millis(50)),
+        ("spk_staging_s", Duration::from_secs(3)),
+        ("spk_qa_q", Duration::from_millis(50)),
+    ] {
+        let started = std::time::Instant::now();
+        let request = Request::get("/")
+            .header("host", "gateway")
+            .header("x-api-key", key)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        let elapsed = started.elapsed();
+        assert_eq!(response.status(), 504, "{key}");
+        assert!(
+            elapsed >= timeout && elapsed < timeout + Duration::from_millis(400),
+            "{key}: 504 after {elapsed:?}, request_timeout {timeout:?}"
+        );
+        response.into_body().collect().await.unwrap();
+    }
+    let request = Request::get("/")
+        .header("host", "gateway")
+        .header("x-api-key", "spk_development_d")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(
+        response.status(),
+        200,
+        "same connection, after two timeouts"
+    );
+
+    let started = std::time::Instant::now();
+    let over_h2 = get(&h2_client(), &gw.url("/"), &[("x-api-key", "spk_qa_q")]).await;
+    over_h2.assert_error(504, "upstream_timeout");
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(50) && elapsed < Duration::from_millis(450),
+        "HTTP/2: 504 after {elapsed:?}"
+    );
+}
+
 #[tokio::test]
 async fn one_of_two_upstreams_down_still_serves() {
     let dead = std::net::TcpListener::bind("127.0.0.1:0")

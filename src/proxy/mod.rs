@@ -229,8 +229,11 @@ async fn inner(
 ) -> Result<Response<Body>, GatewayError> {
     let admitted = admit(shared, state, conn, &req, outcome).await?;
     let counter = outcome.bytes_in.clone();
+    // HTTP/1 has one request in flight per connection: its deadline is the
+    // connection's to keep. HTTP/2 streams each take a timer.
+    let deadline = (req.version() < Version::HTTP_2).then_some(&conn.signals.deadline);
     let (attempt, upgrade) = upstream_request(state, conn, req, ids, &admitted, counter);
-    send(shared, admitted.env, attempt, upgrade, outcome).await
+    send(shared, admitted.env, attempt, (upgrade, deadline), outcome).await
 }
 
 /// A request that passed every check.
@@ -458,7 +461,10 @@ fn send<'a>(
     shared: &'a Shared,
     env: &'a Environment,
     attempt: Attempt,
-    mut client_upgrade: Option<upgrade::ClientSide>,
+    (mut client_upgrade, deadline): (
+        Option<upgrade::ClientSide>,
+        Option<&'a crate::conn::RequestDeadline>,
+    ),
     outcome: &'a mut Outcome,
 ) -> impl std::future::Future<Output = Result<Response<Body>, GatewayError>> + Send + 'a {
     let Attempt {
@@ -482,8 +488,12 @@ fn send<'a>(
             let sent = env
                 .upstreams
                 .send(upstream, parts, body, path_and_query.clone());
-            let err = match tokio::time::timeout(timeout, sent).await {
-                Ok(Ok(mut response)) => {
+            let answered = match deadline {
+                Some(deadline) => deadline.run(timeout, sent).await.ok(),
+                None => tokio::time::timeout(timeout, sent).await.ok(),
+            };
+            let err = match answered {
+                Some(Ok(mut response)) => {
                     if env.upstreams.record_success(upstream) {
                         tracing::info!(environment = %env.config.name, upstream = %env.upstreams.slots[upstream].upstream.uri, "upstream back in rotation");
                     }
@@ -493,8 +503,8 @@ fn send<'a>(
                     }
                     return Ok(response);
                 }
-                Ok(Err(e)) => e,
-                Err(_) => {
+                Some(Err(e)) => e,
+                None => {
                     upstream_error(shared, env, upstream, "timeout");
                     return Err(GatewayError::UpstreamTimeout(timeout));
                 }

@@ -505,28 +505,56 @@ impl Connection {
 /// Ticks every quarter of the shorter of `idle_timeout` and `header_read_timeout`
 /// until the connection ends (`None`) or one of them is overrun (the reason). A
 /// deadline is therefore kept to within a quarter of its length, late, never early.
+///
+/// Between ticks it also wakes at the armed `request_timeout` of the HTTP/1 request
+/// in flight, exactly (see [`RequestDeadline`](crate::conn::RequestDeadline)).
 async fn watchdog(
     signals: &ConnSignals,
     served: &mut JoinHandle<()>,
     (idle_timeout, header_read_timeout): (Duration, Duration),
 ) -> Option<&'static str> {
+    use crate::clock::{monotonic_instant, monotonic_ns};
     let period = idle_timeout.min(header_read_timeout) / 4;
     let ticks = |d: Duration| {
         u32::try_from(d.as_nanos().div_ceil(period.as_nanos().max(1))).unwrap_or(u32::MAX)
     };
     let (idle_ticks, head_ticks) = (ticks(idle_timeout), ticks(header_read_timeout));
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let period_ns = u64::try_from(period.as_nanos()).unwrap_or(u64::MAX);
+    let mut next_tick = monotonic_ns(std::time::Instant::now()).saturating_add(period_ns);
+    let sleep = tokio::time::sleep_until(monotonic_instant(next_tick).into());
+    let mut sleep = std::pin::pin!(sleep);
     let (mut last_seen, mut quiet) = (signals.activity.load(Ordering::Relaxed), 0u32);
     let mut since_accept = 0u32;
     // The head under way: the request count when it was first seen, and the ticks
     // that have seen it since (it began within the tick before the first).
     let mut head: Option<(u64, u32)> = None;
+    let deadline = &signals.deadline;
     loop {
-        tokio::select! {
-            _ = &mut *served => return None,
-            _ = tick.tick() => {}
+        let wake_at = monotonic_instant(deadline.watch(next_tick));
+        if sleep.deadline() != wake_at.into() {
+            sleep.as_mut().reset(wake_at.into());
         }
+        let ended = std::future::poll_fn(|cx| {
+            if served.poll_unpin(cx).is_ready() {
+                return std::task::Poll::Ready(true);
+            }
+            let rearmed = deadline.rearmed(cx);
+            if rearmed || sleep.as_mut().poll_unpin(cx).is_ready() {
+                return std::task::Poll::Ready(false);
+            }
+            std::task::Poll::Pending
+        })
+        .await;
+        if ended {
+            return None;
+        }
+        let now = monotonic_ns(std::time::Instant::now());
+        deadline.expire_if_passed(now);
+        if now < next_tick {
+            continue;
+        }
+        // Late ticks are not caught up: the next is a period from now.
+        next_tick = now.saturating_add(period_ns);
         since_accept = since_accept.saturating_add(1);
         let requests = signals.requests.load(Ordering::Relaxed);
         // The first request must arrive within header_read_timeout of the accept
@@ -542,14 +570,14 @@ async fn watchdog(
         if head.is_some_and(|(_, seen)| seen > head_ticks) {
             return Some("request head not complete within header_read_timeout");
         }
-        let now = signals.activity.load(Ordering::Relaxed);
+        let seen = signals.activity.load(Ordering::Relaxed);
         let busy = signals.in_flight.load(Ordering::Relaxed) > 0;
-        quiet = if now == last_seen && !busy {
+        quiet = if seen == last_seen && !busy {
             quiet + 1
         } else {
             0
         };
-        last_seen = now;
+        last_seen = seen;
         if quiet >= idle_ticks {
             return Some("idle connection");
         }
