@@ -175,3 +175,131 @@ async fn a_connection_whose_response_was_abandoned_is_not_reused() {
     assert_eq!(first.data_ref().unwrap().as_ref(), b"only the start");
     assert_eq!(up.connections.load(Ordering::SeqCst), 2);
 }
+
+/// Sends one GET through a fresh client: the status and the whole body, or what
+/// failed (the response, or its body part way).
+async fn fetch(gw: &TestGateway, path: &str) -> Result<(u16, Bytes), String> {
+    let response = client()
+        .request(
+            Request::get(gw.url(path))
+                .header("x-api-key", KEY)
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .map_err(|e| format!("response: {e:?}"))?;
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await;
+    let body = body.map_err(|e| format!("body: {e}"))?;
+    Ok((status, body.to_bytes()))
+}
+
+#[tokio::test]
+async fn response_framing_two_parsers_could_read_differently_is_refused() {
+    let ambiguous: [&'static [u8]; 4] = [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok!",
+        b"HTTP/1.1 200 OK\r\nContent-Length: -2\r\n\r\nok",
+    ];
+    for response in ambiguous {
+        let up = raw_upstream(response, false).await;
+        let gw = gateway_for(&up).await;
+        for i in 0..2 {
+            let answer = get(&client(), &gw.url("/"), &[("x-api-key", KEY)]).await;
+            answer.assert_error(502, "upstream_unavailable");
+            assert_eq!(
+                up.connections.load(Ordering::SeqCst),
+                i + 1,
+                "a refused response closes its connection: {}",
+                String::from_utf8_lossy(response)
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn bytes_past_a_responses_end_are_never_read_as_the_next_response() {
+    // The upstream sends a second, unasked response right behind the first: it must
+    // neither reach the client nor answer the next request.
+    let up = raw_upstream(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nsmuggled",
+        false,
+    )
+    .await;
+    let gw = gateway_for(&up).await;
+    for i in 0..3 {
+        assert_eq!(fetch(&gw, "/").await, Ok((200, Bytes::from("ok"))));
+        assert_eq!(up.connections.load(Ordering::SeqCst), i + 1);
+    }
+}
+
+#[tokio::test]
+async fn a_bad_chunk_fails_the_response_and_closes_its_connection() {
+    for response in [
+        &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\nzz\r\nmore\r\n0\r\n\r\n"
+            [..],
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nokXX0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\nok\r\n0\r\n\r\n",
+    ] {
+        let up = raw_upstream(response, false).await;
+        let gw = gateway_for(&up).await;
+        for i in 0..2 {
+            // The head may or may not have gone out before the bad chunk was met; the
+            // client never gets a complete response either way.
+            let outcome = fetch(&gw, "/").await;
+            assert!(outcome.is_err(), "a complete response: {outcome:?}");
+            assert_eq!(up.connections.load(Ordering::SeqCst), i + 1);
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_idle_connection_the_upstream_closed_silently_costs_no_request() {
+    // Closed after each answer without saying so: the pooled connection is found
+    // closed when the next request takes it, or answers nothing and the request is
+    // sent again on a new one.
+    let up = raw_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", true).await;
+    let gw = gateway_for(&up).await;
+    for _ in 0..10 {
+        assert_eq!(fetch(&gw, "/").await, Ok((200, Bytes::from("ok"))));
+    }
+    assert_eq!(up.connections.load(Ordering::SeqCst), 10);
+}
+
+#[tokio::test]
+async fn an_upstream_answering_before_it_read_the_body_is_heard() {
+    // The upstream refuses on the head alone and closes without reading the 8 MiB
+    // body: its answer reaches the client, not a write error.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let _ = stream
+                    .write_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 4\r\nConnection: close\r\n\r\nbig!")
+                    .await;
+            });
+        }
+    });
+    let gw = TestGateway::start(&format!(
+        "[environments.development]\nupstream = \"http://{addr}\"\n{}",
+        key_block("development", "svc", KEY)
+    ))
+    .await;
+    let request = Request::post(gw.url("/upload"))
+        .header("x-api-key", KEY)
+        .body(Full::new(Bytes::from(vec![b'x'; 8 << 20])))
+        .unwrap();
+    let answer = send(&client(), request).await;
+    assert_eq!(answer.status, 413);
+    assert_eq!(answer.body, "big!");
+}

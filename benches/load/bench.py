@@ -395,6 +395,8 @@ def ladder_rungs(stack, work, baseline_bin=None):
     tracing = lambda ratio: f'[tracing]\notlp = "{collector}"\nsample_ratio = {ratio}\n\n'
     rungs = [
         ("floor", "floor: hyper server + hyper client, no gateway logic", None, None, None),
+        ("rawfloor", "floor, its upstream exchange in the request's own task (floor rawproxy)", None, None,
+         "rawproxy"),
         ("key", "specter: one key, no limits, no policy", head + key_block, "warn", stack.bin),
         ("limits", "+ rate limits, per key and total (never triggered)", head + limits + key_block, "warn", stack.bin),
         ("policy", "+ policy (the full hot path; trace context on, export off)", full, "warn", stack.bin),
@@ -424,6 +426,12 @@ def ladder(stack, work, rounds, duration, only=None, baseline_bin=None):
         rungs = [r for r in rungs if r[0] in only]
     ports = {}
     for key, _, text, log, binary in rungs:
+        if binary == "rawproxy":
+            ports[key] = free_port()
+            stack.start(f"rung-{key}", ["taskset", "-c", "1", stack.floor_bin, "rawproxy",
+                                        f"127.0.0.1:{ports[key]}", f"127.0.0.1:{stack.ports['UPSTREAM_PORT']}"])
+            wait_port(ports[key])
+            continue
         if text is None:
             ports[key] = stack.ports["FLOOR_PORT"]
             continue
@@ -436,7 +444,7 @@ def ladder(stack, work, rounds, duration, only=None, baseline_bin=None):
             fleet = text is not None and "[rate_limit_store]" in text
             calls0 = redis_calls(redis) if fleet else None
             url = f"http://127.0.0.1:{ports[key]}/"
-            x = measure(stack, f"rung-{key}" if text else "floor", lambda: wrk(url, 64, duration))
+            x = measure(stack, "floor" if key == "floor" else f"rung-{key}", lambda: wrk(url, 64, duration))
             x["valid"] = valid(x)
             per[key].append(x)
             if fleet:
@@ -444,8 +452,8 @@ def ladder(stack, work, rounds, duration, only=None, baseline_bin=None):
             print(f"  [ladder] round {r + 1} {key}: {x['rps']:.0f}/s, "
                   f"{x['user_ns'] or 0:.0f} + {x['sys_ns'] or 0:.0f} ns/request{'' if x['valid'] else ' *'}",
                   file=sys.stderr)
-    for key, _, text, *_ in rungs:
-        if text is not None:
+    for key, *_ in rungs:
+        if key != "floor":
             stack.stop(f"rung-{key}")
     out, previous, floor = [], None, None
     for key, label, *_ in rungs:
@@ -653,8 +661,8 @@ def main():
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--scenarios", default="small,post64k,conns1000,https,handshakes,h2")
     ap.add_argument("--ladder", action="store_true", help="the feature-cost ladder from the floor")
-    ap.add_argument("--rungs", help="only these ladder rungs, comma-separated (floor,key,limits,policy,log,"
-                    "fleet,lease,otlp0,otlp1,429,baseline)")
+    ap.add_argument("--rungs", help="only these ladder rungs, comma-separated (floor,rawfloor,key,limits,"
+                    "policy,log,fleet,lease,otlp0,otlp1,429,baseline)")
     ap.add_argument("--trace-ladder", action="store_true", help="the ladder's tracing rungs only")
     ap.add_argument("--baseline-bin", help="add a ladder rung: this specter binary on the full hot path (A/B)")
     ap.add_argument("--idle", type=int, default=0, help="only measure RSS per idle connection, with this many")

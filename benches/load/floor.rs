@@ -5,6 +5,10 @@
 //! (current-thread runtime: no pool, no checks, no headers added, no timers).
 //! `floor serve LISTEN` is hyper's own hello server (200 "ok"), whose idle connections
 //! are the per-connection memory floor.
+//! `floor rawproxy LISTEN UPSTREAM` is the proxy with its upstream exchange done in the
+//! request's own task instead of through hyper's client (no connection task, no
+//! channel): what an HTTP/1 client of one's own can save at most. It reads
+//! `Content-Length` responses only, which is what the benchmark's upstream sends.
 //!
 //! Built from the project's own hyper, so the ladder in `bench.py` starts where specter
 //! would be with nothing of its own: `cargo build --release --example floor`.
@@ -27,7 +31,7 @@ type Reply = Response<BoxBody<Bytes, hyper::Error>>;
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> std::io::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let usage = "usage: floor proxy LISTEN UPSTREAM | floor serve LISTEN";
+    let usage = "usage: floor proxy|rawproxy LISTEN UPSTREAM | floor serve LISTEN";
     let (mode, listen) = match (args.get(1), args.get(2)) {
         (Some(mode), Some(listen)) => (mode.as_str(), listen.as_str()),
         _ => {
@@ -36,7 +40,7 @@ async fn main() -> std::io::Result<()> {
         }
     };
     let upstream = match (mode, args.get(3)) {
-        ("proxy", Some(up)) => Some(up.clone()),
+        ("proxy" | "rawproxy", Some(up)) => Some(up.clone()),
         ("serve", None) => None,
         _ => {
             eprintln!("{usage}");
@@ -48,8 +52,10 @@ async fn main() -> std::io::Result<()> {
         let (stream, _) = listener.accept().await?;
         stream.set_nodelay(true)?;
         let upstream = upstream.clone();
+        let raw = mode == "rawproxy";
         tokio::spawn(async move {
             let result = match upstream {
+                Some(upstream) if raw => rawproxy(stream, &upstream).await,
                 Some(upstream) => proxy(stream, &upstream).await,
                 None => serve(stream).await,
             };
@@ -99,4 +105,80 @@ async fn proxy(
         .serve_connection(TokioIo::new(stream), forward)
         .await?;
     Ok(())
+}
+
+/// One upstream connection per client connection; each request writes its head on it
+/// and reads the response itself.
+async fn rawproxy(
+    stream: TcpStream,
+    upstream: &str,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let up = TcpStream::connect(upstream).await?;
+    up.set_nodelay(true)?;
+    let up = Arc::new(Mutex::new((up, Vec::with_capacity(8192))));
+    let forward = service_fn(move |req: Request<Incoming>| {
+        let up = up.clone();
+        async move {
+            let mut up = up.lock().await;
+            let (up, buf) = &mut *up;
+            exchange(up, buf, &req).await
+        }
+    });
+    http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), forward)
+        .await?;
+    Ok(())
+}
+
+async fn exchange(
+    up: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    req: &Request<Incoming>,
+) -> std::io::Result<Reply> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut head = Vec::with_capacity(512);
+    head.extend_from_slice(req.method().as_str().as_bytes());
+    head.push(b' ');
+    let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    head.extend_from_slice(target.as_bytes());
+    head.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in req.headers() {
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    up.write_all(&head).await?;
+    buf.clear();
+    loop {
+        buf.reserve(4096);
+        if up.read_buf(buf).await? == 0 {
+            return Err(std::io::Error::other("upstream closed"));
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut response = httparse::Response::new(&mut headers);
+        let httparse::Status::Complete(len) = response.parse(buf).map_err(std::io::Error::other)?
+        else {
+            continue;
+        };
+        let mut reply = Response::builder().status(response.code.unwrap_or(502));
+        let mut length = 0;
+        for h in response.headers.iter() {
+            if h.name.eq_ignore_ascii_case("content-length") {
+                let value = std::str::from_utf8(h.value).ok();
+                length = value.and_then(|v| v.parse().ok()).unwrap_or(0);
+            }
+            reply = reply.header(h.name, h.value);
+        }
+        while buf.len() < len + length {
+            if up.read_buf(buf).await? == 0 {
+                return Err(std::io::Error::other("upstream closed"));
+            }
+        }
+        let body = Full::new(Bytes::copy_from_slice(&buf[len..len + length]));
+        return reply
+            .body(body.map_err(|never| match never {}).boxed())
+            .map_err(std::io::Error::other);
+    }
 }

@@ -1,19 +1,24 @@
 //! An environment's upstreams: their connections, round-robin selection and passive
 //! health.
 //!
-//! HTTP/1.1 upstreams get connections of our own: per upstream, a stack of idle hyper
-//! `client::conn` senders. A request pops the most recently used one (or connects), and
-//! its response body puts it back when it ends. Compared with hyper-util's pooled
-//! client this skips the pool-key hashing, the URI rewriting and the per-request
-//! connector clone, and lets a request that was never written be retried on a fresh
-//! connection without copying it. HTTP/2 upstreams use hyper-util's client, which
-//! multiplexes requests over one connection.
+//! HTTP/1.1 upstreams get pools of our own: per upstream, stacks of idle connections.
+//! A request pops the most recently used one (or connects), and its response body
+//! puts it back when it ends. Plain-HTTP requests that do not upgrade go through
+//! specter's own HTTP/1.1 client ([`h1`]); TLS upstreams and upgrades through hyper's
+//! `client::conn`. Compared with hyper-util's pooled client this skips the pool-key
+//! hashing, the URI rewriting and the per-request connector clone, and lets a request
+//! that was never answered on a reused connection be sent again on a fresh one.
+//! HTTP/2 upstreams use hyper-util's client, which multiplexes requests over one
+//! connection.
 //!
 //! Selection is round-robin over healthy upstreams. Passive health: after
 //! `FAILURES_TO_EJECT` consecutive connect failures an upstream is skipped for a back-off
 //! (1 s, doubling to 30 s); when it ends, one request probes it. Round-robin rather than
 //! least-outstanding: specter's environments front a handful of equal backends, and
 //! round-robin keeps the hot path at one atomic increment.
+
+mod chunked;
+mod h1;
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -22,7 +27,7 @@ use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::HOST;
+use http::header::{HOST, UPGRADE};
 use http::uri::PathAndQuery;
 use http::{HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
@@ -58,17 +63,23 @@ pub struct UpstreamSlot {
     /// `Host` for requests that do not keep the client's: the authority, without a
     /// default port.
     host: HeaderValue,
-    idle: Arc<IdleConnections>,
+    idle: Arc<HyperIdle>,
+    /// Connections of specter's own client (plain HTTP).
+    plain_idle: Arc<IdleConnections<h1::Connection>>,
 }
 
 /// Where a prepared request goes.
 enum Route<'a> {
-    Http1(&'a Connector),
-    Http2(&'a Client<Connector, Body>),
+    Own(&'a HttpConnector, http::request::Parts, Body),
+    Http1(&'a Connector, Request<Body>),
+    Http2(&'a Client<Connector, Body>, Request<Body>),
 }
 
 enum Transport {
-    Http1(Connector),
+    Http1 {
+        tls: Connector,
+        plain: HttpConnector,
+    },
     Http2(Box<Client<Connector, Body>>),
 }
 
@@ -87,6 +98,7 @@ impl UpstreamPool {
         http.set_connect_timeout(Some(env.connect_timeout));
         http.set_keepalive(Some(Duration::from_secs(60)));
         let tls_config = tls::client_config(env.upstream_ca.as_deref())?;
+        let plain = http.clone();
         let builder = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls_config)
             .https_or_http();
@@ -108,7 +120,10 @@ impl UpstreamPool {
                     .build(connector),
             ))
         } else {
-            Transport::Http1(builder.enable_http1().wrap_connector(http))
+            Transport::Http1 {
+                tls: builder.enable_http1().wrap_connector(http),
+                plain,
+            }
         };
         let slots = env
             .upstreams
@@ -119,6 +134,7 @@ impl UpstreamPool {
                 down_until_ms: AtomicU64::new(0),
                 host: host_header(&u.uri),
                 idle: Arc::default(),
+                plain_idle: Arc::default(),
             })
             .collect();
         Ok(UpstreamPool {
@@ -146,30 +162,38 @@ impl UpstreamPool {
                 let mut uri = http::uri::Parts::default();
                 uri.scheme = slot.upstream.uri.scheme().cloned();
                 uri.authority = slot.upstream.uri.authority().cloned();
-                uri.path_and_query = Some(target);
+                uri.path_and_query = Some(target.clone());
                 Uri::from_parts(uri)
                     .map_err(|e| UpstreamError::Request(e.into()))
                     .map(|uri| {
                         parts.uri = uri;
-                        (Route::Http2(client), Request::from_parts(parts, body))
+                        Route::Http2(client, Request::from_parts(parts, body))
                     })
             }
-            Transport::Http1(connector) => {
-                parts.uri = Uri::from(target);
+            Transport::Http1 { tls, plain } => {
                 if !parts.headers.contains_key(HOST) {
                     parts.headers.insert(HOST, slot.host.clone());
                 }
-                Ok((Route::Http1(connector), Request::from_parts(parts, body)))
+                let own = slot.upstream.uri.scheme_str() == Some("http")
+                    && !parts.headers.contains_key(UPGRADE);
+                if own {
+                    Ok(Route::Own(plain, parts, body))
+                } else {
+                    parts.uri = Uri::from(target.clone());
+                    Ok(Route::Http1(tls, Request::from_parts(parts, body)))
+                }
             }
         };
         async move {
-            let (route, mut request) = prepared?;
-            let connector = match route {
-                Route::Http2(client) => {
+            let (connector, mut request) = match prepared? {
+                Route::Own(plain, parts, body) => {
+                    return Box::pin(send_own(plain, slot, parts, body, target)).await
+                }
+                Route::Http2(client, request) => {
                     let response = Box::pin(client.request(request)).await?;
                     return Ok(response.map(|b| b.map_err(Into::into).boxed()));
                 }
-                Route::Http1(connector) => connector,
+                Route::Http1(connector, request) => (connector, request),
             };
             loop {
                 let (mut sender, reused) = match slot.idle.checkout().await {
@@ -275,6 +299,8 @@ pub enum UpstreamError {
     Connect(#[source] BoxError),
     #[error("HTTP/1.1 exchange failed")]
     Http(#[from] hyper::Error),
+    #[error("HTTP/1.1 exchange failed")]
+    Exchange(#[from] h1::Error),
     #[error("HTTP/2 exchange failed")]
     Http2(#[from] hyper_util::client::legacy::Error),
     #[error("the request cannot be sent")]
@@ -319,43 +345,115 @@ async fn connect(connector: &Connector, uri: &Uri) -> Result<SendRequest<Body>, 
     Ok(sender)
 }
 
-/// An upstream's idle HTTP/1.1 connections, most recently used last.
-#[derive(Default)]
-struct IdleConnections(Mutex<Vec<(SendRequest<Body>, Instant)>>);
+/// A request through specter's own client: on an idle connection if one is open,
+/// else a new one. A reused connection that closed before answering (the upstream
+/// timed it out while idle) gets the request again on a new connection when nothing
+/// of the request is lost by it: it had no body.
+async fn send_own(
+    connector: &HttpConnector,
+    slot: &UpstreamSlot,
+    parts: http::request::Parts,
+    mut body: Body,
+    target: PathAndQuery,
+) -> Result<Response<Body>, UpstreamError> {
+    let replayable = body.is_end_stream();
+    loop {
+        let (conn, reused) = match slot.plain_idle.checkout_stale_free() {
+            Some(conn) => (conn, true),
+            None => (connect_plain(connector, &slot.upstream.uri).await?, false),
+        };
+        match h1::round_trip(conn, &parts, &target, body, &slot.plain_idle).await {
+            Ok(response) => return Ok(response),
+            Err(e) if reused && replayable && e.is_unanswered() => body = crate::body::empty(),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
 
-impl std::fmt::Debug for IdleConnections {
+async fn connect_plain(
+    connector: &HttpConnector,
+    uri: &Uri,
+) -> Result<h1::Connection, UpstreamError> {
+    let io = connector
+        .clone()
+        .call(uri.clone())
+        .await
+        .map_err(|e| UpstreamError::Connect(e.into()))?;
+    Ok(h1::Connection::new(io.into_inner()))
+}
+
+/// What the idle pool needs to know of a connection.
+trait Idle {
+    /// Closed, or otherwise unfit for another request.
+    fn is_closed(&self) -> bool;
+}
+
+impl Idle for SendRequest<Body> {
+    fn is_closed(&self) -> bool {
+        SendRequest::is_closed(self)
+    }
+}
+
+impl Idle for h1::Connection {
+    fn is_closed(&self) -> bool {
+        self.is_stale()
+    }
+}
+
+/// hyper's idle connections (TLS upstreams, upgrades).
+type HyperIdle = IdleConnections<SendRequest<Body>>;
+
+/// An upstream's idle HTTP/1.1 connections, most recently used last.
+struct IdleConnections<C>(Mutex<Vec<(C, Instant)>>);
+
+impl<C> Default for IdleConnections<C> {
+    fn default() -> Self {
+        IdleConnections(Mutex::default())
+    }
+}
+
+impl<C> std::fmt::Debug for IdleConnections<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let idle = self.0.lock().map_or(0, |v| v.len());
         write!(f, "IdleConnections({idle})")
     }
 }
 
-impl IdleConnections {
-    /// The most recently used open connection, once it can take a request.
-    async fn checkout(&self) -> Option<SendRequest<Body>> {
+impl<C: Idle> IdleConnections<C> {
+    /// The most recently used connection still open and not idle for too long.
+    fn checkout_stale_free(&self) -> Option<C> {
         loop {
-            let (mut sender, since) = self.0.lock().ok()?.pop()?;
-            if sender.is_closed() || since.elapsed() > IDLE_TIMEOUT {
-                continue;
-            }
-            // Usually ready already; otherwise the previous response's end is still
-            // being processed by the connection task.
-            if sender.ready().await.is_ok() {
-                return Some(sender);
+            let (conn, since) = self.0.lock().ok()?.pop()?;
+            if !conn.is_closed() && since.elapsed() <= IDLE_TIMEOUT {
+                return Some(conn);
             }
         }
     }
 
-    fn put_back(&self, sender: SendRequest<Body>) {
+    fn put_back(&self, conn: C) {
         let Ok(mut idle) = self.0.lock() else { return };
         if idle
             .first()
             .is_some_and(|(_, since)| since.elapsed() > IDLE_TIMEOUT)
         {
-            idle.retain(|(s, since)| !s.is_closed() && since.elapsed() <= IDLE_TIMEOUT);
+            idle.retain(|(c, since)| !c.is_closed() && since.elapsed() <= IDLE_TIMEOUT);
         }
         if idle.len() < MAX_IDLE {
-            idle.push((sender, Instant::now()));
+            idle.push((conn, Instant::now()));
+        }
+    }
+}
+
+impl HyperIdle {
+    /// The most recently used open connection, once it can take a request.
+    async fn checkout(&self) -> Option<SendRequest<Body>> {
+        loop {
+            let mut sender = self.checkout_stale_free()?;
+            // Usually ready already; otherwise the previous response's end is still
+            // being processed by the connection task.
+            if sender.ready().await.is_ok() {
+                return Some(sender);
+            }
         }
     }
 }
@@ -365,7 +463,7 @@ impl IdleConnections {
 fn pooled(
     response: Response<Incoming>,
     sender: SendRequest<Body>,
-    idle: &Arc<IdleConnections>,
+    idle: &Arc<HyperIdle>,
 ) -> Response<Body> {
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         return response.map(|b| b.map_err(Into::into).boxed());
@@ -386,7 +484,7 @@ fn pooled(
 
 struct PooledBody {
     inner: Incoming,
-    sender: Option<(SendRequest<Body>, Arc<IdleConnections>)>,
+    sender: Option<(SendRequest<Body>, Arc<HyperIdle>)>,
 }
 
 impl hyper::body::Body for PooledBody {
