@@ -55,29 +55,14 @@ pub struct RequestDeadline {
 pub struct Elapsed;
 
 impl RequestDeadline {
-    /// Runs `inner` with `timeout` armed from now; `Err(Elapsed)` once the watchdog
-    /// finds the deadline passed. The deadline is disarmed when this ends or is dropped.
-    pub fn run<'a, F: Future + Send + 'a>(
-        &'a self,
-        timeout: Duration,
-        inner: F,
-    ) -> impl Future<Output = Result<F::Output, Elapsed>> + Send + 'a {
+    /// `inner` with `timeout` armed from now: `Err(Elapsed)` once the watchdog finds
+    /// the deadline passed. Disarmed when the returned future ends or is dropped.
+    pub fn run<F: Future>(&self, timeout: Duration, inner: F) -> Deadlined<'_, F> {
         let at = monotonic_ns(Instant::now())
             .saturating_add(u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX));
-        async move {
-            let _armed = Armed::new(self, at);
-            let mut inner = std::pin::pin!(inner);
-            std::future::poll_fn(|cx| {
-                self.request.register(cx.waker());
-                if let Poll::Ready(out) = inner.as_mut().poll(cx) {
-                    return Poll::Ready(Ok(out));
-                }
-                if self.expired.load(SeqCst) == at {
-                    return Poll::Ready(Err(Elapsed));
-                }
-                Poll::Pending
-            })
-            .await
+        Deadlined {
+            inner,
+            armed: Armed::new(self, at),
         }
     }
 
@@ -113,6 +98,34 @@ impl RequestDeadline {
             self.expired.store(armed, SeqCst);
             self.request.wake();
         }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A future under a [`RequestDeadline`]. A struct rather than an `async` block,
+    /// which would hold `inner` twice (as captured, and as pinned): the request's
+    /// future is copied whole each time it moves.
+    pub struct Deadlined<'a, F> {
+        #[pin]
+        inner: F,
+        armed: Armed<'a>,
+    }
+}
+
+impl<F: Future> Future for Deadlined<'_, F> {
+    type Output = Result<F::Output, Elapsed>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let Armed(deadline, at) = *this.armed;
+        deadline.request.register(cx.waker());
+        if let Poll::Ready(out) = this.inner.poll(cx) {
+            return Poll::Ready(Ok(out));
+        }
+        if deadline.expired.load(SeqCst) == at {
+            return Poll::Ready(Err(Elapsed));
+        }
+        Poll::Pending
     }
 }
 

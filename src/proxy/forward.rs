@@ -1,5 +1,6 @@
 //! Header rewriting between client and upstream, in both directions.
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::OnceLock;
 
@@ -12,31 +13,37 @@ use crate::config::HeaderRules;
 use crate::headers::*;
 
 /// Removes the hop-by-hop headers, every header the `Connection` header names, and those
-/// `also` picks, in one pass over the names present: a message carries a handful of
+/// `also` picks, in passes over the names present: a message carries a handful of
 /// headers while the candidates are about twenty, so this beats a hashed `remove` per
-/// candidate. Runs before the gateway sets its own headers, so `Connection:
+/// candidate. Each pass finds one name to remove; `also` names it by a reference of its
+/// own where it can, so that no name is cloned (a custom name's first clone allocates).
+/// Runs before the gateway sets its own headers, so `Connection:
 /// x-specter-environment` removes only the client's copy, never the gateway's.
-fn remove_where(headers: &mut HeaderMap, also: impl Fn(&HeaderName) -> bool) {
-    if headers.contains_key(CONNECTION) {
-        // The names `Connection` lists must all be read before it goes itself.
-        let doomed: Vec<HeaderName> = headers
-            .keys()
-            .filter(|n| HOP_BY_HOP.contains(n) || also(n) || named_by_connection(headers, n))
-            .cloned()
-            .collect();
-        for name in doomed {
-            headers.remove(name);
+fn remove_where<'r>(
+    headers: &mut HeaderMap,
+    also: impl Fn(&HeaderName) -> Option<Cow<'r, HeaderName>>,
+) {
+    let connection = headers.contains_key(CONNECTION);
+    loop {
+        let doomed = headers.keys().find_map(|n| {
+            if let Some(hop) = HOP_BY_HOP.iter().find(|h| *h == n && *h != CONNECTION) {
+                return Some(Cow::Borrowed(hop));
+            }
+            // `Connection` goes last: the names it lists must all be read first.
+            also(n).or_else(|| {
+                (connection && n != CONNECTION && named_by_connection(headers, n))
+                    .then(|| Cow::Owned(n.clone()))
+            })
+        });
+        match doomed {
+            Some(name) => {
+                headers.remove(&*name);
+            }
+            None => break,
         }
-        return;
     }
-    // The usual message has one such name or none: find it, remove it, look again,
-    // with no list allocated for it.
-    while let Some(name) = headers
-        .keys()
-        .find(|n| HOP_BY_HOP.contains(n) || also(n))
-        .cloned()
-    {
-        headers.remove(name);
+    if connection {
+        headers.remove(CONNECTION);
     }
 }
 
@@ -172,14 +179,18 @@ pub fn rewrite_request(headers: &mut HeaderMap, f: &Forwarded<'_>, rules: &Heade
     let previous_forwarded = previous(headers, &FORWARDED);
     let bearer = f.key_source == KeySource::Bearer;
     remove_where(headers, |n| {
-        n == f.auth_header
-            || (bearer && n == AUTHORIZATION)
-            || GATEWAY_SET.contains(n)
-            || rules.remove.contains(n)
+        if n == f.auth_header {
+            return Some(Cow::Borrowed(f.auth_header));
+        }
+        if let Some(owned) = GATEWAY_SET.iter().chain(&rules.remove).find(|g| *g == n) {
+            return Some(Cow::Borrowed(owned));
+        }
+        let doomed = (bearer && n == AUTHORIZATION)
             || (!f.trusted_peer && forwarding_header(n.as_str()))
             || (n.as_str().contains('_')
                 && (!f.allow_underscores || spells_gateway_owned(n.as_str(), f.auth_header)))
-            || (!f.keep_tracestate && n == crate::trace::TRACESTATE)
+            || (!f.keep_tracestate && n == crate::trace::TRACESTATE);
+        doomed.then(|| Cow::Owned(n.clone()))
     });
     // Room for what is added below at once, instead of growing the map step by step.
     headers.reserve(rules.set.len() + 11);
@@ -276,7 +287,9 @@ fn forwarded_element(
 }
 
 pub fn rewrite_response(headers: &mut HeaderMap, rules: &HeaderRules) {
-    remove_where(headers, |n| rules.remove.contains(n));
+    remove_where(headers, |n| {
+        rules.remove.iter().find(|r| *r == n).map(Cow::Borrowed)
+    });
     for (name, value) in &rules.set {
         headers.insert(name.clone(), value.clone());
     }

@@ -14,6 +14,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
+use futures_util::future::{Either, FutureExt};
 use http::header::{HeaderValue, CONTENT_LENGTH, HOST};
 use http::uri::{PathAndQuery, Uri};
 use http::{Method, Request, Response, Version};
@@ -488,11 +489,12 @@ fn send<'a>(
             let sent = env
                 .upstreams
                 .send(upstream, parts, body, path_and_query.clone());
+            // One or the other, never both, in the request's future.
             let answered = match deadline {
-                Some(deadline) => deadline.run(timeout, sent).await.ok(),
-                None => tokio::time::timeout(timeout, sent).await.ok(),
+                Some(deadline) => Either::Left(deadline.run(timeout, sent).map(Result::ok)),
+                None => Either::Right(tokio::time::timeout(timeout, sent).map(Result::ok)),
             };
-            let err = match answered {
+            let err = match answered.await {
                 Some(Ok(mut response)) => {
                     if env.upstreams.record_success(upstream) {
                         tracing::info!(environment = %env.config.name, upstream = %env.upstreams.slots[upstream].upstream.uri, "upstream back in rotation");

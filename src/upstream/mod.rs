@@ -20,6 +20,7 @@
 mod chunked;
 mod h1;
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -27,6 +28,7 @@ use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::future::{BoxFuture, Either};
 use http::header::{HOST, UPGRADE};
 use http::uri::PathAndQuery;
 use http::{HeaderValue, Request, Response, StatusCode, Uri};
@@ -66,13 +68,6 @@ pub struct UpstreamSlot {
     idle: Arc<HyperIdle>,
     /// Connections of specter's own client (plain HTTP).
     plain_idle: Arc<IdleConnections<h1::Connection>>,
-}
-
-/// Where a prepared request goes.
-enum Route<'a> {
-    Own(&'a HttpConnector, http::request::Parts, Body),
-    Http1(&'a Connector, Request<Body>),
-    Http2(&'a Client<Connector, Body>, Request<Body>),
 }
 
 enum Transport {
@@ -149,26 +144,27 @@ impl UpstreamPool {
     ///
     /// The request is prepared here and only what the exchange needs is moved into the
     /// returned future: every byte of it is copied each time the request's future moves.
+    /// The routes other than specter's own client are rarer, and boxed.
     pub fn send(
         &self,
         i: usize,
         mut parts: http::request::Parts,
         body: Body,
         target: PathAndQuery,
-    ) -> impl std::future::Future<Output = Result<Response<Body>, UpstreamError>> + Send + '_ {
+    ) -> Either<impl Future<Output = Sent> + Send + '_, BoxFuture<'_, Sent>> {
         let slot = &self.slots[i];
-        let prepared = match &self.transport {
+        match &self.transport {
             Transport::Http2(client) => {
                 let mut uri = http::uri::Parts::default();
                 uri.scheme = slot.upstream.uri.scheme().cloned();
                 uri.authority = slot.upstream.uri.authority().cloned();
-                uri.path_and_query = Some(target.clone());
-                Uri::from_parts(uri)
-                    .map_err(|e| UpstreamError::Request(e.into()))
-                    .map(|uri| {
-                        parts.uri = uri;
-                        Route::Http2(client, Request::from_parts(parts, body))
-                    })
+                uri.path_and_query = Some(target);
+                let uri = Uri::from_parts(uri).map_err(|e| UpstreamError::Request(e.into()));
+                Either::Right(Box::pin(async move {
+                    parts.uri = uri?;
+                    let response = client.request(Request::from_parts(parts, body)).await?;
+                    Ok(response.map(|b| b.map_err(Into::into).boxed()))
+                }))
             }
             Transport::Http1 { tls, plain } => {
                 if !parts.headers.contains_key(HOST) {
@@ -177,42 +173,11 @@ impl UpstreamPool {
                 let own = slot.upstream.uri.scheme_str() == Some("http")
                     && !parts.headers.contains_key(UPGRADE);
                 if own {
-                    Ok(Route::Own(plain, parts, body))
+                    Either::Left(send_own(plain, slot, parts, body, target))
                 } else {
-                    parts.uri = Uri::from(target.clone());
-                    Ok(Route::Http1(tls, Request::from_parts(parts, body)))
-                }
-            }
-        };
-        async move {
-            let (connector, mut request) = match prepared? {
-                Route::Own(plain, parts, body) => {
-                    return Box::pin(send_own(plain, slot, parts, body, target)).await
-                }
-                Route::Http2(client, request) => {
-                    let response = Box::pin(client.request(request)).await?;
-                    return Ok(response.map(|b| b.map_err(Into::into).boxed()));
-                }
-                Route::Http1(connector, request) => (connector, request),
-            };
-            loop {
-                let (mut sender, reused) = match slot.idle.checkout().await {
-                    Some(sender) => (sender, true),
-                    // Boxed: connecting is rare on a warm pool, and its future would
-                    // otherwise make every request's future 2 KiB larger.
-                    None => (
-                        Box::pin(connect(connector, &slot.upstream.uri)).await?,
-                        false,
-                    ),
-                };
-                match sender.try_send_request(request).await {
-                    Ok(response) => return Ok(pooled(response, sender, &slot.idle)),
-                    // An idle connection that closed before the request was written to
-                    // it: nothing reached the upstream, so send it again on a new one.
-                    Err(mut e) if reused && e.message().is_some() => {
-                        request = e.take_message().expect("checked above");
-                    }
-                    Err(e) => return Err(e.into_error().into()),
+                    parts.uri = Uri::from(target);
+                    let request = Request::from_parts(parts, body);
+                    Either::Right(Box::pin(send_hyper(tls, slot, request)))
                 }
             }
         }
@@ -345,6 +310,33 @@ async fn connect(connector: &Connector, uri: &Uri) -> Result<SendRequest<Body>, 
     Ok(sender)
 }
 
+/// What sending a request comes to.
+type Sent = Result<Response<Body>, UpstreamError>;
+
+/// A request through hyper's `client::conn` (TLS upstreams, upgrades), on an idle
+/// connection if one is open, else a new one.
+async fn send_hyper(
+    connector: &Connector,
+    slot: &UpstreamSlot,
+    mut request: Request<Body>,
+) -> Sent {
+    loop {
+        let (mut sender, reused) = match slot.idle.checkout().await {
+            Some(sender) => (sender, true),
+            None => (connect(connector, &slot.upstream.uri).await?, false),
+        };
+        match sender.try_send_request(request).await {
+            Ok(response) => return Ok(pooled(response, sender, &slot.idle)),
+            // An idle connection that closed before the request was written to it:
+            // nothing reached the upstream, so send it again on a new one.
+            Err(mut e) if reused && e.message().is_some() => {
+                request = e.take_message().expect("checked above");
+            }
+            Err(e) => return Err(e.into_error().into()),
+        }
+    }
+}
+
 /// A request through specter's own client: on an idle connection if one is open,
 /// else a new one. A reused connection that closed before answering (the upstream
 /// timed it out while idle) gets the request again on a new connection when nothing
@@ -355,12 +347,17 @@ async fn send_own(
     parts: http::request::Parts,
     mut body: Body,
     target: PathAndQuery,
-) -> Result<Response<Body>, UpstreamError> {
+) -> Sent {
     let replayable = body.is_end_stream();
     loop {
         let (conn, reused) = match slot.plain_idle.checkout_stale_free() {
             Some(conn) => (conn, true),
-            None => (connect_plain(connector, &slot.upstream.uri).await?, false),
+            // Boxed: connecting is rare on a warm pool, and its future would otherwise
+            // enlarge every request's future.
+            None => (
+                Box::pin(connect_plain(connector, &slot.upstream.uri)).await?,
+                false,
+            ),
         };
         match h1::round_trip(conn, &parts, &target, body, &slot.plain_idle).await {
             Ok(response) => return Ok(response),
