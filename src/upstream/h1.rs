@@ -1,6 +1,8 @@
-//! specter's own HTTP/1.1 client, for plain-HTTP upstreams and requests that do not
-//! upgrade: the request's own task writes the head and reads the response, with no
-//! connection task and no channel in between. hyper's `client::conn` pays for both on
+//! specter's own HTTP/1.1 client, for bodiless requests to plain-HTTP upstreams: the
+//! request's own task writes the head and reads the response, with no connection task
+//! and no channel in between. (Requests with a body go through hyper's client, whose
+//! writes of head and body chunks are batched; this client's first cut wrote them one
+//! by one and halved the 64 KiB POST benchmark.) hyper's `client::conn` pays for both on
 //! every request (a minimal proxy spends about 1.5 µs less CPU per request with a
 //! client like this one: BENCHMARKS.md, "The upstream client").
 //!
@@ -9,20 +11,20 @@
 //! could read differently is refused: `Content-Length` together with
 //! `Transfer-Encoding`, a bad or conflicting `Content-Length`, a bad chunk (see
 //! [`chunked`](super::chunked)). A connection goes back to the pool only when its
-//! response was read exactly to its end with nothing after it, and its request was
-//! sent whole; anything else closes it.
+//! response was read exactly to its end with nothing after it; anything else closes
+//! it.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, Method, Response, StatusCode, Version};
 use http_body_util::BodyExt;
-use hyper::body::{Body as _, Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use hyper::body::{Frame, SizeHint};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::chunked::{self, Decoded};
@@ -73,8 +75,6 @@ pub enum Error {
     HeadTooLarge,
     #[error("the upstream's response {0}")]
     Framing(&'static str),
-    #[error("the request body failed")]
-    RequestBody(#[source] BoxError),
 }
 
 impl Error {
@@ -84,14 +84,6 @@ impl Error {
         use std::io::ErrorKind::*;
         matches!(self, Error::Io(e) if matches!(e.kind(), UnexpectedEof | ConnectionReset | BrokenPipe))
     }
-}
-
-/// How the request body is framed on the wire.
-#[derive(Clone, Copy)]
-enum Out {
-    Empty,
-    Length(u64),
-    Chunked,
 }
 
 /// How the response body is framed.
@@ -110,69 +102,39 @@ struct Head {
     keep_alive: bool,
 }
 
-/// Sends one request on `conn` and returns the response; its body streams from the
-/// connection and hands it back to `idle` once read to its end.
+/// Sends one bodiless request on `conn` and returns the response; its body streams
+/// from the connection and hands it back to `idle` once read to its end.
 pub fn round_trip<'a>(
     mut conn: Connection,
     parts: &'a http::request::Parts,
     target: &'a PathAndQuery,
-    body: Body,
     idle: &'a Arc<IdleConnections<Connection>>,
 ) -> impl Future<Output = Result<Response<Body>, Error>> + Send + 'a {
     let head_request = parts.method == Method::HEAD;
-    let out = encode_head(&mut conn.write, parts, target, &body);
+    encode_head(&mut conn.write, parts, target);
     async move {
-        let (head, sent) = match out? {
-            Out::Empty => {
-                let Connection { io, read, write } = &mut conn;
-                // Written after the scheduler's current pass: the requests that arrived
-                // together then go out together, and an upstream on this host is woken
-                // once for them rather than once each (on loopback the sender pays for
-                // the receiver's wake-up: +1.2 µs of system time per request without
-                // this, measured; hyper's connection task batches the same way).
-                tokio::task::yield_now().await;
-                io.write_all(write).await.map_err(Error::Io)?;
-                (read_head(io, read, head_request).await?, true)
-            }
-            // Boxed: a request body is the rarer case, and its state would otherwise
-            // enlarge every request's future.
-            out => Box::pin(with_body(&mut conn, body, out, head_request)).await?,
-        };
-        Ok(respond(conn, head, sent, idle))
+        let Connection { io, read, write } = &mut conn;
+        // Written after the scheduler's current pass: the requests that arrived
+        // together then go out together, and an upstream on this host is woken once
+        // for them rather than once each (on loopback the sender pays for the
+        // receiver's wake-up: +1.2 µs of system time per request without this,
+        // measured; hyper's connection task batches the same way).
+        tokio::task::yield_now().await;
+        io.write_all(write).await.map_err(Error::Io)?;
+        let head = read_head(io, read, head_request).await?;
+        Ok(respond(conn, head, idle))
     }
 }
 
-/// The request line and headers, in `wire`. The body's framing headers are the ones
-/// this client decides: `Content-Length` when the length is known, else chunked.
-fn encode_head(
-    wire: &mut Vec<u8>,
-    parts: &http::request::Parts,
-    target: &PathAndQuery,
-    body: &Body,
-) -> Result<Out, Error> {
-    let declared = parts.headers.get(CONTENT_LENGTH);
-    let out = if body.is_end_stream() {
-        Out::Empty
-    } else if let Some(declared) = declared {
-        let n = content_length(std::iter::once(declared))
-            .ok_or(Error::RequestBody("invalid Content-Length".into()))?;
-        Out::Length(n)
-    } else {
-        match body.size_hint().exact() {
-            Some(n) => Out::Length(n),
-            None => Out::Chunked,
-        }
-    };
+/// The request line and headers, in `wire`. The request has no body, so no
+/// `Transfer-Encoding` goes with it.
+fn encode_head(wire: &mut Vec<u8>, parts: &http::request::Parts, target: &PathAndQuery) {
     wire.clear();
     wire.extend_from_slice(parts.method.as_str().as_bytes());
     wire.push(b' ');
     wire.extend_from_slice(target.as_str().as_bytes());
     wire.extend_from_slice(b" HTTP/1.1\r\n");
     for (name, value) in &parts.headers {
-        let framing = name == TRANSFER_ENCODING || name == CONTENT_LENGTH;
-        if framing && !matches!(out, Out::Empty) {
-            continue;
-        }
         if name == TRANSFER_ENCODING {
             continue;
         }
@@ -181,106 +143,13 @@ fn encode_head(
         wire.extend_from_slice(value.as_bytes());
         wire.extend_from_slice(b"\r\n");
     }
-    match out {
-        Out::Length(n) => {
-            wire.extend_from_slice(b"content-length: ");
-            wire.extend_from_slice(n.to_string().as_bytes());
-            wire.extend_from_slice(b"\r\n");
-        }
-        Out::Chunked => wire.extend_from_slice(b"transfer-encoding: chunked\r\n"),
-        Out::Empty => {}
-    }
     wire.extend_from_slice(b"\r\n");
-    Ok(out)
-}
-
-/// Writes the head and the body while watching for the response: an upstream may
-/// answer (a 413, say) before it has read the whole body, and then the answer counts.
-async fn with_body(
-    conn: &mut Connection,
-    body: Body,
-    out: Out,
-    head_request: bool,
-) -> Result<(Head, bool), Error> {
-    let Connection { io, read, write } = conn;
-    let (mut reader, mut writer) = io.split();
-    writer.write_all(write).await.map_err(Error::Io)?;
-    let send = send_body(&mut writer, body, out);
-    let answer = read_head(&mut reader, read, head_request);
-    tokio::pin!(send, answer);
-    let mut sent = false;
-    let mut write_failed = None;
-    loop {
-        tokio::select! {
-            biased;
-            head = &mut answer => {
-                return match (head, write_failed) {
-                    (Ok(head), _) => Ok((head, sent)),
-                    // No answer either: the failed write says more.
-                    (Err(_), Some(e)) => Err(e),
-                    (Err(e), None) => Err(e),
-                };
-            }
-            result = &mut send, if !sent && write_failed.is_none() => match result {
-                Ok(()) => sent = true,
-                Err(e @ Error::RequestBody(_)) => return Err(e),
-                // The upstream may have answered and closed: read what it said.
-                Err(e) => write_failed = Some(e),
-            },
-        }
-    }
-}
-
-async fn send_body<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    mut body: Body,
-    out: Out,
-) -> Result<(), Error> {
-    let mut left = match out {
-        Out::Length(n) => Some(n),
-        Out::Chunked | Out::Empty => None,
-    };
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(Error::RequestBody)?;
-        // Request trailers are not forwarded.
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        if data.is_empty() {
-            continue;
-        }
-        match &mut left {
-            Some(left) => {
-                *left = left
-                    .checked_sub(data.len() as u64)
-                    .ok_or(Error::RequestBody(
-                        "the request body is longer than its Content-Length".into(),
-                    ))?;
-                w.write_all(&data).await.map_err(Error::Io)?;
-            }
-            None => {
-                let size = format!("{:x}\r\n", data.len());
-                let mut chunk = Bytes::from(size).chain(data).chain(&b"\r\n"[..]);
-                w.write_all_buf(&mut chunk).await.map_err(Error::Io)?;
-            }
-        }
-    }
-    match left {
-        Some(0) => {}
-        Some(_) => {
-            return Err(Error::RequestBody(
-                "the request body ended before its Content-Length".into(),
-            ))
-        }
-        None => w.write_all(b"0\r\n\r\n").await.map_err(Error::Io)?,
-    }
-    Ok(())
 }
 
 /// Reads until a final response head is complete; informational (1xx) heads are
 /// skipped. A connection that closes before any byte is `UnexpectedEof`.
-async fn read_head<R: AsyncRead + Unpin>(
-    io: &mut R,
+async fn read_head(
+    io: &mut TcpStream,
     buf: &mut BytesMut,
     head_request: bool,
 ) -> Result<Head, Error> {
@@ -411,7 +280,7 @@ struct Facts {
 impl Facts {
     fn note(&mut self, name: &HeaderName, value: &HeaderValue) -> Result<(), Error> {
         if name == CONTENT_LENGTH {
-            match (content_length(std::iter::once(value)), self.length) {
+            match (content_length(value), self.length) {
                 (Some(n), None) => self.length = Some(n),
                 (Some(n), Some(m)) if n == m => {}
                 _ => self.bad_length = true,
@@ -459,20 +328,18 @@ impl Facts {
 
 /// A Content-Length: digits only (a list of equal values allowed), at most 19 of
 /// them so that it fits.
-fn content_length<'v>(values: impl Iterator<Item = &'v HeaderValue>) -> Option<u64> {
+fn content_length(value: &HeaderValue) -> Option<u64> {
     let mut found = None;
-    for value in values {
-        for part in value.as_bytes().split(|&b| b == b',') {
-            let part = part.trim_ascii();
-            if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
-                return None;
-            }
-            let n = std::str::from_utf8(part).ok()?.parse::<u64>().ok()?;
-            if found.is_some_and(|f| f != n) {
-                return None;
-            }
-            found = Some(n);
+    for part in value.as_bytes().split(|&b| b == b',') {
+        let part = part.trim_ascii();
+        if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+            return None;
         }
+        let n = std::str::from_utf8(part).ok()?.parse::<u64>().ok()?;
+        if found.is_some_and(|f| f != n) {
+            return None;
+        }
+        found = Some(n);
     }
     found
 }
@@ -480,10 +347,9 @@ fn content_length<'v>(values: impl Iterator<Item = &'v HeaderValue>) -> Option<u
 fn respond(
     conn: Connection,
     head: Head,
-    sent: bool,
     idle: &Arc<IdleConnections<Connection>>,
 ) -> Response<Body> {
-    let keep = head.keep_alive && sent;
+    let keep = head.keep_alive;
     let decoding = match head.framing {
         Framing::Empty => {
             if keep && conn.read.is_empty() {

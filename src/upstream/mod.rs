@@ -3,9 +3,9 @@
 //!
 //! HTTP/1.1 upstreams get pools of our own: per upstream, stacks of idle connections.
 //! A request pops the most recently used one (or connects), and its response body
-//! puts it back when it ends. Plain-HTTP requests that do not upgrade go through
-//! specter's own HTTP/1.1 client ([`h1`]); TLS upstreams and upgrades through hyper's
-//! `client::conn`. Compared with hyper-util's pooled client this skips the pool-key
+//! puts it back when it ends. Bodiless requests to plain-HTTP upstreams go through
+//! specter's own HTTP/1.1 client ([`h1`]); requests with a body, TLS upstreams and
+//! upgrades through hyper's `client::conn`. Compared with hyper-util's pooled client this skips the pool-key
 //! hashing, the URI rewriting and the per-request connector clone, and lets a request
 //! that was never answered on a reused connection be sent again on a fresh one.
 //! HTTP/2 upstreams use hyper-util's client, which multiplexes requests over one
@@ -144,7 +144,7 @@ impl UpstreamPool {
     ///
     /// The request is prepared here and only what the exchange needs is moved into the
     /// returned future: every byte of it is copied each time the request's future moves.
-    /// The routes other than specter's own client are rarer, and boxed.
+    /// The routes other than specter's own client are rarer on the hot path, and boxed.
     pub fn send(
         &self,
         i: usize,
@@ -171,9 +171,10 @@ impl UpstreamPool {
                     parts.headers.insert(HOST, slot.host.clone());
                 }
                 let own = slot.upstream.uri.scheme_str() == Some("http")
+                    && body.is_end_stream()
                     && !parts.headers.contains_key(UPGRADE);
                 if own {
-                    Either::Left(send_own(plain, slot, parts, body, target))
+                    Either::Left(send_own(plain, slot, parts, target))
                 } else {
                     parts.uri = Uri::from(target);
                     let request = Request::from_parts(parts, body);
@@ -313,7 +314,7 @@ async fn connect(connector: &Connector, uri: &Uri) -> Result<SendRequest<Body>, 
 /// What sending a request comes to.
 type Sent = Result<Response<Body>, UpstreamError>;
 
-/// A request through hyper's `client::conn` (TLS upstreams, upgrades), on an idle
+/// A request through hyper's `client::conn` (bodies, TLS upstreams, upgrades), on an idle
 /// connection if one is open, else a new one.
 async fn send_hyper(
     connector: &Connector,
@@ -337,18 +338,15 @@ async fn send_hyper(
     }
 }
 
-/// A request through specter's own client: on an idle connection if one is open,
-/// else a new one. A reused connection that closed before answering (the upstream
-/// timed it out while idle) gets the request again on a new connection when nothing
-/// of the request is lost by it: it had no body.
+/// A bodiless request through specter's own client: on an idle connection if one is
+/// open, else a new one. A reused connection that closed before answering (the
+/// upstream timed it out while idle) gets the request again on a new connection.
 async fn send_own(
     connector: &HttpConnector,
     slot: &UpstreamSlot,
     parts: http::request::Parts,
-    mut body: Body,
     target: PathAndQuery,
 ) -> Sent {
-    let replayable = body.is_end_stream();
     loop {
         let (conn, reused) = match slot.plain_idle.checkout_stale_free() {
             Some(conn) => (conn, true),
@@ -359,10 +357,9 @@ async fn send_own(
                 false,
             ),
         };
-        match h1::round_trip(conn, &parts, &target, body, &slot.plain_idle).await {
-            Ok(response) => return Ok(response),
-            Err(e) if reused && replayable && e.is_unanswered() => body = crate::body::empty(),
-            Err(e) => return Err(e.into()),
+        match h1::round_trip(conn, &parts, &target, &slot.plain_idle).await {
+            Err(e) if reused && e.is_unanswered() => continue,
+            sent => return sent.map_err(Into::into),
         }
     }
 }
