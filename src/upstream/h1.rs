@@ -1,10 +1,10 @@
 //! specter's own HTTP/1.1 client, for bodiless requests to plain-HTTP upstreams: the
 //! request's own task writes the head and reads the response, with no connection task
-//! and no channel in between. (Requests with a body go through hyper's client, whose
-//! writes of head and body chunks are batched; this client's first cut wrote them one
-//! by one and halved the 64 KiB POST benchmark.) hyper's `client::conn` pays for both on
-//! every request (a minimal proxy spends about 1.5 µs less CPU per request with a
-//! client like this one: BENCHMARKS.md, "The upstream client").
+//! and no channel in between. hyper's `client::conn` pays for both on every request (a
+//! minimal proxy spends about 1.5 µs less CPU per request with a client like this one:
+//! BENCHMARKS.md, "The upstream client"). Requests with a body go through hyper's
+//! client, which batches the writes of head and body chunks; this client's first cut
+//! wrote them one by one and halved the 64 KiB POST benchmark.
 //!
 //! The client-facing side stays hyper's: that is where untrusted bytes are parsed.
 //! Here the peer is the environment's own backend, and still any framing two parsers
