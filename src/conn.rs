@@ -28,6 +28,66 @@ pub struct ConnSignals {
     pub head_started: AtomicBool,
     /// The response-head deadline of the HTTP/1 request in flight.
     pub deadline: RequestDeadline,
+    /// The gateway is draining: the connection finishes what it serves and closes.
+    pub drain: Drain,
+}
+
+/// The drain signal for one connection, raised by its watchdog and read by the
+/// connection's task at its next wake-up: a flag and a waker, where hyper-util's
+/// graceful watcher polled a `Notify` at every wake-up of every connection.
+#[derive(Debug, Default)]
+pub struct Drain {
+    raised: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl Drain {
+    pub fn raise(&self) {
+        self.raised.store(true, SeqCst);
+        self.waker.wake();
+    }
+}
+
+/// A connection that can be asked to finish gracefully.
+pub trait Graceful {
+    fn graceful_shutdown(self: std::pin::Pin<&mut Self>);
+}
+
+pin_project_lite::pin_project! {
+    /// `conn`, shut down gracefully once its [`Drain`] is raised.
+    pub struct Drainable<C> {
+        #[pin]
+        conn: C,
+        signals: Arc<ConnSignals>,
+        draining: bool,
+    }
+}
+
+impl<C> Drainable<C> {
+    pub fn new(conn: C, signals: Arc<ConnSignals>) -> Self {
+        Drainable {
+            conn,
+            signals,
+            draining: false,
+        }
+    }
+}
+
+impl<C: Graceful + Future> Future for Drainable<C> {
+    type Output = C::Output;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<C::Output> {
+        let mut this = self.project();
+        if !*this.draining {
+            let drain = &this.signals.drain;
+            drain.waker.register(cx.waker());
+            if drain.raised.load(SeqCst) {
+                *this.draining = true;
+                this.conn.as_mut().graceful_shutdown();
+            }
+        }
+        this.conn.poll(cx)
+    }
 }
 
 /// The `request_timeout` of a connection's HTTP/1 request, kept by the connection's

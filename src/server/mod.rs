@@ -3,6 +3,7 @@
 pub mod io;
 mod per_ip;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -12,7 +13,6 @@ use futures_util::FutureExt;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -46,8 +46,9 @@ pub struct Gateway {
     https: Option<SocketAddr>,
     admin: Option<SocketAddr>,
     stop_accepting: watch::Sender<bool>,
+    /// Every connection holds a receiver of `stop_accepting` until it ends: their count
+    /// is the open connections, and its `closed()` is the drain's end.
     tasks: Vec<JoinHandle<()>>,
-    connections: Arc<GracefulShutdown>,
 }
 
 #[derive(Clone, Copy)]
@@ -75,7 +76,6 @@ impl Gateway {
         crate::state::release_freed_memory();
         let shared = Arc::new(Shared::new(metrics, state));
         let (stop_accepting, stop_rx) = watch::channel(false);
-        let connections = Arc::new(GracefulShutdown::new());
         let semaphore = Arc::new(Semaphore::new(limits.max_connections));
         let per_ip = Arc::new(per_ip::PerIp::default());
         let builder = Arc::new(connection_builder(&limits, &shared));
@@ -95,7 +95,6 @@ impl Gateway {
                     semaphore: semaphore.clone(),
                     per_ip: per_ip.clone(),
                     builder: builder.clone(),
-                    connections: connections.clone(),
                 };
                 tasks.push(tokio::spawn(acceptor.run(listener, stop_rx.clone())));
                 tracing::info!(listener = kind.label(), address = %local, "listening");
@@ -137,7 +136,6 @@ impl Gateway {
             admin,
             stop_accepting,
             tasks,
-            connections,
         })
     }
 
@@ -167,11 +165,11 @@ impl Gateway {
         for task in self.tasks {
             let _ = task.await;
         }
-        let open = self.connections.count();
+        // The accept loops and the other tasks are gone: the receivers left are the
+        // connections', each told to drain by the send above.
+        let open = self.stop_accepting.receiver_count();
         tracing::info!(open_connections = open, grace = ?grace, "draining");
-        // The accept loops are gone, so this is the last handle.
-        let connections = Arc::try_unwrap(self.connections).expect("accept loops ended");
-        let drained = tokio::time::timeout(grace, connections.shutdown())
+        let drained = tokio::time::timeout(grace, self.stop_accepting.closed())
             .await
             .is_ok();
         if !drained {
@@ -268,7 +266,6 @@ struct Acceptor {
     /// Shared by every listener: the limit is per address, not per port.
     per_ip: Arc<per_ip::PerIp>,
     builder: Arc<auto::Builder<CatchingExecutor>>,
-    connections: Arc<GracefulShutdown>,
 }
 
 impl Acceptor {
@@ -333,7 +330,7 @@ impl Acceptor {
                 peer,
                 shared: self.shared.clone(),
                 builder: self.builder.clone(),
-                watcher: self.connections.watcher(),
+                stop: stop.clone(),
                 idle_timeout: limits.idle_timeout,
                 header_read_timeout: limits.header_read_timeout,
             };
@@ -388,7 +385,8 @@ struct Connection {
     peer: SocketAddr,
     shared: Arc<Shared>,
     builder: Arc<auto::Builder<CatchingExecutor>>,
-    watcher: Watcher,
+    /// Raised when the gateway drains; held for as long as the connection lives.
+    stop: watch::Receiver<bool>,
     idle_timeout: Duration,
     /// The first request must arrive within this of the accept (HTTP/2 has no header
     /// timer of its own), and every HTTP/1 head within this of its first byte.
@@ -480,7 +478,7 @@ impl Connection {
             .builder
             .serve_connection_with_upgrades(io, service)
             .into_owned();
-        let connection = self.watcher.watch(connection);
+        let connection = crate::conn::Drainable::new(connection, signals.clone());
         // Combinators, not an async block: the task then holds the connection once.
         let (shared, peer) = (self.shared.clone(), self.peer);
         let served = crate::panics::caught_in(self.shared.clone(), "connection", connection).map(
@@ -495,7 +493,8 @@ impl Connection {
         );
         let mut served = tokio::spawn(served);
         let limits = (self.idle_timeout, self.header_read_timeout);
-        if let Some(reason) = watchdog(&signals, &mut served, limits).await {
+        let mut stop = self.stop;
+        if let Some(reason) = watchdog(&signals, &mut served, &mut stop, limits).await {
             tracing::debug!(peer = %self.peer, "{reason}; closing");
             served.abort();
         }
@@ -511,6 +510,7 @@ impl Connection {
 async fn watchdog(
     signals: &ConnSignals,
     served: &mut JoinHandle<()>,
+    stop: &mut watch::Receiver<bool>,
     (idle_timeout, header_read_timeout): (Duration, Duration),
 ) -> Option<&'static str> {
     use crate::clock::{monotonic_instant, monotonic_ns};
@@ -529,6 +529,14 @@ async fn watchdog(
     // that have seen it since (it began within the tick before the first).
     let mut head: Option<(u64, u32)> = None;
     let deadline = &signals.deadline;
+    if *stop.borrow_and_update() {
+        signals.drain.raise();
+    }
+    // Raised once, when the gateway drains; a gateway dropped without draining (the
+    // sender gone) leaves its connections alone.
+    let changed = stop.changed();
+    let mut changed = std::pin::pin!(changed);
+    let mut listening = true;
     loop {
         let wake_at = monotonic_instant(deadline.watch(next_tick));
         if sleep.deadline() != wake_at.into() {
@@ -537,6 +545,14 @@ async fn watchdog(
         let ended = std::future::poll_fn(|cx| {
             if served.poll_unpin(cx).is_ready() {
                 return std::task::Poll::Ready(true);
+            }
+            if listening {
+                if let std::task::Poll::Ready(outcome) = changed.as_mut().poll(cx) {
+                    listening = false;
+                    if outcome.is_ok() {
+                        signals.drain.raise();
+                    }
+                }
             }
             let rearmed = deadline.rearmed(cx);
             if rearmed || sleep.as_mut().poll_unpin(cx).is_ready() {
@@ -581,6 +597,21 @@ async fn watchdog(
         if quiet >= idle_ticks {
             return Some("idle connection");
         }
+    }
+}
+
+impl<I, S, E, B> crate::conn::Graceful for auto::UpgradeableConnection<'_, I, S, E>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn graceful_shutdown(self: std::pin::Pin<&mut Self>) {
+        auto::UpgradeableConnection::graceful_shutdown(self)
     }
 }
 
