@@ -233,7 +233,7 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Er
                 .map_err(|_| Error::Framing("has an invalid header name"))?;
             let value = HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len))
                 .map_err(|_| Error::Framing("has an invalid header value"))?;
-            facts.note(&name, &value)?;
+            facts.note(&name, &value);
             map.append(name, value);
         }
         let (mut parts, ()) = Response::new(()).into_parts();
@@ -278,7 +278,7 @@ struct Facts {
 }
 
 impl Facts {
-    fn note(&mut self, name: &HeaderName, value: &HeaderValue) -> Result<(), Error> {
+    fn note(&mut self, name: &HeaderName, value: &HeaderValue) {
         if name == CONTENT_LENGTH {
             match (content_length(value), self.length) {
                 (Some(n), None) => self.length = Some(n),
@@ -300,7 +300,6 @@ impl Facts {
                 self.keep_alive |= option.eq_ignore_ascii_case(b"keep-alive");
             }
         }
-        Ok(())
     }
 
     fn framing(&self, no_body: bool) -> Result<Framing, Error> {
