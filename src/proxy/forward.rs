@@ -155,9 +155,13 @@ pub struct ConnForwarding {
 impl ConnForwarding {
     fn new(client_ip: IpAddr, host: Option<&HeaderValue>, tls: bool) -> Option<ConnForwarding> {
         let forwarded = forwarded_element(None, client_ip, host, tls);
+        // A copy, not a clone: the request's Host shares hyper's read buffer, and a
+        // clone kept here would keep that buffer for the connection's life (8 KiB per
+        // idle connection, measured with DHAT).
+        let host = host.map(|h| HeaderValue::from_bytes(h.as_bytes()));
         Some(ConnForwarding {
             client_ip,
-            host: host.cloned(),
+            host: host.transpose().ok()?,
             ip: HeaderValue::from_maybe_shared(bytes::Bytes::from(client_ip.to_string())).ok()?,
             forwarded: HeaderValue::from_maybe_shared(bytes::Bytes::from(forwarded)).ok()?,
         })
@@ -493,6 +497,18 @@ mod tests {
             "192.0.2.7".parse().unwrap(),
             Some(&HeaderValue::from_static("a.example"))
         )));
+    }
+
+    /// The Host a connection keeps is its own copy: hyper parses header values as
+    /// slices of its read buffer, which a kept slice would keep alive.
+    #[test]
+    fn the_kept_host_does_not_share_the_request_buffer() {
+        let buffer = bytes::Bytes::from_static(b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n");
+        let host = HeaderValue::from_maybe_shared(buffer.slice(22..31)).unwrap();
+        let kept = ConnForwarding::new("192.0.2.7".parse().unwrap(), Some(&host), false).unwrap();
+        let kept = kept.host.unwrap();
+        assert_eq!(kept, "a.example");
+        assert!(!buffer.as_ptr_range().contains(&kept.as_bytes().as_ptr()));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 pub mod io;
 mod per_ip;
+mod served;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -11,8 +12,7 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioTimer;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -25,6 +25,7 @@ use crate::metrics::ListenerLabels;
 use crate::proxy::{self, ConnInfo};
 use crate::state::{BuildError, Shared, State};
 use io::ClientIo;
+use served::{Builders, Served};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -78,7 +79,7 @@ impl Gateway {
         let (stop_accepting, stop_rx) = watch::channel(false);
         let semaphore = Arc::new(Semaphore::new(limits.max_connections));
         let per_ip = Arc::new(per_ip::PerIp::default());
-        let builder = Arc::new(connection_builder(&limits, &shared));
+        let builders = Arc::new(connection_builders(&limits, &shared));
         let mut tasks = Vec::new();
         let mut bound =
             |kind: Kind, addr: Option<SocketAddr>| -> Result<Option<SocketAddr>, StartError> {
@@ -94,7 +95,7 @@ impl Gateway {
                     shared: shared.clone(),
                     semaphore: semaphore.clone(),
                     per_ip: per_ip.clone(),
-                    builder: builder.clone(),
+                    builders: builders.clone(),
                 };
                 tasks.push(tokio::spawn(acceptor.run(listener, stop_rx.clone())));
                 tracing::info!(listener = kind.label(), address = %local, "listening");
@@ -214,23 +215,23 @@ fn bind(listener: &'static str, addr: SocketAddr) -> Result<TcpListener, StartEr
     })
 }
 
-fn connection_builder(
-    limits: &LimitsConfig,
-    shared: &Arc<Shared>,
-) -> auto::Builder<CatchingExecutor> {
-    let mut builder = auto::Builder::new(CatchingExecutor(shared.clone()));
-    builder
-        .http1()
+fn connection_builders(limits: &LimitsConfig, shared: &Arc<Shared>) -> Builders<CatchingExecutor> {
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
         .timer(TokioTimer::new())
         // Heads are timed by `Connection::serve` from their first byte: hyper's timer
         // also runs while a keep-alive connection is idle, closing it after
         // `header_read_timeout` instead of `idle_timeout`.
         .header_read_timeout(None)
+        // Both: hyper checks `max_buf_size` only while a head is incomplete, so a head
+        // over it that arrives in one read would pass; `max_header_size` is checked
+        // on the parsed head as well.
         .max_buf_size(limits.max_header_bytes)
+        .max_header_size(limits.max_header_bytes)
         .max_headers(limits.max_headers)
         .keep_alive(true);
-    builder
-        .http2()
+    let mut http2 = hyper::server::conn::http2::Builder::new(CatchingExecutor(shared.clone()));
+    http2
         .timer(TokioTimer::new())
         .max_concurrent_streams(100)
         .max_header_list_size(limits.max_header_bytes as u32)
@@ -240,7 +241,7 @@ fn connection_builder(
         .initial_connection_window_size(1024 * 1024);
     // No HTTP/2 keep-alive pings: their traffic would keep an idle connection alive
     // forever; the idle watchdog in `Connection::serve` closes dead peers too.
-    builder
+    Builders { http1, http2 }
 }
 
 /// hyper's executor for what it spawns itself (an HTTP/2 stream's task, which polls
@@ -265,7 +266,7 @@ struct Acceptor {
     semaphore: Arc<Semaphore>,
     /// Shared by every listener: the limit is per address, not per port.
     per_ip: Arc<per_ip::PerIp>,
-    builder: Arc<auto::Builder<CatchingExecutor>>,
+    builders: Arc<Builders<CatchingExecutor>>,
 }
 
 impl Acceptor {
@@ -329,7 +330,7 @@ impl Acceptor {
                 slot: Arc::new(Slot::new(permit, gauge.clone(), ip_slot)),
                 peer,
                 shared: self.shared.clone(),
-                builder: self.builder.clone(),
+                builders: self.builders.clone(),
                 stop: stop.clone(),
                 idle_timeout: limits.idle_timeout,
                 header_read_timeout: limits.header_read_timeout,
@@ -384,7 +385,7 @@ struct Connection {
     slot: Arc<Slot>,
     peer: SocketAddr,
     shared: Arc<Shared>,
-    builder: Arc<auto::Builder<CatchingExecutor>>,
+    builders: Arc<Builders<CatchingExecutor>>,
     /// Raised when the gateway drains; held for as long as the connection lives.
     stop: watch::Receiver<bool>,
     idle_timeout: Duration,
@@ -473,11 +474,8 @@ impl Connection {
                 proxy::handle(shared, info.clone(), req).await
             }
         });
-        let io = TokioIo::new(ClientIo::new(io, signals.clone()));
-        let connection = self
-            .builder
-            .serve_connection_with_upgrades(io, service)
-            .into_owned();
+        let io = ClientIo::new(io, signals.clone());
+        let connection = Served::new(io, service, self.builders);
         let connection = crate::conn::Drainable::new(connection, signals.clone());
         // Combinators, not an async block: the task then holds the connection once.
         let (shared, peer) = (self.shared.clone(), self.peer);
@@ -597,21 +595,6 @@ async fn watchdog(
         if quiet >= idle_ticks {
             return Some("idle connection");
         }
-    }
-}
-
-impl<I, S, E, B> crate::conn::Graceful for auto::UpgradeableConnection<'_, I, S, E>
-where
-    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    B: hyper::body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
-{
-    fn graceful_shutdown(self: std::pin::Pin<&mut Self>) {
-        auto::UpgradeableConnection::graceful_shutdown(self)
     }
 }
 

@@ -1,0 +1,117 @@
+//! One client connection served: HTTP/2 when its first bytes are HTTP/2's preface,
+//! HTTP/1.1 (with upgrades) otherwise.
+//!
+//! This is what hyper-util's automatic builder does, with the first bytes kept by
+//! [`ClientIo`] instead of a buffer of its own: see [`ClientIo::poll_sniff`] for why.
+
+use std::error::Error as StdError;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use hyper::body::{Body, Incoming};
+use hyper::rt::bounds::Http2ServerConnExec;
+use hyper::server::conn::{http1, http2};
+use hyper::service::HttpService;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::io::{ClientIo, Protocol};
+
+type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// hyper's connection settings for both protocols.
+pub struct Builders<E> {
+    pub http1: http1::Builder,
+    pub http2: http2::Builder<E>,
+}
+
+pin_project_lite::pin_project! {
+    #[project = ServedProj]
+    pub enum Served<I, S, E>
+    where
+        S: HttpService<Incoming>,
+    {
+        Sniffing {
+            io: Option<ClientIo<I>>,
+            service: Option<S>,
+            builders: std::sync::Arc<Builders<E>>,
+        },
+        Http1 { #[pin] conn: http1::UpgradeableConnection<TokioIo<ClientIo<I>>, S> },
+        Http2 { #[pin] conn: http2::Connection<TokioIo<ClientIo<I>>, S, E> },
+        // Drained before its first bytes arrived.
+        Closed,
+    }
+}
+
+impl<I, S: HttpService<Incoming>, E> Served<I, S, E> {
+    pub fn new(io: ClientIo<I>, service: S, builders: std::sync::Arc<Builders<E>>) -> Self {
+        Served::Sniffing {
+            io: Some(io),
+            service: Some(service),
+            builders,
+        }
+    }
+}
+
+impl<I, S, E, B> Future for Served<I, S, E>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: HttpService<Incoming, ResBody = B>,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+    E: Http2ServerConnExec<S::Future, B>,
+{
+    type Output = Result<(), BoxError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            let next = match self.as_mut().project() {
+                ServedProj::Sniffing {
+                    io,
+                    service,
+                    builders,
+                } => {
+                    let io_ref = io.as_mut().expect("present until sniffed");
+                    let protocol = ready!(Pin::new(io_ref).poll_sniff(cx))?;
+                    let io = TokioIo::new(io.take().expect("present until sniffed"));
+                    let service = service.take().expect("present until sniffed");
+                    match protocol {
+                        Protocol::Http1 => Served::Http1 {
+                            conn: builders.http1.serve_connection(io, service).with_upgrades(),
+                        },
+                        Protocol::Http2 => Served::Http2 {
+                            conn: builders.http2.serve_connection(io, service),
+                        },
+                    }
+                }
+                ServedProj::Http1 { conn } => return conn.poll(cx).map_err(Into::into),
+                ServedProj::Http2 { conn } => return conn.poll(cx).map_err(Into::into),
+                ServedProj::Closed => return Poll::Ready(Ok(())),
+            };
+            self.set(next);
+        }
+    }
+}
+
+impl<I, S, E, B> crate::conn::Graceful for Served<I, S, E>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: HttpService<Incoming, ResBody = B>,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+    E: Http2ServerConnExec<S::Future, B>,
+{
+    fn graceful_shutdown(mut self: Pin<&mut Self>) {
+        match self.as_mut().project() {
+            ServedProj::Sniffing { .. } => self.set(Served::Closed),
+            ServedProj::Http1 { conn } => conn.graceful_shutdown(),
+            ServedProj::Http2 { conn } => conn.graceful_shutdown(),
+            ServedProj::Closed => {}
+        }
+    }
+}
