@@ -64,101 +64,103 @@ struct Outcome {
     details: bool,
 }
 
-pub async fn handle(
+pub fn handle(
     shared: Arc<Shared>,
     conn: Arc<ConnInfo>,
     req: Request<Incoming>,
-) -> Result<Response<Body>, Infallible> {
-    let started = Instant::now();
-    let state = shared.state.load_full();
-    let request_id = request_id(req.headers());
-    let trace = TraceContext::from_headers(req.headers(), state.config.tracing.sample_ratio);
-    let (version, method) = (req.version(), req.method().clone());
-    let exporter = state.exporter.as_deref().filter(|_| trace.sampled);
-    let server_address = exporter
-        .and_then(|_| policy::request_host(req.uri(), req.headers()))
-        .map(str::to_owned);
-    let logged = access::enabled();
-    let mut outcome = Outcome {
-        bytes_in: logged.then(Default::default),
-        details: logged || exporter.is_some(),
-        ..Outcome::default()
-    };
-    let handled = inner(
-        &shared,
-        &state,
-        &conn,
-        req,
-        (&request_id, &trace),
-        &mut outcome,
-    );
-    let result = crate::panics::caught(&shared.metrics, "request", handled)
-        .await
-        .unwrap_or(Err(GatewayError::Internal));
-    let env = outcome.environment.map(|i| &state.environments[i]);
-    let (mut response, error) = match result {
-        Ok(response) => (response, None),
-        Err(err) => {
-            let code = err.code();
-            (
-                error_response(&shared, env, err, (&request_id, &trace), version),
-                Some(code),
-            )
-        }
-    };
-    decorate(&mut response, env, outcome.ratelimit.take(), &request_id);
-    let status = response.status().as_u16();
-    let elapsed = started.elapsed();
-    env.map_or(&shared.unidentified, |e| &e.metrics).observe(
-        &shared.metrics,
-        status,
-        elapsed.as_secs_f64(),
-    );
-    if let Some(env) = env {
-        env.activity
-            .record(status, elapsed, error == Some("rate_limited"));
-    }
-    if let Some(exporter) = exporter {
-        let end = SystemTime::now();
-        exporter.submit(export::SpanRecord {
-            trace,
-            start: end.checked_sub(elapsed).unwrap_or(end),
-            end,
-            method: method.clone(),
-            target: outcome.target.clone(),
-            status,
-            server_address,
-            environment: env.map(|e| e.label.0.clone()),
-            key_id: outcome.key_id.clone(),
-            upstream: env
-                .zip(outcome.upstream)
-                .map(|(e, i)| e.upstreams.slots[i].upstream.authority().to_owned()),
-            error,
-        });
-    }
-    if let Some(bytes_in) = outcome.bytes_in {
-        let record = access::Record {
-            started,
-            request_id,
-            trace_id: trace.trace_id_hex(),
-            client_ip: outcome
-                .client_ip
-                .unwrap_or_else(|| policy::canonical_ip(conn.peer.ip())),
-            method,
-            target: outcome.target,
-            status,
-            environment: env.map(|e| e.label.0.clone()),
-            key_id: outcome.key_id,
-            upstream: env
-                .zip(outcome.upstream)
-                .map(|(e, i)| e.upstreams.slots[i].upstream.authority().to_owned()),
-            upstream_status: outcome.upstream_status.unwrap_or(0),
-            error,
-            bytes_in,
+) -> impl std::future::Future<Output = Result<Response<Body>, Infallible>> + Send {
+    async move {
+        let started = Instant::now();
+        let state = shared.state.load_full();
+        let request_id = request_id(req.headers());
+        let trace = TraceContext::from_headers(req.headers(), state.config.tracing.sample_ratio);
+        let (version, method) = (req.version(), req.method().clone());
+        let exporter = state.exporter.as_deref().filter(|_| trace.sampled);
+        let server_address = exporter
+            .and_then(|_| policy::request_host(req.uri(), req.headers()))
+            .map(str::to_owned);
+        let logged = access::enabled();
+        let mut outcome = Outcome {
+            bytes_in: logged.then(Default::default),
+            details: logged || exporter.is_some(),
+            ..Outcome::default()
         };
-        response = response.map(|body| access::log_on_completion(body, record));
+        let handled = inner(
+            &shared,
+            &state,
+            &conn,
+            req,
+            (&request_id, &trace),
+            &mut outcome,
+        );
+        let result = crate::panics::caught(&shared.metrics, "request", handled)
+            .await
+            .unwrap_or(Err(GatewayError::Internal));
+        let env = outcome.environment.map(|i| &state.environments[i]);
+        let (mut response, error) = match result {
+            Ok(response) => (response, None),
+            Err(err) => {
+                let code = err.code();
+                (
+                    error_response(&shared, env, err, (&request_id, &trace), version),
+                    Some(code),
+                )
+            }
+        };
+        decorate(&mut response, env, outcome.ratelimit.take(), &request_id);
+        let status = response.status().as_u16();
+        let elapsed = started.elapsed();
+        env.map_or(&shared.unidentified, |e| &e.metrics).observe(
+            &shared.metrics,
+            status,
+            elapsed.as_secs_f64(),
+        );
+        if let Some(env) = env {
+            env.activity
+                .record(status, elapsed, error == Some("rate_limited"));
+        }
+        if let Some(exporter) = exporter {
+            let end = SystemTime::now();
+            exporter.submit(export::SpanRecord {
+                trace,
+                start: end.checked_sub(elapsed).unwrap_or(end),
+                end,
+                method: method.clone(),
+                target: outcome.target.clone(),
+                status,
+                server_address,
+                environment: env.map(|e| e.label.0.clone()),
+                key_id: outcome.key_id.clone(),
+                upstream: env
+                    .zip(outcome.upstream)
+                    .map(|(e, i)| e.upstreams.slots[i].upstream.authority().to_owned()),
+                error,
+            });
+        }
+        if let Some(bytes_in) = outcome.bytes_in {
+            let record = access::Record {
+                started,
+                request_id,
+                trace_id: trace.trace_id_hex(),
+                client_ip: outcome
+                    .client_ip
+                    .unwrap_or_else(|| policy::canonical_ip(conn.peer.ip())),
+                method,
+                target: outcome.target,
+                status,
+                environment: env.map(|e| e.label.0.clone()),
+                key_id: outcome.key_id,
+                upstream: env
+                    .zip(outcome.upstream)
+                    .map(|(e, i)| e.upstreams.slots[i].upstream.authority().to_owned()),
+                upstream_status: outcome.upstream_status.unwrap_or(0),
+                error,
+                bytes_in,
+            };
+            response = response.map(|body| access::log_on_completion(body, record));
+        }
+        Ok(response)
     }
-    Ok(response)
 }
 
 /// The JSON answer for an error, counted and (for our own failures) logged with its
@@ -220,21 +222,24 @@ fn decorate(
     headers.insert(X_REQUEST_ID, request_id.clone());
 }
 
-async fn inner(
-    shared: &Shared,
-    state: &State,
-    conn: &ConnInfo,
+/// Not an `async fn` (nor is [`handle`]): see `upstream::send_own`.
+fn inner<'a>(
+    shared: &'a Shared,
+    state: &'a State,
+    conn: &'a ConnInfo,
     req: Request<Incoming>,
-    ids: (&HeaderValue, &TraceContext),
-    outcome: &mut Outcome,
-) -> Result<Response<Body>, GatewayError> {
-    let admitted = admit(shared, state, conn, &req, outcome).await?;
-    let counter = outcome.bytes_in.clone();
-    // HTTP/1 has one request in flight per connection: its deadline is the
-    // connection's to keep. HTTP/2 streams each take a timer.
-    let deadline = (req.version() < Version::HTTP_2).then_some(&conn.signals.deadline);
-    let (attempt, upgrade) = upstream_request(state, conn, req, ids, &admitted, counter);
-    send(shared, admitted.env, attempt, (upgrade, deadline), outcome).await
+    ids: (&'a HeaderValue, &'a TraceContext),
+    outcome: &'a mut Outcome,
+) -> impl std::future::Future<Output = Result<Response<Body>, GatewayError>> + Send + 'a {
+    async move {
+        let admitted = admit(shared, state, conn, &req, outcome).await?;
+        let counter = outcome.bytes_in.clone();
+        // HTTP/1 has one request in flight per connection: its deadline is the
+        // connection's to keep. HTTP/2 streams each take a timer.
+        let deadline = (req.version() < Version::HTTP_2).then_some(&conn.signals.deadline);
+        let (attempt, upgrade) = upstream_request(state, conn, req, ids, &admitted, counter);
+        send(shared, admitted.env, attempt, (upgrade, deadline), outcome).await
+    }
 }
 
 /// A request that passed every check.

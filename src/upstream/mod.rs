@@ -341,25 +341,32 @@ async fn send_hyper(
 /// A bodiless request through specter's own client: on an idle connection if one is
 /// open, else a new one. A reused connection that closed before answering (the
 /// upstream timed it out while idle) gets the request again on a new connection.
-async fn send_own(
-    connector: &HttpConnector,
-    slot: &UpstreamSlot,
+///
+/// Not an `async fn`, here and in the request path above it: an `async fn` keeps its
+/// arguments in its future beside the locals they are moved into (`-Zprint-type-sizes`
+/// shows both), and the request's future is as large as hyper's per-connection slot
+/// for it.
+fn send_own<'a>(
+    connector: &'a HttpConnector,
+    slot: &'a UpstreamSlot,
     parts: http::request::Parts,
     target: PathAndQuery,
-) -> Sent {
-    loop {
-        let (conn, reused) = match slot.plain_idle.checkout_stale_free() {
-            Some(conn) => (conn, true),
-            // Boxed: connecting is rare on a warm pool, and its future would otherwise
-            // enlarge every request's future.
-            None => (
-                Box::pin(connect_plain(connector, &slot.upstream.uri)).await?,
-                false,
-            ),
-        };
-        match h1::round_trip(conn, &parts, &target, &slot.plain_idle).await {
-            Err(e) if reused && e.is_unanswered() => continue,
-            sent => return sent.map_err(Into::into),
+) -> impl std::future::Future<Output = Sent> + Send + 'a {
+    async move {
+        loop {
+            let (conn, reused) = match slot.plain_idle.checkout_stale_free() {
+                Some(conn) => (conn, true),
+                // Boxed: connecting is rare on a warm pool, and its future would otherwise
+                // enlarge every request's future.
+                None => (
+                    Box::pin(connect_plain(connector, &slot.upstream.uri)).await?,
+                    false,
+                ),
+            };
+            match h1::round_trip(conn, &parts, &target, &slot.plain_idle).await {
+                Err(e) if reused && e.is_unanswered() => continue,
+                sent => return sent.map_err(Into::into),
+            }
         }
     }
 }
