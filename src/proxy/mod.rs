@@ -64,6 +64,7 @@ struct Outcome {
     details: bool,
 }
 
+#[allow(clippy::manual_async_fn)] // on purpose: see `upstream::send_own`
 pub fn handle(
     shared: Arc<Shared>,
     conn: Arc<ConnInfo>,
@@ -223,6 +224,7 @@ fn decorate(
 }
 
 /// Not an `async fn` (nor is [`handle`]): see `upstream::send_own`.
+#[allow(clippy::manual_async_fn)] // on purpose: see `upstream::send_own`
 fn inner<'a>(
     shared: &'a Shared,
     state: &'a State,
