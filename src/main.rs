@@ -645,22 +645,54 @@ fn log_filter(rust_log: Option<&str>) -> tracing_subscriber::EnvFilter {
     })
 }
 
-fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
+/// The log's guards, dropped in this order: pending access lines are handed to the
+/// writer thread, then that thread writes out what it was given.
+struct LogGuards {
+    _access: Option<specter::proxy::access::FlushOnDrop>,
+    _writer: tracing_appender::non_blocking::WorkerGuard,
+}
+
+fn init_logging(format: LogFormat) -> LogGuards {
     // Buffered: the writer thread flushes once it has drained every queued line, so a
     // busy gateway writes its access log in batches, not a system call per line.
     let stderr = std::io::BufWriter::with_capacity(64 * 1024, std::io::stderr());
-    let (writer, guard) = tracing_appender::non_blocking(stderr);
+    // The queue is counted in messages. Under JSON a message is a line or a batch of
+    // access lines (up to 32 KiB): 1,024 of them bound it to about 32 MiB when the
+    // log's reader stalls (tracing-appender's default, 128,000, would be 4 GiB). The
+    // pretty format sends lines one by one and keeps the default. Beyond the bound,
+    // lines are dropped, not waited for.
+    let queue = match format {
+        LogFormat::Json => 1024,
+        LogFormat::Pretty => tracing_appender::non_blocking::DEFAULT_BUFFERED_LINES_LIMIT,
+    };
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(queue)
+        .lossy(true)
+        .finish(stderr);
     let filter = log_filter(std::env::var("RUST_LOG").ok().as_deref());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(writer.clone());
-    match format {
-        LogFormat::Pretty => builder.init(),
-        LogFormat::Json => {
-            specter::proxy::access::write_json_to(writer.clone());
-            builder.json().flatten_event(true).init()
+    let access = match format {
+        LogFormat::Pretty => {
+            builder.init();
+            None
         }
+        LogFormat::Json => {
+            builder.json().flatten_event(true).init();
+            match specter::proxy::access::write_json_to(writer.clone()) {
+                Ok(flush) => Some(flush),
+                Err(e) => {
+                    // Lines then go through `tracing`, one at a time, as in pretty mode.
+                    tracing::warn!(error = %e, "the access log's batching thread did not start");
+                    None
+                }
+            }
+        }
+    };
+    LogGuards {
+        _access: access,
+        _writer: guard,
     }
-    guard
 }

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::sync::OnceLock;
+use std::sync::{Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -43,25 +43,113 @@ pub struct Record {
     pub bytes_in: Arc<AtomicU64>,
 }
 
-/// Where JSON access lines go when the log format is JSON: the log's own writer.
-static JSON_SINK: OnceLock<NonBlocking> = OnceLock::new();
+/// Where JSON access lines go when the log format is JSON.
+static JSON_SINK: OnceLock<&'static Batches> = OnceLock::new();
 
-/// Under `--log-format json`, access lines are formatted here, straight into the
-/// log's writer, instead of through `tracing`'s JSON layer: the same line, field for
-/// field, at a third of the cost (that layer writes through a UTF-8 check per piece).
-/// The `specter::access` filter still decides whether lines are written at all.
-pub fn write_json_to(writer: NonBlocking) {
-    let _ = JSON_SINK.set(writer);
+/// Under `--log-format json`, access lines are formatted here, straight into a batch
+/// for the log's writer, instead of through `tracing`'s JSON layer: the same line,
+/// field for field, at a third of the cost (that layer writes through a UTF-8 check per
+/// piece). The `specter::access` filter still decides whether lines are written at all.
+///
+/// The returned guard hands the last batch to the writer when dropped: drop it before
+/// the writer's own guard.
+pub fn write_json_to(writer: NonBlocking) -> std::io::Result<FlushOnDrop> {
+    // One per process, for its whole life.
+    let batches: &'static Batches = Box::leak(Box::new(Batches::new(writer)));
+    std::thread::Builder::new()
+        .name("specter-access-log".into())
+        .spawn(move || batches.flush_every(FLUSH_AFTER))?;
+    let _ = JSON_SINK.set(batches);
+    Ok(FlushOnDrop)
+}
+
+/// Access lines that wait for the log's writer thread, and go to it in batches: a
+/// batch when [`BATCH_BYTES`] have gathered, or [`FLUSH_AFTER`] after the first line of
+/// a batch, whichever comes first (Envoy's file access log batches the same way, with a
+/// one-second interval). Handing each line over woke that thread once per request, on
+/// the gateway's own CPU: about 3 µs of a request's 17 (the ladder's log rung).
+struct Batches {
+    pending: Mutex<Vec<u8>>,
+    /// Raised when a line arrives in an empty batch.
+    started: Condvar,
+    writer: NonBlocking,
+}
+
+const BATCH_BYTES: usize = 32 * 1024;
+const FLUSH_AFTER: Duration = Duration::from_millis(100);
+
+impl Batches {
+    fn new(writer: NonBlocking) -> Self {
+        Batches {
+            pending: Mutex::new(Vec::with_capacity(BATCH_BYTES * 2)),
+            started: Condvar::new(),
+            writer,
+        }
+    }
+
+    fn pending(&self) -> MutexGuard<'_, Vec<u8>> {
+        // A panic while formatting leaves whole lines behind it at worst.
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn push(&self, line: impl FnOnce(&mut Vec<u8>)) {
+        let mut pending = self.pending();
+        let first = pending.is_empty();
+        line(&mut pending);
+        if pending.len() >= BATCH_BYTES {
+            let full = std::mem::replace(&mut *pending, Vec::with_capacity(BATCH_BYTES * 2));
+            drop(pending);
+            self.write(&full);
+        } else if first {
+            drop(pending);
+            self.started.notify_one();
+        }
+    }
+
+    fn flush(&self) {
+        let batch = std::mem::take(&mut *self.pending());
+        if !batch.is_empty() {
+            self.write(&batch);
+        }
+    }
+
+    fn write(&self, batch: &[u8]) {
+        // The writer is lossy: a batch it cannot queue is dropped, as a line was.
+        let _ = self.writer.clone().write_all(batch);
+    }
+
+    fn flush_every(&self, interval: Duration) {
+        loop {
+            let mut pending = self.pending();
+            while pending.is_empty() {
+                pending = self
+                    .started
+                    .wait(pending)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+            drop(pending);
+            // The batching window itself: the lines of the next `interval` join this one.
+            std::thread::sleep(interval);
+            self.flush();
+        }
+    }
+}
+
+/// Hands the pending access lines to the log's writer when dropped.
+pub struct FlushOnDrop;
+
+impl Drop for FlushOnDrop {
+    fn drop(&mut self) {
+        if let Some(batches) = JSON_SINK.get() {
+            batches.flush();
+        }
+    }
 }
 
 impl Record {
     fn write(&self, bytes_out: u64, completed: bool) {
-        if let Some(sink) = JSON_SINK.get() {
-            LINE.with_borrow_mut(|line| {
-                line.clear();
-                self.json_line(line, bytes_out, completed);
-                let _ = sink.clone().write_all(line);
-            });
+        if let Some(batches) = JSON_SINK.get() {
+            batches.push(|out| self.json_line(out, bytes_out, completed));
             return;
         }
         tracing::info!(
@@ -87,7 +175,6 @@ impl Record {
 }
 
 thread_local! {
-    static LINE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     /// The timestamp's whole seconds, formatted once per second.
     static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
 }
@@ -295,5 +382,47 @@ mod tests {
         };
         assert_eq!(keys(&ours), keys(&from_tracing));
         assert!(ours.ends_with("}\n") && !ours.contains("secret"));
+    }
+
+    fn line(i: usize) -> Vec<u8> {
+        format!("{{\"line\":{i:08}}}\n").into_bytes()
+    }
+
+    /// Lines wait until a batch is full, which goes to the writer at once and whole;
+    /// a flush hands over the rest. Nothing is lost, reordered or split.
+    #[test]
+    fn access_lines_reach_the_writer_in_whole_batches() {
+        let captured = Captured::default();
+        let (writer, guard) = tracing_appender::non_blocking(captured.clone());
+        let batches = Batches::new(writer);
+        let per_batch = BATCH_BYTES.div_ceil(line(0).len());
+        for i in 0..per_batch + 3 {
+            batches.push(|out| out.extend_from_slice(&line(i)));
+        }
+        assert_eq!(
+            batches.pending().len(),
+            3 * line(0).len(),
+            "a full batch was handed over"
+        );
+        batches.flush();
+        assert!(batches.pending().is_empty());
+        drop(guard); // waits for the writer thread to write what it was given
+        let expected: Vec<u8> = (0..per_batch + 3).flat_map(line).collect();
+        assert_eq!(*captured.0.lock().unwrap(), expected);
+    }
+
+    /// A lone line is written by the batching thread once the interval has passed.
+    #[test]
+    fn a_lone_line_is_written_after_the_interval() {
+        let captured = Captured::default();
+        let (writer, _guard) = tracing_appender::non_blocking(captured.clone());
+        let batches: &'static Batches = Box::leak(Box::new(Batches::new(writer)));
+        std::thread::spawn(move || batches.flush_every(Duration::from_millis(10)));
+        batches.push(|out| out.extend_from_slice(&line(7)));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while *captured.0.lock().unwrap() != line(7) {
+            assert!(Instant::now() < deadline, "the line was never written");
+            std::thread::yield_now();
+        }
     }
 }
