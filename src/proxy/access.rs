@@ -66,8 +66,9 @@ pub fn write_json_to(writer: NonBlocking) -> std::io::Result<FlushOnDrop> {
 /// Access lines that wait for the log's writer thread, and go to it in batches: a
 /// batch when [`BATCH_BYTES`] have gathered, or [`FLUSH_AFTER`] after the first line of
 /// a batch, whichever comes first (Envoy's file access log batches the same way, with a
-/// one-second interval). Handing each line over woke that thread once per request, on
-/// the gateway's own CPU: about 3 µs of a request's 17 (the ladder's log rung).
+/// one-second interval). Handed over one by one, each line cost an allocation, a
+/// channel message, and the writer thread's receiving and copying it: 0.4 µs more per
+/// request to `/dev/null`, 1.1 µs more to a file (measured: see the commit).
 struct Batches {
     pending: Mutex<Vec<u8>>,
     /// Raised when a line arrives in an empty batch.
