@@ -98,9 +98,7 @@ impl Batches {
         let first = pending.is_empty();
         line(&mut pending);
         if pending.len() >= BATCH_BYTES {
-            let full = std::mem::replace(&mut *pending, Vec::with_capacity(BATCH_BYTES * 2));
-            drop(pending);
-            self.write(&full);
+            self.write(&mut pending);
         } else if first {
             drop(pending);
             self.started.notify_one();
@@ -108,15 +106,18 @@ impl Batches {
     }
 
     fn flush(&self) {
-        let batch = std::mem::take(&mut *self.pending());
-        if !batch.is_empty() {
-            self.write(&batch);
+        let mut pending = self.pending();
+        if !pending.is_empty() {
+            self.write(&mut pending);
         }
     }
 
-    fn write(&self, batch: &[u8]) {
-        // The writer is lossy: a batch it cannot queue is dropped, as a line was.
-        let _ = self.writer.clone().write_all(batch);
+    /// Hands the batch over under the lock, so that batches reach the writer in the
+    /// order they were filled. The writer copies it, and never waits: it is lossy, and
+    /// a batch it cannot queue is dropped, as a line was.
+    fn write(&self, pending: &mut MutexGuard<'_, Vec<u8>>) {
+        let _ = self.writer.clone().write_all(pending);
+        pending.clear();
     }
 
     fn flush_every(&self, interval: Duration) {

@@ -161,6 +161,7 @@ impl HeadScan {
         }
     }
 
+    /// Ends the current line.
     fn end_line(&mut self, crlf: bool) {
         let empty = self.line_bytes == usize::from(crlf);
         let name = &self.line[..self.line_len];
