@@ -46,47 +46,11 @@ impl Drain {
         self.raised.store(true, SeqCst);
         self.waker.wake();
     }
-}
 
-/// A connection that can be asked to finish gracefully.
-pub trait Graceful {
-    fn graceful_shutdown(self: std::pin::Pin<&mut Self>);
-}
-
-pin_project_lite::pin_project! {
-    /// `conn`, shut down gracefully once its [`Drain`] is raised.
-    pub struct Drainable<C> {
-        #[pin]
-        conn: C,
-        signals: Arc<ConnSignals>,
-        draining: bool,
-    }
-}
-
-impl<C> Drainable<C> {
-    pub fn new(conn: C, signals: Arc<ConnSignals>) -> Self {
-        Drainable {
-            conn,
-            signals,
-            draining: false,
-        }
-    }
-}
-
-impl<C: Graceful + Future> Future for Drainable<C> {
-    type Output = C::Output;
-
-    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<C::Output> {
-        let mut this = self.project();
-        if !*this.draining {
-            let drain = &this.signals.drain;
-            drain.waker.register(cx.waker());
-            if drain.raised.load(SeqCst) {
-                *this.draining = true;
-                this.conn.as_mut().graceful_shutdown();
-            }
-        }
-        this.conn.poll(cx)
+    /// Whether the drain was raised; if not, `cx` is woken when it is.
+    pub fn poll_raised(&self, cx: &mut std::task::Context<'_>) -> bool {
+        self.waker.register(cx.waker());
+        self.raised.load(SeqCst)
     }
 }
 

@@ -46,9 +46,9 @@ pub struct Gateway {
     http: Option<SocketAddr>,
     https: Option<SocketAddr>,
     admin: Option<SocketAddr>,
+    /// Every connection holds a receiver of it until it ends: their count is the open
+    /// connections, and its `closed()` is the drain's end.
     stop_accepting: watch::Sender<bool>,
-    /// Every connection holds a receiver of `stop_accepting` until it ends: their count
-    /// is the open connections, and its `closed()` is the drain's end.
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -475,8 +475,7 @@ impl Connection {
             }
         });
         let io = ClientIo::new(io, signals.clone());
-        let connection = Served::new(io, service, self.builders);
-        let connection = crate::conn::Drainable::new(connection, signals.clone());
+        let connection = Served::new(io, service, self.builders, signals.clone());
         // Combinators, not an async block: the task then holds the connection once.
         let (shared, peer) = (self.shared.clone(), self.peer);
         let served = crate::panics::caught_in(self.shared.clone(), "connection", connection).map(

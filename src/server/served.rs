@@ -1,5 +1,5 @@
 //! One client connection served: HTTP/2 when its first bytes are HTTP/2's preface,
-//! HTTP/1.1 (with upgrades) otherwise.
+//! HTTP/1.1 (with upgrades) otherwise, until it ends or the gateway drains it.
 //!
 //! This is what hyper-util's automatic builder does, with the first bytes kept by
 //! [`ClientIo`] instead of a buffer of its own: see [`ClientIo::poll_sniff`] for why.
@@ -7,6 +7,7 @@
 use std::error::Error as StdError;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use hyper::body::{Body, Incoming};
@@ -17,6 +18,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::io::{ClientIo, Protocol};
+use crate::conn::ConnSignals;
 
 type BoxError = Box<dyn StdError + Send + Sync>;
 
@@ -27,15 +29,29 @@ pub struct Builders<E> {
 }
 
 pin_project_lite::pin_project! {
-    #[project = ServedProj]
-    pub enum Served<I, S, E>
+    /// The connection's future: it also hears the gateway's drain (raised by the
+    /// connection's watchdog), and then asks hyper to finish gracefully.
+    pub struct Served<I, S, E>
+    where
+        S: HttpService<Incoming>,
+    {
+        #[pin]
+        stage: Stage<I, S, E>,
+        signals: Arc<ConnSignals>,
+        draining: bool,
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = StageProj]
+    enum Stage<I, S, E>
     where
         S: HttpService<Incoming>,
     {
         Sniffing {
             io: Option<ClientIo<I>>,
             service: Option<S>,
-            builders: std::sync::Arc<Builders<E>>,
+            builders: Arc<Builders<E>>,
         },
         Http1 { #[pin] conn: http1::UpgradeableConnection<TokioIo<ClientIo<I>>, S> },
         // Boxed: hyper's HTTP/2 connection is twice the size of its HTTP/1 one (1,584
@@ -48,11 +64,20 @@ pin_project_lite::pin_project! {
 }
 
 impl<I, S: HttpService<Incoming>, E> Served<I, S, E> {
-    pub fn new(io: ClientIo<I>, service: S, builders: std::sync::Arc<Builders<E>>) -> Self {
-        Served::Sniffing {
-            io: Some(io),
-            service: Some(service),
-            builders,
+    pub fn new(
+        io: ClientIo<I>,
+        service: S,
+        builders: Arc<Builders<E>>,
+        signals: Arc<ConnSignals>,
+    ) -> Self {
+        Served {
+            stage: Stage::Sniffing {
+                io: Some(io),
+                service: Some(service),
+                builders,
+            },
+            signals,
+            draining: false,
         }
     }
 }
@@ -69,10 +94,20 @@ where
 {
     type Output = Result<(), BoxError>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        if !*this.draining && this.signals.drain.poll_raised(cx) {
+            *this.draining = true;
+            match this.stage.as_mut().project() {
+                StageProj::Sniffing { .. } => this.stage.set(Stage::Closed),
+                StageProj::Http1 { conn } => conn.graceful_shutdown(),
+                StageProj::Http2 { conn } => conn.as_mut().graceful_shutdown(),
+                StageProj::Closed => {}
+            }
+        }
         loop {
-            let next = match self.as_mut().project() {
-                ServedProj::Sniffing {
+            let next = match this.stage.as_mut().project() {
+                StageProj::Sniffing {
                     io,
                     service,
                     builders,
@@ -82,39 +117,19 @@ where
                     let io = TokioIo::new(io.take().expect("present until sniffed"));
                     let service = service.take().expect("present until sniffed");
                     match protocol {
-                        Protocol::Http1 => Served::Http1 {
+                        Protocol::Http1 => Stage::Http1 {
                             conn: builders.http1.serve_connection(io, service).with_upgrades(),
                         },
-                        Protocol::Http2 => Served::Http2 {
+                        Protocol::Http2 => Stage::Http2 {
                             conn: Box::pin(builders.http2.serve_connection(io, service)),
                         },
                     }
                 }
-                ServedProj::Http1 { conn } => return conn.poll(cx).map_err(Into::into),
-                ServedProj::Http2 { conn } => return conn.as_mut().poll(cx).map_err(Into::into),
-                ServedProj::Closed => return Poll::Ready(Ok(())),
+                StageProj::Http1 { conn } => return conn.poll(cx).map_err(Into::into),
+                StageProj::Http2 { conn } => return conn.as_mut().poll(cx).map_err(Into::into),
+                StageProj::Closed => return Poll::Ready(Ok(())),
             };
-            self.set(next);
-        }
-    }
-}
-
-impl<I, S, E, B> crate::conn::Graceful for Served<I, S, E>
-where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: HttpService<Incoming, ResBody = B>,
-    S::Error: Into<BoxError>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-    E: Http2ServerConnExec<S::Future, B>,
-{
-    fn graceful_shutdown(mut self: Pin<&mut Self>) {
-        match self.as_mut().project() {
-            ServedProj::Sniffing { .. } => self.set(Served::Closed),
-            ServedProj::Http1 { conn } => conn.graceful_shutdown(),
-            ServedProj::Http2 { conn } => conn.as_mut().graceful_shutdown(),
-            ServedProj::Closed => {}
+            this.stage.set(next);
         }
     }
 }

@@ -346,7 +346,7 @@ async fn send_hyper(
 /// arguments in its future beside the locals they are moved into (`-Zprint-type-sizes`
 /// shows both), and the request's future is as large as hyper's per-connection slot
 /// for it.
-#[allow(clippy::manual_async_fn)] // on purpose: see `upstream::send_own`
+#[allow(clippy::manual_async_fn)] // on purpose: see above
 fn send_own<'a>(
     connector: &'a HttpConnector,
     slot: &'a UpstreamSlot,
