@@ -104,9 +104,15 @@ struct Head {
 
 /// Sends one bodiless request on `conn` and returns the response; its body streams
 /// from the connection and hands it back to `idle` once read to its end.
+///
+/// The response's headers go into the request's header map, taken once a final
+/// response head is complete (until then a failed exchange leaves `parts` whole, to be
+/// sent again). hyper keeps the map of each response it writes for the next request
+/// head it reads, so one map goes round each client connection instead of one being
+/// allocated per response.
 pub fn round_trip<'a>(
     mut conn: Connection,
-    parts: &'a http::request::Parts,
+    parts: &'a mut http::request::Parts,
     target: &'a PathAndQuery,
     idle: &'a Arc<IdleConnections<Connection>>,
 ) -> impl Future<Output = Result<Response<Body>, Error>> + Send + 'a {
@@ -121,7 +127,7 @@ pub fn round_trip<'a>(
         // measured; hyper's connection task batches the same way).
         tokio::task::yield_now().await;
         io.write_all(write).await.map_err(Error::Io)?;
-        let head = read_head(io, read, head_request).await?;
+        let head = read_head(io, read, head_request, &mut parts.headers).await?;
         Ok(respond(conn, head, idle))
     }
 }
@@ -152,10 +158,11 @@ async fn read_head(
     io: &mut TcpStream,
     buf: &mut BytesMut,
     head_request: bool,
+    recycled: &mut HeaderMap,
 ) -> Result<Head, Error> {
     loop {
         if !buf.is_empty() {
-            if let Some(head) = parse_head(buf, head_request)? {
+            if let Some(head) = parse_head(buf, head_request, recycled)? {
                 return Ok(head);
             }
             if buf.len() >= MAX_HEAD {
@@ -178,8 +185,13 @@ async fn read_head(
 }
 
 /// A final response head from the start of `buf`, split off it; `None` when more bytes
-/// are needed. An informational head is consumed and parsing goes on after it.
-fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Error> {
+/// are needed. An informational head is consumed and parsing goes on after it. The
+/// headers go into `recycled`'s allocation, taken out of it.
+fn parse_head(
+    buf: &mut BytesMut,
+    head_request: bool,
+    recycled: &mut HeaderMap,
+) -> Result<Option<Head>, Error> {
     loop {
         // Offsets into `buf`: the values are then shared with the head's bytes
         // instead of copied.
@@ -223,9 +235,11 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Er
             continue;
         }
         let mut facts = Facts::default();
+        let mut map = std::mem::take(recycled);
+        map.clear();
         // Room for what the gateway adds to a response (request id, rate-limit
         // headers), so that adding them does not grow the map.
-        let mut map = HeaderMap::with_capacity(count + 6);
+        map.reserve(count + 6);
         for &(name_at, name_len, value_at, value_len) in &fields[..count] {
             let (name_at, name_len) = (name_at as usize, name_len as usize);
             let (value_at, value_len) = (value_at as usize, value_len as usize);
@@ -492,7 +506,7 @@ mod tests {
     use super::*;
 
     fn parse(head: &str) -> Result<Option<Head>, Error> {
-        parse_head(&mut BytesMut::from(head), false)
+        parse_head(&mut BytesMut::from(head), false, &mut HeaderMap::new())
     }
 
     #[test]
@@ -521,9 +535,13 @@ mod tests {
     #[test]
     fn framing_follows_rfc_9112() {
         let framing = |head: &str, head_request: bool| {
-            let head = parse_head(&mut BytesMut::from(head), head_request)
-                .unwrap()
-                .unwrap();
+            let head = parse_head(
+                &mut BytesMut::from(head),
+                head_request,
+                &mut HeaderMap::new(),
+            )
+            .unwrap()
+            .unwrap();
             (head.framing, head.keep_alive)
         };
         let ok = "HTTP/1.1 200 OK\r\n";
@@ -593,7 +611,9 @@ mod tests {
         let mut buf = BytesMut::from(
             "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 201 Made It\r\nx-a: 1\r\ncontent-length: 2\r\n\r\nok",
         );
-        let head = parse_head(&mut buf, false).unwrap().unwrap();
+        let head = parse_head(&mut buf, false, &mut HeaderMap::new())
+            .unwrap()
+            .unwrap();
         assert_eq!(head.parts.status, 201);
         assert_eq!(head.parts.headers["x-a"], "1");
         assert!(!head.parts.headers.contains_key("link"));
@@ -604,10 +624,12 @@ mod tests {
             .unwrap();
         assert_eq!(reason.as_bytes(), b"Made It");
         assert_eq!(&buf[..], b"ok", "the body stays buffered");
-        assert!(
-            parse_head(&mut BytesMut::from("HTTP/1.1 200 OK\r\nx: 1\r\n"), false)
-                .unwrap()
-                .is_none()
-        );
+        assert!(parse_head(
+            &mut BytesMut::from("HTTP/1.1 200 OK\r\nx: 1\r\n"),
+            false,
+            &mut HeaderMap::new()
+        )
+        .unwrap()
+        .is_none());
     }
 }

@@ -350,7 +350,7 @@ async fn send_hyper(
 fn send_own<'a>(
     connector: &'a HttpConnector,
     slot: &'a UpstreamSlot,
-    parts: http::request::Parts,
+    mut parts: http::request::Parts,
     target: PathAndQuery,
 ) -> impl std::future::Future<Output = Sent> + Send + 'a {
     async move {
@@ -364,7 +364,7 @@ fn send_own<'a>(
                     false,
                 ),
             };
-            match h1::round_trip(conn, &parts, &target, &slot.plain_idle).await {
+            match h1::round_trip(conn, &mut parts, &target, &slot.plain_idle).await {
                 Err(e) if reused && e.is_unanswered() => continue,
                 sent => return sent.map_err(Into::into),
             }
