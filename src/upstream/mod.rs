@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::future::{BoxFuture, Either};
+use futures_util::FutureExt;
 use http::header::{HOST, UPGRADE};
 use http::uri::PathAndQuery;
 use http::{HeaderValue, Request, Response, StatusCode, Uri};
@@ -303,11 +304,13 @@ async fn connect(connector: &Connector, uri: &Uri) -> Result<SendRequest<Body>, 
     let (sender, connection) = hyper::client::conn::http1::handshake(io)
         .await
         .map_err(|e| UpstreamError::Connect(e.into()))?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.with_upgrades().await {
+    // A combinator, not an async block, which would hold the connection twice (as its
+    // capture and inside the upgradeable connection it awaits) for the task's life.
+    tokio::spawn(connection.with_upgrades().map(|ended| {
+        if let Err(e) = ended {
             tracing::debug!(error = %e, "upstream connection ended with an error");
         }
-    });
+    }));
     Ok(sender)
 }
 
