@@ -70,15 +70,19 @@ pub fn handle(
     conn: Arc<ConnInfo>,
     req: Request<Incoming>,
 ) -> impl std::future::Future<Output = Result<Response<Body>, Infallible>> + Send {
+    // Lent to `inner`, which takes it once admitted: passed by value, it would stay,
+    // moved-from, in this future beside `inner`'s copy (264 bytes of hyper's slot).
+    let mut req = Some(req);
     async move {
         let started = Instant::now();
         let state = shared.state.load_full();
-        let request_id = request_id(req.headers());
-        let trace = TraceContext::from_headers(req.headers(), state.config.tracing.sample_ratio);
-        let (version, method) = (req.version(), req.method().clone());
+        let head = req.as_ref().expect("present until inner takes it");
+        let request_id = request_id(head.headers());
+        let trace = TraceContext::from_headers(head.headers(), state.config.tracing.sample_ratio);
+        let (version, method) = (head.version(), head.method().clone());
         let exporter = state.exporter.as_deref().filter(|_| trace.sampled);
         let server_address = exporter
-            .and_then(|_| policy::request_host(req.uri(), req.headers()))
+            .and_then(|_| policy::request_host(head.uri(), head.headers()))
             .map(str::to_owned);
         let logged = access::enabled();
         let mut outcome = Outcome {
@@ -90,7 +94,7 @@ pub fn handle(
             &shared,
             &state,
             &conn,
-            req,
+            &mut req,
             (&request_id, &trace),
             &mut outcome,
         );
@@ -223,23 +227,30 @@ fn decorate(
     headers.insert(X_REQUEST_ID, request_id.clone());
 }
 
-/// Not an `async fn` (nor is [`handle`]): see `upstream::send_own`.
+/// Not an `async fn` (nor is [`handle`]): see `upstream::send_own`. `req` is taken
+/// once admitted.
 #[allow(clippy::manual_async_fn)] // on purpose: see `upstream::send_own`
 fn inner<'a>(
     shared: &'a Shared,
     state: &'a State,
     conn: &'a ConnInfo,
-    req: Request<Incoming>,
+    req: &'a mut Option<Request<Incoming>>,
     ids: (&'a HeaderValue, &'a TraceContext),
     outcome: &'a mut Outcome,
 ) -> impl std::future::Future<Output = Result<Response<Body>, GatewayError>> + Send + 'a {
     async move {
-        let admitted = admit(shared, state, conn, &req, outcome).await?;
-        let counter = outcome.bytes_in.clone();
+        let head = req.as_ref().expect("lent whole");
+        let admitted = admit(shared, state, conn, head, outcome).await?;
         // HTTP/1 has one request in flight per connection: its deadline is the
         // connection's to keep. HTTP/2 streams each take a timer.
-        let deadline = (req.version() < Version::HTTP_2).then_some(&conn.signals.deadline);
-        let (attempt, upgrade) = upstream_request(state, conn, req, ids, &admitted, counter);
+        let deadline = (head.version() < Version::HTTP_2).then_some(&conn.signals.deadline);
+        let counter = outcome.bytes_in.clone();
+        // Taken in a block, not into a local of this scope: a moved-from local keeps its
+        // place in the future until its scope ends, across the await below.
+        let (attempt, upgrade) = {
+            let request = req.take().expect("lent whole");
+            upstream_request(state, conn, request, ids, &admitted, counter)
+        };
         send(shared, admitted.env, attempt, (upgrade, deadline), outcome).await
     }
 }
