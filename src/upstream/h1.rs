@@ -632,4 +632,31 @@ mod tests {
         .unwrap()
         .is_none());
     }
+
+    #[test]
+    fn the_request_map_carries_the_response_headers_and_nothing_of_the_request() {
+        let mut request = crate::headers::map(&[
+            ("x-api-key", "spk_never_echoed"),
+            ("x-forwarded-for", "10.0.0.1"),
+            ("x-forwarded-for", "10.0.0.2"),
+        ]);
+        // An incomplete head leaves the request's map alone: it may be sent again.
+        let partial = parse_head(
+            &mut BytesMut::from("HTTP/1.1 200 OK\r\nx: 1\r\n"),
+            false,
+            &mut request,
+        );
+        assert!(partial.unwrap().is_none());
+        assert_eq!(request.len(), 3);
+        let mut buf = BytesMut::from("HTTP/1.1 200 OK\r\nx-a: 1\r\ncontent-length: 0\r\n\r\n");
+        let head = parse_head(&mut buf, false, &mut request).unwrap().unwrap();
+        let names: Vec<_> = head.parts.headers.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["x-a", "content-length"]);
+        assert_eq!(
+            head.parts.headers.len(),
+            2,
+            "no value of the request's left"
+        );
+        assert!(request.is_empty());
+    }
 }
