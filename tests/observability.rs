@@ -925,6 +925,38 @@ async fn no_key_or_hash_in_logs_metrics_or_admin_answers() {
 // 6. Access log format
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_line_counts_the_request_body_sent_upstream() {
+    let up = Upstream::start("development").await;
+    let key = random_key("development");
+    let body = format!(
+        "[environments.development]\nupstream = \"{}\"\n{}",
+        up.url(),
+        key_block("development", "svc", &key)
+    );
+    let dir = TempDir::new().unwrap();
+    let gw = run_binary(dir.path(), &body, None).await;
+    let c = client();
+    for (id, sent) in [("post-5", &b"hello"[..]), ("post-0", &b""[..])] {
+        let req = Request::post(gw.url("/v1/thing"))
+            .header("x-api-key", key.as_str())
+            .header("x-request-id", id)
+            .body(Full::new(Bytes::from_static(sent)))
+            .unwrap();
+        assert_eq!(send(&c, req).await.status, 200, "{id}");
+    }
+    drop(c);
+    let log = gw.stop().await;
+    let lines = json_lines(&log);
+    for (id, bytes_in) in [("post-5", 5), ("post-0", 0)] {
+        let line = access_lines(&lines)
+            .into_iter()
+            .find(|l| l["request_id"] == id)
+            .unwrap_or_else(|| panic!("no access line for {id}; log:\n{log}"));
+        assert_eq!(line["bytes_in"], bytes_in, "{line}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_access_log_has_one_line_per_request_with_every_field() {
     let up = Upstream::start("development").await;
     let key = random_key("development");

@@ -36,11 +36,12 @@ pub struct Record {
     pub status: u16,
     pub environment: Option<Arc<str>>,
     pub key_id: Option<crate::auth::KeyId>,
-    pub upstream: Option<String>,
+    pub upstream: Option<Arc<str>>,
     pub upstream_status: u16,
     pub error: Option<&'static str>,
-    /// Request body bytes that went upstream, counted by the body guard.
-    pub bytes_in: Arc<AtomicU64>,
+    /// Request body bytes that went upstream, counted by the body guard; `None` for a
+    /// request without a body.
+    pub bytes_in: Option<Arc<AtomicU64>>,
 }
 
 /// Where JSON access lines go when the log format is JSON.
@@ -149,6 +150,12 @@ impl Drop for FlushOnDrop {
 }
 
 impl Record {
+    fn bytes_in(&self) -> u64 {
+        self.bytes_in
+            .as_ref()
+            .map_or(0, |b| b.load(Ordering::Relaxed))
+    }
+
     fn write(&self, bytes_out: u64, completed: bool) {
         if let Some(batches) = JSON_SINK.get() {
             batches.push(|out| self.json_line(out, bytes_out, completed));
@@ -168,7 +175,7 @@ impl Record {
             upstream_status = self.upstream_status,
             // Microsecond resolution: more digits are clock noise, and cost log bytes.
             duration_ms = self.started.elapsed().as_micros() as f64 / 1000.0,
-            bytes_in = self.bytes_in.load(Ordering::Relaxed),
+            bytes_in = self.bytes_in(),
             bytes_out,
             completed,
             error = self.error.unwrap_or("-"),
@@ -232,7 +239,7 @@ impl Record {
         out.extend_from_slice(b",\"duration_ms\":");
         let ms = self.started.elapsed().as_micros() as f64 / 1000.0;
         let _ = serde_json::to_writer(&mut *out, &ms);
-        number(out, "bytes_in", self.bytes_in.load(Ordering::Relaxed));
+        number(out, "bytes_in", self.bytes_in());
         number(out, "bytes_out", bytes_out);
         let _ = write!(out, ",\"completed\":{completed}");
         text(out, "error", self.error.unwrap_or("-"));
@@ -340,10 +347,10 @@ mod tests {
             status: 502,
             environment: Some(Arc::from("qa")),
             key_id: Some(crate::auth::KeyId::from("k1")),
-            upstream: Some("10.0.0.1:8080".to_owned()),
+            upstream: Some(Arc::from("10.0.0.1:8080")),
             upstream_status: 0,
             error: Some("upstream_unavailable"),
-            bytes_in: Arc::new(AtomicU64::new(7)),
+            bytes_in: Some(Arc::new(AtomicU64::new(7))),
         };
         let captured = Captured::default();
         let sink = captured.clone();

@@ -58,7 +58,10 @@ struct Outcome {
     upstream: Option<usize>,
     upstream_status: Option<u16>,
     client_ip: Option<std::net::IpAddr>,
-    /// Request body bytes sent upstream; only counted while the access log is on.
+    /// The access log is on: an access line is written.
+    logged: bool,
+    /// Request body bytes sent upstream; counted only for a logged request that has a
+    /// body (a bodiless one logs 0 without a counter).
     bytes_in: Option<Arc<std::sync::atomic::AtomicU64>>,
     /// Keep `key_id` and `target`: the access log is on, or a span will be exported.
     details: bool,
@@ -86,7 +89,7 @@ pub fn handle(
             .map(str::to_owned);
         let logged = access::enabled();
         let mut outcome = Outcome {
-            bytes_in: logged.then(Default::default),
+            logged,
             details: logged || exporter.is_some(),
             ..Outcome::default()
         };
@@ -142,7 +145,7 @@ pub fn handle(
                 error,
             });
         }
-        if let Some(bytes_in) = outcome.bytes_in {
+        if outcome.logged {
             let record = access::Record {
                 started,
                 request_id,
@@ -157,10 +160,10 @@ pub fn handle(
                 key_id: outcome.key_id,
                 upstream: env
                     .zip(outcome.upstream)
-                    .map(|(e, i)| e.upstreams.slots[i].upstream.authority().to_owned()),
+                    .map(|(e, i)| e.upstreams.slots[i].authority.clone()),
                 upstream_status: outcome.upstream_status.unwrap_or(0),
                 error,
-                bytes_in,
+                bytes_in: outcome.bytes_in,
             };
             response = response.map(|body| access::log_on_completion(body, record));
         }
@@ -244,11 +247,11 @@ fn inner<'a>(
         // HTTP/1 has one request in flight per connection: its deadline is the
         // connection's to keep. HTTP/2 streams each take a timer.
         let deadline = (head.version() < Version::HTTP_2).then_some(&conn.signals.deadline);
-        let counter = outcome.bytes_in.clone();
         // Taken in a block, not into a local of this scope: a moved-from local keeps its
         // place in the future until its scope ends, across the await below.
         let (attempt, upgrade) = {
             let request = req.take().expect("lent whole");
+            let counter = outcome.logged.then_some(&mut outcome.bytes_in);
             upstream_request(state, conn, request, ids, &admitted, counter)
         };
         send(shared, admitted.env, attempt, (upgrade, deadline), outcome).await
@@ -391,7 +394,7 @@ fn upstream_request(
     mut req: Request<Incoming>,
     (request_id, trace): (&HeaderValue, &TraceContext),
     a: &Admitted<'_>,
-    bytes_in: Option<Arc<std::sync::atomic::AtomicU64>>,
+    bytes_in: Option<&mut Option<Arc<std::sync::atomic::AtomicU64>>>,
 ) -> (Attempt, Option<upgrade::ClientSide>) {
     let env = a.env;
     let upgrade = upgrade::requested(&req).map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
@@ -457,7 +460,7 @@ fn upstream_request(
             incoming,
             env.policy.config.max_body,
             (limits.body_read_timeout, limits.body_timeout),
-            bytes_in,
+            bytes_in.map(|counter| counter.insert(Arc::default()).clone()),
         )
         .boxed()
     };

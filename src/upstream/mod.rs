@@ -60,6 +60,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 pub struct UpstreamSlot {
     pub upstream: Upstream,
+    /// The upstream's authority for access lines: a reference count per request, not
+    /// a copy.
+    pub authority: Arc<str>,
     consecutive_failures: AtomicU32,
     /// Milliseconds since the pool's epoch before which the upstream is skipped.
     down_until_ms: AtomicU64,
@@ -126,6 +129,7 @@ impl UpstreamPool {
             .iter()
             .map(|u| UpstreamSlot {
                 upstream: u.clone(),
+                authority: u.authority().into(),
                 consecutive_failures: AtomicU32::new(0),
                 down_until_ms: AtomicU64::new(0),
                 host: host_header(&u.uri),
