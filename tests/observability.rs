@@ -924,8 +924,8 @@ async fn no_key_or_hash_in_logs_metrics_or_admin_answers() {
 // ---------------------------------------------------------------------------------
 // 6. Access log format
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn access_line_counts_the_request_body_sent_upstream() {
+/// The binary in front of a recording upstream, with one development key (`svc`).
+async fn development_with_one_key(dir: &Path) -> (Upstream, String, Running) {
     let up = Upstream::start("development").await;
     let key = random_key("development");
     let body = format!(
@@ -933,8 +933,14 @@ async fn access_line_counts_the_request_body_sent_upstream() {
         up.url(),
         key_block("development", "svc", &key)
     );
+    let gw = run_binary(dir, &body, None).await;
+    (up, key, gw)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_line_counts_the_request_body_sent_upstream() {
     let dir = TempDir::new().unwrap();
-    let gw = run_binary(dir.path(), &body, None).await;
+    let (_up, key, gw) = development_with_one_key(dir.path()).await;
     let c = client();
     for (id, sent) in [("post-5", &b"hello"[..]), ("post-0", &b""[..])] {
         let req = Request::post(gw.url("/v1/thing"))
@@ -958,15 +964,8 @@ async fn access_line_counts_the_request_body_sent_upstream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_access_log_has_one_line_per_request_with_every_field() {
-    let up = Upstream::start("development").await;
-    let key = random_key("development");
-    let body = format!(
-        "[environments.development]\nupstream = \"{}\"\n{}",
-        up.url(),
-        key_block("development", "svc", &key)
-    );
     let dir = TempDir::new().unwrap();
-    let gw = run_binary(dir.path(), &body, None).await;
+    let (up, key, gw) = development_with_one_key(dir.path()).await;
     let c = client();
     let cases: [(&str, &str, Option<&str>, u16); 4] = [
         ("log-ok-get", "/v1/thing", Some(key.as_str()), 200),
