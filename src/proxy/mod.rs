@@ -127,6 +127,9 @@ pub fn handle(
             env.activity
                 .record(status, elapsed, error == Some("rate_limited"));
         }
+        let upstream = env
+            .zip(outcome.upstream)
+            .map(|(e, i)| &e.upstreams.slots[i].authority);
         if let Some(exporter) = exporter {
             let end = SystemTime::now();
             exporter.submit(export::SpanRecord {
@@ -139,9 +142,7 @@ pub fn handle(
                 server_address,
                 environment: env.map(|e| e.label.0.clone()),
                 key_id: outcome.key_id.clone(),
-                upstream: env
-                    .zip(outcome.upstream)
-                    .map(|(e, i)| e.upstreams.slots[i].upstream.authority().to_owned()),
+                upstream: upstream.cloned(),
                 error,
             });
         }
@@ -158,9 +159,7 @@ pub fn handle(
                 status,
                 environment: env.map(|e| e.label.0.clone()),
                 key_id: outcome.key_id,
-                upstream: env
-                    .zip(outcome.upstream)
-                    .map(|(e, i)| e.upstreams.slots[i].authority.clone()),
+                upstream: upstream.cloned(),
                 upstream_status: outcome.upstream_status.unwrap_or(0),
                 error,
                 bytes_in: outcome.bytes_in,

@@ -59,7 +59,7 @@ pub struct SpanRecord {
     pub server_address: Option<String>,
     pub environment: Option<Arc<str>>,
     pub key_id: Option<crate::auth::KeyId>,
-    pub upstream: Option<String>,
+    pub upstream: Option<std::sync::Arc<str>>,
     pub error: Option<&'static str>,
 }
 

@@ -60,8 +60,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 pub struct UpstreamSlot {
     pub upstream: Upstream,
-    /// The upstream's authority for access lines: a reference count per request, not
-    /// a copy.
+    /// `upstream.authority()`, shared: access lines and exported spans take a
+    /// reference count per request, not a copy.
     pub authority: Arc<str>,
     consecutive_failures: AtomicU32,
     /// Milliseconds since the pool's epoch before which the upstream is skipped.
