@@ -106,8 +106,8 @@ class Stack:
         self.procs = {}
         p = {name: free_port() for name in [
             "UPSTREAM_PORT", "UPSTREAM_H2C_PORT", "NGINX_PORT", "NGINX_H2C_PORT", "NGINX_TLS_PORT",
-            "HAPROXY_PORT", "HAPROXY_H2C_PORT", "HAPROXY_TLS_PORT", "FLOOR_PORT", "SPECTER_PORT",
-            "SPECTER_TLS_PORT", "SPECTER_ADMIN_PORT"]}
+            "HAPROXY_PORT", "HAPROXY_H2C_PORT", "HAPROXY_TLS_PORT", "FLOOR_PORT", "FLOOR_H2C_PORT",
+            "RAWFLOOR_H2C_PORT", "SPECTER_PORT", "SPECTER_TLS_PORT", "SPECTER_ADMIN_PORT"]}
         p["WORK"] = work
         p["KEY_SHA256"] = hashlib.sha256(KEY.encode()).hexdigest()
         self.ports = p
@@ -127,8 +127,14 @@ class Stack:
         self.floor_bin = floor_bin
         self.start("floor", ["taskset", "-c", "1", floor_bin, "proxy", f"127.0.0.1:{p['FLOOR_PORT']}",
                              f"127.0.0.1:{p['UPSTREAM_PORT']}"])
+        # HTTP/2 floors: hyper's server with hyper's client, and with a raw exchange.
+        for name, mode, port in (("floor-h2", "h2proxy", "FLOOR_H2C_PORT"),
+                                 ("rawfloor-h2", "h2rawproxy", "RAWFLOOR_H2C_PORT")):
+            self.start(name, ["taskset", "-c", "1", floor_bin, mode, f"127.0.0.1:{p[port]}",
+                              f"127.0.0.1:{p['UPSTREAM_PORT']}"])
         self.start_specter(f"{work}/specter.toml")
-        for port in ["UPSTREAM_PORT", "NGINX_PORT", "HAPROXY_PORT", "FLOOR_PORT", "SPECTER_PORT"]:
+        for port in ["UPSTREAM_PORT", "NGINX_PORT", "HAPROXY_PORT", "FLOOR_PORT", "FLOOR_H2C_PORT",
+                     "RAWFLOOR_H2C_PORT", "SPECTER_PORT"]:
             wait_port(p[port])
 
     def start(self, name, cmd, env=None):
@@ -292,7 +298,9 @@ def scenarios(stack, work):
     plain = {"direct": p["UPSTREAM_PORT"], "floor": p["FLOOR_PORT"], "nginx": p["NGINX_PORT"],
              "haproxy": p["HAPROXY_PORT"], "specter": p["SPECTER_PORT"]}
     tls = {"nginx": p["NGINX_TLS_PORT"], "haproxy": p["HAPROXY_TLS_PORT"], "specter": p["SPECTER_TLS_PORT"]}
-    h2c = {"direct": p["UPSTREAM_H2C_PORT"], "nginx": p["NGINX_H2C_PORT"], "haproxy": p["HAPROXY_H2C_PORT"], "specter": p["SPECTER_PORT"]}
+    h2c = {"direct": p["UPSTREAM_H2C_PORT"], "floor-h2": p["FLOOR_H2C_PORT"],
+           "rawfloor-h2": p["RAWFLOOR_H2C_PORT"], "nginx": p["NGINX_H2C_PORT"],
+           "haproxy": p["HAPROXY_H2C_PORT"], "specter": p["SPECTER_PORT"]}
     return {
         "small": ("small GET, HTTP/1.1 keep-alive, 64 connections", plain,
                   lambda port, d: wrk(f"http://127.0.0.1:{port}/", 64, d)),
@@ -357,11 +365,16 @@ def summarize(name, desc, per_round):
             ratios[f"specter/{peer} requests per CPU-second"] = median(
                 r["specter"]["req_per_cpu_s"] / r[peer]["req_per_cpu_s"] for r in per_round
                 if r["specter"]["req_per_cpu_s"] and r[peer]["req_per_cpu_s"])
-    if "floor" in targets and "specter" in targets:
-        # The floor is a hyper proxy with nothing else: specter's own cost over hyper.
-        ratios["specter/floor CPU per request"] = median(
-            r["floor"]["req_per_cpu_s"] / r["specter"]["req_per_cpu_s"] for r in per_round
-            if r["specter"]["req_per_cpu_s"] and r["floor"]["req_per_cpu_s"])
+    for floor in (t for t in targets if "floor" in t and "specter" in targets):
+        # The floor is a hyper proxy with nothing else: specter's own cost over hyper,
+        # and what hyper alone reaches against the other proxies.
+        ratios[f"specter/{floor} CPU per request"] = median(
+            r[floor]["req_per_cpu_s"] / r["specter"]["req_per_cpu_s"] for r in per_round
+            if r["specter"]["req_per_cpu_s"] and r[floor]["req_per_cpu_s"])
+        for peer in (t for t in ("nginx", "haproxy") if t in targets):
+            ratios[f"{floor}/{peer} requests per CPU-second"] = median(
+                r[floor]["req_per_cpu_s"] / r[peer]["req_per_cpu_s"] for r in per_round
+                if r[floor]["req_per_cpu_s"] and r[peer]["req_per_cpu_s"])
     if "direct" in targets:
         for t in targets:
             if t != "direct":

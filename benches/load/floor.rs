@@ -10,6 +10,13 @@
 //! channel): what an HTTP/1 client of one's own can save at most. It reads
 //! `Content-Length` responses only, which is what the benchmark's upstream sends.
 //!
+//! `floor h2proxy LISTEN UPSTREAM` is the HTTP/2 floor: a hyper HTTP/2 server (prior
+//! knowledge, one task per stream as hyper spawns them) whose streams forward over a
+//! shared stack of hyper `client::conn::http1` connections, one per request in flight,
+//! reading each response whole (the benchmark's is two bytes).
+//! `floor h2rawproxy LISTEN UPSTREAM` is that HTTP/2 server with `rawproxy`'s exchange
+//! on a shared stack of upstream sockets: HTTP/2 without hyper's client.
+//!
 //! Built from the project's own hyper, so the ladder in `bench.py` starts where specter
 //! would be with nothing of its own: `cargo build --release --example floor`.
 
@@ -31,7 +38,8 @@ type Reply = Response<BoxBody<Bytes, hyper::Error>>;
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> std::io::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let usage = "usage: floor proxy|rawproxy LISTEN UPSTREAM | floor serve LISTEN";
+    let usage =
+        "usage: floor proxy|rawproxy|h2proxy|h2rawproxy LISTEN UPSTREAM | floor serve LISTEN";
     let (mode, listen) = match (args.get(1), args.get(2)) {
         (Some(mode), Some(listen)) => (mode.as_str(), listen.as_str()),
         _ => {
@@ -40,7 +48,7 @@ async fn main() -> std::io::Result<()> {
         }
     };
     let upstream = match (mode, args.get(3)) {
-        ("proxy" | "rawproxy", Some(up)) => Some(up.clone()),
+        ("proxy" | "rawproxy" | "h2proxy" | "h2rawproxy", Some(up)) => Some(up.clone()),
         ("serve", None) => None,
         _ => {
             eprintln!("{usage}");
@@ -48,14 +56,19 @@ async fn main() -> std::io::Result<()> {
         }
     };
     let listener = TcpListener::bind(listen).await?;
+    let idle = Arc::new(Idle::default());
     loop {
         let (stream, _) = listener.accept().await?;
         stream.set_nodelay(true)?;
         let upstream = upstream.clone();
-        let raw = mode == "rawproxy";
+        let idle = idle.clone();
+        let mode = mode.to_owned();
         tokio::spawn(async move {
             let result = match upstream {
-                Some(upstream) if raw => rawproxy(stream, &upstream).await,
+                Some(upstream) if mode == "rawproxy" => rawproxy(stream, &upstream).await,
+                Some(upstream) if mode.starts_with("h2") => {
+                    h2proxy(stream, upstream, idle, mode == "h2rawproxy").await
+                }
                 Some(upstream) => proxy(stream, &upstream).await,
                 None => serve(stream).await,
             };
@@ -107,6 +120,79 @@ async fn proxy(
     Ok(())
 }
 
+/// The HTTP/2 floors' idle upstream connections, shared by all client connections.
+#[derive(Default)]
+struct Idle {
+    hyper: std::sync::Mutex<Vec<hyper::client::conn::http1::SendRequest<Incoming>>>,
+    raw: std::sync::Mutex<Vec<(TcpStream, Vec<u8>)>>,
+}
+
+/// HTTP/2 from the client; each stream takes an idle upstream connection from the
+/// shared stack (or opens one) and puts it back once its response is read.
+async fn h2proxy(
+    stream: TcpStream,
+    upstream: String,
+    idle: Arc<Idle>,
+    raw: bool,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let forward = service_fn(move |mut req: Request<Incoming>| {
+        let (idle, upstream) = (idle.clone(), upstream.clone());
+        async move {
+            if raw {
+                let taken = idle.raw.lock().unwrap().pop();
+                let (mut up, mut buf) = match taken {
+                    Some(taken) => taken,
+                    None => {
+                        let up = TcpStream::connect(&upstream).await?;
+                        up.set_nodelay(true)?;
+                        (up, Vec::with_capacity(8192))
+                    }
+                };
+                let reply = exchange(&mut up, &mut buf, &req).await?;
+                idle.raw.lock().unwrap().push((up, buf));
+                return Ok(reply);
+            }
+            let taken = idle.hyper.lock().unwrap().pop();
+            let mut sender = match taken {
+                Some(sender) => sender,
+                None => {
+                    let up = TcpStream::connect(&upstream).await?;
+                    up.set_nodelay(true)?;
+                    let (sender, connection) =
+                        hyper::client::conn::http1::handshake(TokioIo::new(up))
+                            .await
+                            .map_err(std::io::Error::other)?;
+                    tokio::spawn(connection);
+                    sender
+                }
+            };
+            // HTTP/1 wants the authority in `Host` and the target in origin form.
+            if let Some(host) = req.uri().authority().map(|a| a.as_str().parse()) {
+                req.headers_mut()
+                    .insert(hyper::header::HOST, host.map_err(std::io::Error::other)?);
+            }
+            if let Some(path) = req.uri().path_and_query().cloned() {
+                *req.uri_mut() = path.into();
+            }
+            *req.version_mut() = hyper::Version::HTTP_11;
+            let response = sender.send_request(req).await;
+            let (parts, body) = response.map_err(std::io::Error::other)?.into_parts();
+            let body = body
+                .collect()
+                .await
+                .map_err(std::io::Error::other)?
+                .to_bytes();
+            idle.hyper.lock().unwrap().push(sender);
+            let body = Full::new(body).map_err(|never| match never {}).boxed();
+            Ok::<Reply, std::io::Error>(Response::from_parts(parts, body))
+        }
+    });
+    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .serve_connection(TokioIo::new(stream), forward)
+        .await?;
+    Ok(())
+}
+
 /// One upstream connection per client connection; each request writes its head on it
 /// and reads the response itself.
 async fn rawproxy(
@@ -142,6 +228,12 @@ async fn exchange(
     let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
     head.extend_from_slice(target.as_bytes());
     head.extend_from_slice(b" HTTP/1.1\r\n");
+    if let (None, Some(host)) = (
+        req.headers().get(hyper::header::HOST),
+        req.uri().authority(),
+    ) {
+        head.extend_from_slice(format!("host: {host}\r\n").as_bytes());
+    }
     for (name, value) in req.headers() {
         head.extend_from_slice(name.as_str().as_bytes());
         head.extend_from_slice(b": ");
