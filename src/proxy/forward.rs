@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use std::sync::OnceLock;
 
 use http::header::{
-    HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, FORWARDED, HOST,
+    GetAll, HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, FORWARDED, HOST,
 };
 
 use crate::auth::KeySource;
@@ -25,14 +25,18 @@ fn remove_where<'r>(
 ) {
     let connection = headers.contains_key(CONNECTION);
     loop {
+        // Looked up once a pass, not once a name.
+        let listed = connection.then(|| headers.get_all(CONNECTION));
         let doomed = headers.keys().find_map(|n| {
             if let Some(hop) = HOP_BY_HOP.iter().find(|h| *h == n && *h != CONNECTION) {
                 return Some(Cow::Borrowed(hop));
             }
             // `Connection` goes last: the names it lists must all be read first.
             also(n).or_else(|| {
-                (connection && n != CONNECTION && named_by_connection(headers, n))
-                    .then(|| Cow::Owned(n.clone()))
+                let named = listed
+                    .as_ref()
+                    .is_some_and(|l| n != CONNECTION && lists(l, n));
+                named.then(|| Cow::Owned(n.clone()))
             })
         });
         match doomed {
@@ -49,16 +53,24 @@ fn remove_where<'r>(
 
 /// The comma-separated options of every `Connection` header.
 pub fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
-    headers
-        .get_all(CONNECTION)
+    tokens(&headers.get_all(CONNECTION))
+}
+
+fn tokens<'a>(connection: &GetAll<'a, HeaderValue>) -> impl Iterator<Item = &'a str> {
+    connection
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(str::trim)
 }
 
+/// The `Connection` headers list `name` among their options.
+fn lists(connection: &GetAll<'_, HeaderValue>, name: &HeaderName) -> bool {
+    tokens(connection).any(|token| token.eq_ignore_ascii_case(name.as_str()))
+}
+
 fn named_by_connection(headers: &HeaderMap, name: &HeaderName) -> bool {
-    connection_tokens(headers).any(|token| token.eq_ignore_ascii_case(name.as_str()))
+    lists(&headers.get_all(CONNECTION), name)
 }
 
 /// Headers only the gateway may set: a client's copy never reaches the upstream.

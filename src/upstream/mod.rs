@@ -440,15 +440,15 @@ impl<C: Idle> IdleConnections<C> {
     }
 
     fn put_back(&self, conn: C) {
+        // One clock read serves the staleness checks and the connection's stamp.
+        let now = Instant::now();
+        let stale = |since: &Instant| now.saturating_duration_since(*since) > IDLE_TIMEOUT;
         let Ok(mut idle) = self.0.lock() else { return };
-        if idle
-            .first()
-            .is_some_and(|(_, since)| since.elapsed() > IDLE_TIMEOUT)
-        {
-            idle.retain(|(c, since)| !c.is_closed() && since.elapsed() <= IDLE_TIMEOUT);
+        if idle.first().is_some_and(|(_, since)| stale(since)) {
+            idle.retain(|(c, since)| !c.is_closed() && !stale(since));
         }
         if idle.len() < MAX_IDLE {
-            idle.push((conn, Instant::now()));
+            idle.push((conn, now));
         }
     }
 }
