@@ -534,6 +534,112 @@ async fn http2_prior_knowledge_works() {
     missing.assert_error(401, "missing_api_key");
 }
 
+/// Values that differ in every response (`RateLimit`, `x-request-id`) go out as HPACK
+/// "never indexed" literals, so that they do not churn the connection's compression
+/// table; every other response field may be indexed. Read off the wire: a raw HTTP/2
+/// exchange, the response's header block walked representation by representation.
+#[tokio::test]
+async fn http2_per_response_values_are_never_indexed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = Upstream::start("qa").await;
+    let limits = "[environments.qa.rate_limit]\nper_key = { requests = 100, per = \"1s\" }\n";
+    let toml = single_environment("qa", &up, limits, "k", "spk_qa_k");
+    let gw = TestGateway::start(&toml).await;
+    let authority = gw.http.to_string();
+    // Literal fields without indexing, new names, no Huffman: 0x00, name, value.
+    let mut block = Vec::new();
+    for (name, value) in [
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":path", "/"),
+        (":authority", authority.as_str()),
+        ("x-api-key", "spk_qa_k"),
+    ] {
+        block.push(0);
+        for s in [name, value] {
+            block.push(u8::try_from(s.len()).unwrap());
+            block.extend_from_slice(s.as_bytes());
+        }
+    }
+    let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
+        let mut f = u32::try_from(payload.len()).unwrap().to_be_bytes()[1..].to_vec();
+        f.extend([kind, flags]);
+        f.extend(stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    };
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(0x4, 0, 0, &[])); // SETTINGS
+    out.extend(frame(0x1, 0x5, 1, &block)); // HEADERS, END_STREAM | END_HEADERS
+    let mut tcp = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    tcp.write_all(&out).await.unwrap();
+    // Frames until the response's HEADERS on stream 1.
+    let block = loop {
+        let mut head = [0u8; 9];
+        tcp.read_exact(&mut head).await.unwrap();
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let mut payload = vec![0u8; len];
+        tcp.read_exact(&mut payload).await.unwrap();
+        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        if head[3] == 0x1 && stream == 1 {
+            assert_eq!(head[4] & 0x4, 0x4, "one HEADERS frame (END_HEADERS)");
+            break payload;
+        }
+    };
+    // RFC 7541 section 6: count the never-indexed literals (0001xxxx) and read their
+    // values' lengths; skip every other representation whole.
+    let int = |b: &[u8], i: &mut usize, prefix: u32| -> usize {
+        let mask = (1u8 << prefix) - 1;
+        let mut v = usize::from(b[*i] & mask);
+        *i += 1;
+        if v == usize::from(mask) {
+            let mut shift = 0;
+            loop {
+                let byte = b[*i];
+                *i += 1;
+                v += usize::from(byte & 0x7f) << shift;
+                shift += 7;
+                if byte & 0x80 == 0 {
+                    break;
+                }
+            }
+        }
+        v
+    };
+    let string = |b: &[u8], i: &mut usize| {
+        let len = int(b, i, 7);
+        *i += len;
+    };
+    let (mut i, mut never, mut fields) = (0, 0, 0);
+    while i < block.len() {
+        let first = block[i];
+        fields += 1;
+        if first & 0x80 != 0 {
+            int(&block, &mut i, 7); // indexed
+            continue;
+        }
+        if first & 0xe0 == 0x20 {
+            int(&block, &mut i, 5); // table size update
+            fields -= 1;
+            continue;
+        }
+        let prefix = if first & 0xc0 == 0x40 { 6 } else { 4 };
+        if first & 0xf0 == 0x10 {
+            never += 1;
+        }
+        if int(&block, &mut i, prefix) == 0 {
+            string(&block, &mut i); // a new name
+        }
+        string(&block, &mut i);
+    }
+    assert_eq!(i, block.len(), "the block parses to its end");
+    assert_eq!(never, 2, "RateLimit and x-request-id, of {fields} fields");
+    assert!(
+        fields > 4,
+        "status, the upstream's fields and the gateway's"
+    );
+}
+
 /// `specter demo --port 0`: each environment's demo key reaches its own echo upstream.
 #[tokio::test]
 async fn demo_answers_for_each_environment() {
