@@ -613,14 +613,13 @@ async fn http2_per_response_values_are_never_indexed() {
     let (mut i, mut never, mut fields) = (0, 0, 0);
     while i < block.len() {
         let first = block[i];
+        if first & 0xe0 == 0x20 {
+            int(&block, &mut i, 5); // a table size update, not a field
+            continue;
+        }
         fields += 1;
         if first & 0x80 != 0 {
             int(&block, &mut i, 7); // indexed
-            continue;
-        }
-        if first & 0xe0 == 0x20 {
-            int(&block, &mut i, 5); // table size update
-            fields -= 1;
             continue;
         }
         let prefix = if first & 0xc0 == 0x40 { 6 } else { 4 };

@@ -365,12 +365,13 @@ def summarize(name, desc, per_round):
             ratios[f"specter/{peer} requests per CPU-second"] = median(
                 r["specter"]["req_per_cpu_s"] / r[peer]["req_per_cpu_s"] for r in per_round
                 if r["specter"]["req_per_cpu_s"] and r[peer]["req_per_cpu_s"])
-    for floor in (t for t in targets if "floor" in t and "specter" in targets):
+    for floor in (t for t in targets if "floor" in t):
         # The floor is a hyper proxy with nothing else: specter's own cost over hyper,
         # and what hyper alone reaches against the other proxies.
-        ratios[f"specter/{floor} CPU per request"] = median(
-            r[floor]["req_per_cpu_s"] / r["specter"]["req_per_cpu_s"] for r in per_round
-            if r["specter"]["req_per_cpu_s"] and r[floor]["req_per_cpu_s"])
+        if "specter" in targets:
+            ratios[f"specter/{floor} CPU per request"] = median(
+                r[floor]["req_per_cpu_s"] / r["specter"]["req_per_cpu_s"] for r in per_round
+                if r["specter"]["req_per_cpu_s"] and r[floor]["req_per_cpu_s"])
         for peer in (t for t in ("nginx", "haproxy") if t in targets):
             ratios[f"{floor}/{peer} requests per CPU-second"] = median(
                 r[floor]["req_per_cpu_s"] / r[peer]["req_per_cpu_s"] for r in per_round

@@ -94,8 +94,7 @@ async fn proxy(
     stream: TcpStream,
     upstream: &str,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let up = TcpStream::connect(upstream).await?;
-    up.set_nodelay(true)?;
+    let up = dial(upstream).await?;
     let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(up)).await?;
     tokio::spawn(connection);
     let sender = Arc::new(Mutex::new(sender));
@@ -120,6 +119,13 @@ async fn proxy(
     Ok(())
 }
 
+/// A connection to the upstream, with Nagle off as every proxy here has it.
+async fn dial(upstream: &str) -> std::io::Result<TcpStream> {
+    let up = TcpStream::connect(upstream).await?;
+    up.set_nodelay(true)?;
+    Ok(up)
+}
+
 /// The HTTP/2 floors' idle upstream connections, shared by all client connections.
 #[derive(Default)]
 struct Idle {
@@ -142,11 +148,7 @@ async fn h2proxy(
                 let taken = idle.raw.lock().unwrap().pop();
                 let (mut up, mut buf) = match taken {
                     Some(taken) => taken,
-                    None => {
-                        let up = TcpStream::connect(&upstream).await?;
-                        up.set_nodelay(true)?;
-                        (up, Vec::with_capacity(8192))
-                    }
+                    None => (dial(&upstream).await?, Vec::with_capacity(8192)),
                 };
                 let reply = exchange(&mut up, &mut buf, &req).await?;
                 idle.raw.lock().unwrap().push((up, buf));
@@ -156,12 +158,10 @@ async fn h2proxy(
             let mut sender = match taken {
                 Some(sender) => sender,
                 None => {
-                    let up = TcpStream::connect(&upstream).await?;
-                    up.set_nodelay(true)?;
-                    let (sender, connection) =
-                        hyper::client::conn::http1::handshake(TokioIo::new(up))
-                            .await
-                            .map_err(std::io::Error::other)?;
+                    let up = TokioIo::new(dial(&upstream).await?);
+                    let (sender, connection) = hyper::client::conn::http1::handshake(up)
+                        .await
+                        .map_err(std::io::Error::other)?;
                     tokio::spawn(connection);
                     sender
                 }
@@ -199,8 +199,7 @@ async fn rawproxy(
     stream: TcpStream,
     upstream: &str,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let up = TcpStream::connect(upstream).await?;
-    up.set_nodelay(true)?;
+    let up = dial(upstream).await?;
     let up = Arc::new(Mutex::new((up, Vec::with_capacity(8192))));
     let forward = service_fn(move |req: Request<Incoming>| {
         let up = up.clone();
@@ -232,7 +231,9 @@ async fn exchange(
         req.headers().get(hyper::header::HOST),
         req.uri().authority(),
     ) {
-        head.extend_from_slice(format!("host: {host}\r\n").as_bytes());
+        for part in [&b"host: "[..], host.as_str().as_bytes(), b"\r\n"] {
+            head.extend_from_slice(part);
+        }
     }
     for (name, value) in req.headers() {
         head.extend_from_slice(name.as_str().as_bytes());
