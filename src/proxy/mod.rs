@@ -74,18 +74,19 @@ pub fn handle(
     req: Request<Incoming>,
 ) -> impl std::future::Future<Output = Result<Response<Body>, Infallible>> + Send {
     // Lent to `inner`, which takes it once admitted: passed by value, it would stay,
-    // moved-from, in this future beside `inner`'s copy (264 bytes of hyper's slot).
-    let mut req = Some(req);
+    // moved-from, in this future beside `inner`'s copy.
+    let (head, body) = req.into_parts();
+    let mut req = Some((Box::new(head), body));
     async move {
         let started = Instant::now();
         let state = shared.state.load_full();
-        let head = req.as_ref().expect("present until inner takes it");
-        let request_id = request_id(head.headers());
-        let trace = TraceContext::from_headers(head.headers(), state.config.tracing.sample_ratio);
-        let (version, method) = (head.version(), head.method().clone());
+        let head = &req.as_ref().expect("present until inner takes it").0;
+        let request_id = request_id(&head.headers);
+        let trace = TraceContext::from_headers(&head.headers, state.config.tracing.sample_ratio);
+        let (version, method) = (head.version, head.method.clone());
         let exporter = state.exporter.as_deref().filter(|_| trace.sampled);
         let server_address = exporter
-            .and_then(|_| policy::request_host(head.uri(), head.headers()))
+            .and_then(|_| policy::request_host(&head.uri, &head.headers))
             .map(str::to_owned);
         let logged = access::enabled();
         let mut outcome = Outcome {
@@ -240,6 +241,11 @@ fn never_indexed(value: &mut HeaderValue) {
     value.set_sensitive(true);
 }
 
+/// A request's head, boxed once as it arrives: on its way upstream it moves from
+/// future to future, a pointer each time instead of 224 bytes, and each future that
+/// holds it (every one up to the upstream client's) is a pointer larger, not a head.
+type Head = Box<http::request::Parts>;
+
 /// Not an `async fn` (nor is [`handle`]): see `upstream::send_own`. `req` is taken
 /// once admitted.
 #[allow(clippy::manual_async_fn)] // on purpose: see `upstream::send_own`
@@ -247,24 +253,26 @@ fn inner<'a>(
     shared: &'a Shared,
     state: &'a State,
     conn: &'a ConnInfo,
-    req: &'a mut Option<Request<Incoming>>,
+    req: &'a mut Option<(Head, Incoming)>,
     ids: (&'a HeaderValue, &'a TraceContext),
     outcome: &'a mut Outcome,
 ) -> impl std::future::Future<Output = Result<Response<Body>, GatewayError>> + Send + 'a {
     async move {
-        let head = req.as_ref().expect("lent whole");
-        let admitted = admit(shared, state, conn, head, outcome).await?;
-        // HTTP/1 has one request in flight per connection: its deadline is the
-        // connection's to keep. HTTP/2 streams each take a timer.
-        let deadline = (head.version() < Version::HTTP_2).then_some(&conn.signals.deadline);
-        // Taken in a block, not into a local of this scope: a moved-from local keeps its
-        // place in the future until its scope ends, across the await below.
-        let (attempt, upgrade) = {
+        // In a block, not in locals of this scope: a local keeps its place in the future
+        // until its scope ends, across the await below, even once moved from.
+        let (env, attempt, upgrade, deadline) = {
+            let head = &req.as_ref().expect("lent whole").0;
+            let admitted = admit(shared, state, conn, head, outcome).await?;
+            // HTTP/1 has one request in flight per connection: its deadline is the
+            // connection's to keep. HTTP/2 streams each take a timer.
+            let deadline = (head.version < Version::HTTP_2).then_some(&conn.signals.deadline);
             let request = req.take().expect("lent whole");
             let counter = outcome.logged.then_some(&mut outcome.bytes_in);
-            upstream_request(state, conn, request, ids, &admitted, counter)
+            let (attempt, upgrade) =
+                upstream_request(state, conn, request, ids, &admitted, counter);
+            (admitted.env, attempt, upgrade, deadline)
         };
-        send(shared, admitted.env, attempt, (upgrade, deadline), outcome).await
+        send(shared, env, attempt, (upgrade, deadline), outcome).await
     }
 }
 
@@ -283,22 +291,22 @@ async fn admit<'s>(
     shared: &Shared,
     state: &'s State,
     conn: &ConnInfo,
-    req: &Request<Incoming>,
+    req: &http::request::Parts,
     outcome: &mut Outcome,
 ) -> Result<Admitted<'s>, GatewayError> {
-    crate::framing::check_request(req.version(), req.headers(), &conn.signals)?;
-    crate::framing::check_host(req.version(), req.uri(), req.headers())?;
-    crate::framing::check_h2c(req.headers())?;
+    crate::framing::check_request(req.version, &req.headers, &conn.signals)?;
+    crate::framing::check_host(req.version, &req.uri, &req.headers)?;
+    crate::framing::check_h2c(&req.headers)?;
     if shared.draining.load(Ordering::Relaxed) {
         return Err(GatewayError::ShuttingDown);
     }
-    let method = req.method().as_str();
+    let method = req.method.as_str();
     if method.eq_ignore_ascii_case("CONNECT") || method.eq_ignore_ascii_case("TRACE") {
         return Err(GatewayError::MethodNotAllowed {
             allow: HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
         });
     }
-    let target = forward_target(req.uri())?;
+    let target = forward_target(&req.uri)?;
     // Only the access log and an exported span read these; otherwise no reference
     // count is touched.
     let logged = outcome.details;
@@ -308,7 +316,7 @@ async fn admit<'s>(
 
     let now = SystemTime::now();
     let found =
-        crate::auth::extract(req.headers(), &state.config.auth.header).and_then(|(key, source)| {
+        crate::auth::extract(&req.headers, &state.config.auth.header).and_then(|(key, source)| {
             crate::auth::lookup(&state.keys, key, now).map(|key| (key, source))
         });
     let (key, key_source) =
@@ -320,21 +328,21 @@ async fn admit<'s>(
     }
     outcome.environment = Some(key.environment());
     let trusted = &state.config.listen.trusted_proxies;
-    let client_ip = policy::client_ip(conn.peer.ip(), req.headers(), trusted);
+    let client_ip = policy::client_ip(conn.peer.ip(), &req.headers, trusted);
     outcome.client_ip = Some(client_ip);
     key.usage().record(now, client_ip);
 
-    let host = policy::request_host(req.uri(), req.headers());
+    let host = policy::request_host(&req.uri, &req.headers);
     if !policy::host_allowed(&env.config.hosts, host) {
         return Err(GatewayError::WrongHost);
     }
     env.policy.check_ip(client_ip)?;
-    env.policy.check_method(req.method())?;
+    env.policy.check_method(&req.method)?;
     env.policy.check_path(target.path())?;
     if let Some(protocol) = upgrade::requested(req) {
         env.policy.check_upgrade(&protocol)?;
     }
-    env.policy.check_declared_body(req.headers())?;
+    env.policy.check_declared_body(&req.headers)?;
 
     match check_limits(shared, state, env, &key_id).await {
         Ok(header) => outcome.ratelimit = header,
@@ -357,14 +365,14 @@ async fn admit<'s>(
 fn failed_authentication(
     state: &State,
     conn: &ConnInfo,
-    req: &Request<Incoming>,
+    req: &http::request::Parts,
     refused: GatewayError,
 ) -> GatewayError {
     let Some(failures) = &state.failed_auth else {
         return refused;
     };
     let trusted = &state.config.listen.trusted_proxies;
-    let ip = policy::client_ip(conn.peer.ip(), req.headers(), trusted);
+    let ip = policy::client_ip(conn.peer.ip(), &req.headers, trusted);
     match failures.charge(ip) {
         Ok(()) => refused,
         Err(retry_after) => GatewayError::TooManyFailedAuthentications { retry_after },
@@ -390,25 +398,28 @@ fn forward_target(uri: &Uri) -> Result<PathAndQuery, GatewayError> {
 
 /// The request as the upstream receives it, but for the URI (set per attempt).
 struct Attempt {
-    parts: http::request::Parts,
+    parts: Head,
     body: Body,
     path_and_query: PathAndQuery,
     /// A copy for one retry, made only when a retry is possible at all: bodiless
     /// requests (nearly all idempotent ones) on an environment with several upstreams.
-    spare: Option<http::request::Parts>,
+    spare: Option<Head>,
 }
 
 fn upstream_request(
     state: &State,
     conn: &ConnInfo,
-    mut req: Request<Incoming>,
+    (mut parts, incoming): (Head, Incoming),
     (request_id, trace): (&HeaderValue, &TraceContext),
     a: &Admitted<'_>,
     bytes_in: Option<&mut Option<Arc<std::sync::atomic::AtomicU64>>>,
 ) -> (Attempt, Option<upgrade::ClientSide>) {
     let env = a.env;
-    let upgrade = upgrade::requested(&req).map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
-    let (mut parts, incoming) = req.into_parts();
+    // hyper hands every HTTP/1.1 request with an `Upgrade` field its connection.
+    let upgrade = upgrade::requested(&parts).and_then(|protocol| {
+        let upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>()?;
+        Some((protocol, upgrade))
+    });
     let original_host = parts
         .uri
         .authority()
@@ -647,12 +658,12 @@ fn is_idempotent(method: &Method) -> bool {
     )
 }
 
-fn clone_parts(parts: &http::request::Parts) -> http::request::Parts {
+fn clone_parts(parts: &http::request::Parts) -> Head {
     let (mut p, ()) = Request::new(()).into_parts();
     p.method = parts.method.clone();
     p.version = parts.version;
     p.headers = parts.headers.clone();
-    p
+    Box::new(p)
 }
 
 /// The client's `x-request-id` when it is sane (1-128 visible ASCII), else a new UUIDv7

@@ -3,18 +3,18 @@
 //! 101; any other answer is an ordinary response and the client connection stays HTTP.
 
 use http::header::{HeaderMap, HeaderValue, CONNECTION, UPGRADE};
-use http::{Request, Response, StatusCode, Version};
+use http::{Response, StatusCode, Version};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
 /// The `Upgrade` protocol a request asks for, when it is a well-formed HTTP/1.1 upgrade.
-pub fn requested<B>(req: &Request<B>) -> Option<HeaderValue> {
-    if req.version() != Version::HTTP_11 {
+pub fn requested(req: &http::request::Parts) -> Option<HeaderValue> {
+    if req.version != Version::HTTP_11 {
         return None;
     }
     let wants =
-        super::forward::connection_tokens(req.headers()).any(|t| t.eq_ignore_ascii_case("upgrade"));
-    wants.then(|| req.headers().get(UPGRADE).cloned()).flatten()
+        super::forward::connection_tokens(&req.headers).any(|t| t.eq_ignore_ascii_case("upgrade"));
+    wants.then(|| req.headers.get(UPGRADE).cloned()).flatten()
 }
 
 /// Restores the upgrade headers that hop-by-hop stripping removed.

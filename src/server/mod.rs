@@ -256,7 +256,7 @@ where
 {
     fn execute(&self, future: F) {
         // Not an async block: it would hold the stream's future twice, as the block's
-        // capture and inside what it awaits (5,560 bytes a task, not 2,790).
+        // capture and inside what it awaits (each task twice the size).
         tokio::spawn(crate::panics::caught_in(self.0.clone(), "stream", future));
     }
 }

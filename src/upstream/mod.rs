@@ -153,7 +153,7 @@ impl UpstreamPool {
     pub fn send(
         &self,
         i: usize,
-        mut parts: http::request::Parts,
+        mut parts: Box<http::request::Parts>,
         body: Body,
         target: PathAndQuery,
     ) -> Either<impl Future<Output = Sent> + Send + '_, BoxFuture<'_, Sent>> {
@@ -167,7 +167,7 @@ impl UpstreamPool {
                 let uri = Uri::from_parts(uri).map_err(|e| UpstreamError::Request(e.into()));
                 Either::Right(Box::pin(async move {
                     parts.uri = uri?;
-                    let response = client.request(Request::from_parts(parts, body)).await?;
+                    let response = client.request(Request::from_parts(*parts, body)).await?;
                     Ok(response.map(|b| b.map_err(Into::into).boxed()))
                 }))
             }
@@ -182,7 +182,7 @@ impl UpstreamPool {
                     Either::Left(send_own(plain, slot, parts, target))
                 } else {
                     parts.uri = Uri::from(target);
-                    let request = Request::from_parts(parts, body);
+                    let request = Request::from_parts(*parts, body);
                     Either::Right(Box::pin(send_hyper(tls, slot, request)))
                 }
             }
@@ -357,7 +357,7 @@ async fn send_hyper(
 fn send_own<'a>(
     connector: &'a HttpConnector,
     slot: &'a UpstreamSlot,
-    mut parts: http::request::Parts,
+    mut parts: Box<http::request::Parts>,
     target: PathAndQuery,
 ) -> impl std::future::Future<Output = Sent> + Send + 'a {
     async move {
