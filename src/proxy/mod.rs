@@ -415,7 +415,9 @@ fn upstream_request(
     bytes_in: Option<&mut Option<Arc<std::sync::atomic::AtomicU64>>>,
 ) -> (Attempt, Option<upgrade::ClientSide>) {
     let env = a.env;
-    // hyper hands every HTTP/1.1 request with an `Upgrade` field its connection.
+    // hyper puts the connection's upgrade handle on every HTTP/1.1 request with an
+    // `Upgrade` field; without one there is nothing to hand over, and the request goes
+    // on as a plain one (its upgrade fields are hop-by-hop, so they are stripped).
     let upgrade = upgrade::requested(&parts).and_then(|protocol| {
         let upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>()?;
         Some((protocol, upgrade))

@@ -235,8 +235,8 @@ pub fn limited(scope: Scope, retry_after: Duration) -> (GatewayError, HeaderValu
 }
 
 /// Appends one policy's state to a `RateLimit` field value. Once or twice per
-/// response: the numbers go through `itoa`, not `core::fmt` (0.11 µs of a request's
-/// CPU that way, in the profile).
+/// response: the numbers go through `itoa`, not `core::fmt` (about 60 ns a request
+/// less, in a `perf` diff).
 pub fn push_state(out: &mut String, scope: Scope, q: &QuotaConfig, remaining: u32) {
     let t = refill_secs(q, q.burst.get().saturating_sub(remaining));
     let mut digits = itoa::Buffer::new();
