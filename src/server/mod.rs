@@ -503,112 +503,117 @@ impl Connection {
                 }
             },
         );
-        let (mut served, mut stop) = (tokio::spawn(served), self.stop);
         let limits = (self.idle_timeout, self.header_read_timeout);
-        async move {
-            if let Some(reason) = watchdog(&signals, &mut served, &mut stop, limits).await {
-                tracing::debug!(%peer, "{reason}; closing");
-                served.abort();
-            }
-        }
+        watchdog(signals, tokio::spawn(served), self.stop, limits, peer)
     }
 }
 
 /// Ticks every quarter of the shorter of `idle_timeout` and `header_read_timeout`
-/// until the connection ends (`None`) or one of them is overrun (the reason). A
-/// deadline is therefore kept to within a quarter of its length, late, never early.
+/// until the connection ends, or one of them is overrun and it aborts the connection.
+/// A deadline is therefore kept to within a quarter of its length, late, never early.
 ///
 /// Between ticks it also wakes at the armed `request_timeout` of the HTTP/1 request
 /// in flight, exactly (see [`RequestDeadline`](crate::conn::RequestDeadline)).
-async fn watchdog(
-    signals: &ConnSignals,
-    served: &mut JoinHandle<()>,
-    stop: &mut watch::Receiver<bool>,
+///
+/// Not an `async fn`, and one future rather than one awaiting another: each would
+/// hold its arguments a second time, and the watchdog's task lives as long as its
+/// connection (640 bytes a task this way, 768 before).
+fn watchdog(
+    signals: Arc<ConnSignals>,
+    mut served: JoinHandle<()>,
+    mut stop: watch::Receiver<bool>,
     (idle_timeout, header_read_timeout): (Duration, Duration),
-) -> Option<&'static str> {
-    use crate::clock::{monotonic_instant, monotonic_ns};
+    peer: SocketAddr,
+) -> impl Future<Output = ()> + Send + 'static {
     let period = idle_timeout.min(header_read_timeout) / 4;
     let ticks = |d: Duration| {
         u32::try_from(d.as_nanos().div_ceil(period.as_nanos().max(1))).unwrap_or(u32::MAX)
     };
     let (idle_ticks, head_ticks) = (ticks(idle_timeout), ticks(header_read_timeout));
     let period_ns = u64::try_from(period.as_nanos()).unwrap_or(u64::MAX);
-    let mut next_tick = monotonic_ns(std::time::Instant::now()).saturating_add(period_ns);
-    let sleep = tokio::time::sleep_until(monotonic_instant(next_tick).into());
-    let mut sleep = std::pin::pin!(sleep);
-    let (mut last_seen, mut quiet) = (signals.activity.load(Ordering::Relaxed), 0u32);
-    let mut since_accept = 0u32;
-    // The head under way: the request count when it was first seen, and the ticks
-    // that have seen it since (it began within the tick before the first).
-    let mut head: Option<(u64, u32)> = None;
-    let deadline = &signals.deadline;
-    if *stop.borrow_and_update() {
-        signals.drain.raise();
-    }
-    // Raised once, when the gateway drains; a gateway dropped without draining (the
-    // sender gone) leaves its connections alone.
-    let changed = stop.changed();
-    let mut changed = std::pin::pin!(changed);
-    let mut listening = true;
-    loop {
-        let wake_at = monotonic_instant(deadline.watch(next_tick));
-        if sleep.deadline() != wake_at.into() {
-            sleep.as_mut().reset(wake_at.into());
+    async move {
+        use crate::clock::{monotonic_instant, monotonic_ns};
+        let mut next_tick = monotonic_ns(std::time::Instant::now()).saturating_add(period_ns);
+        let sleep = tokio::time::sleep_until(monotonic_instant(next_tick).into());
+        let mut sleep = std::pin::pin!(sleep);
+        let (mut last_seen, mut quiet) = (signals.activity.load(Ordering::Relaxed), 0u32);
+        let mut since_accept = 0u32;
+        // The head under way: the request count when it was first seen, and the ticks
+        // that have seen it since (it began within the tick before the first).
+        let mut head: Option<(u64, u32)> = None;
+        let deadline = &signals.deadline;
+        if *stop.borrow_and_update() {
+            signals.drain.raise();
         }
-        let ended = std::future::poll_fn(|cx| {
-            if served.poll_unpin(cx).is_ready() {
-                return std::task::Poll::Ready(true);
+        // Raised once, when the gateway drains; a gateway dropped without draining (the
+        // sender gone) leaves its connections alone.
+        let changed = stop.changed();
+        let mut changed = std::pin::pin!(changed);
+        let mut listening = true;
+        let overrun = loop {
+            let wake_at = monotonic_instant(deadline.watch(next_tick));
+            if sleep.deadline() != wake_at.into() {
+                sleep.as_mut().reset(wake_at.into());
             }
-            if listening {
-                if let std::task::Poll::Ready(outcome) = changed.as_mut().poll(cx) {
-                    listening = false;
-                    if outcome.is_ok() {
-                        signals.drain.raise();
+            let ended = std::future::poll_fn(|cx| {
+                if served.poll_unpin(cx).is_ready() {
+                    return std::task::Poll::Ready(true);
+                }
+                if listening {
+                    if let std::task::Poll::Ready(outcome) = changed.as_mut().poll(cx) {
+                        listening = false;
+                        if outcome.is_ok() {
+                            signals.drain.raise();
+                        }
                     }
                 }
+                let rearmed = deadline.rearmed(cx);
+                if rearmed || sleep.as_mut().poll_unpin(cx).is_ready() {
+                    return std::task::Poll::Ready(false);
+                }
+                std::task::Poll::Pending
+            })
+            .await;
+            if ended {
+                break None;
             }
-            let rearmed = deadline.rearmed(cx);
-            if rearmed || sleep.as_mut().poll_unpin(cx).is_ready() {
-                return std::task::Poll::Ready(false);
+            let now = monotonic_ns(std::time::Instant::now());
+            deadline.expire_if_passed(now);
+            if now < next_tick {
+                continue;
             }
-            std::task::Poll::Pending
-        })
-        .await;
-        if ended {
-            return None;
-        }
-        let now = monotonic_ns(std::time::Instant::now());
-        deadline.expire_if_passed(now);
-        if now < next_tick {
-            continue;
-        }
-        // Late ticks are not caught up: the next is a period from now.
-        next_tick = now.saturating_add(period_ns);
-        since_accept = since_accept.saturating_add(1);
-        let requests = signals.requests.load(Ordering::Relaxed);
-        // The first request must arrive within header_read_timeout of the accept
-        // (HTTP/2 has no header timer of its own).
-        if requests == 0 && since_accept >= head_ticks {
-            return Some("no request within header_read_timeout");
-        }
-        head = match (signals.head_started.load(Ordering::Relaxed), head) {
-            (true, Some((n, seen))) if n == requests => Some((n, seen + 1)),
-            (true, _) => Some((requests, 1)),
-            (false, _) => None,
+            // Late ticks are not caught up: the next is a period from now.
+            next_tick = now.saturating_add(period_ns);
+            since_accept = since_accept.saturating_add(1);
+            let requests = signals.requests.load(Ordering::Relaxed);
+            // The first request must arrive within header_read_timeout of the accept
+            // (HTTP/2 has no header timer of its own).
+            if requests == 0 && since_accept >= head_ticks {
+                break Some("no request within header_read_timeout");
+            }
+            head = match (signals.head_started.load(Ordering::Relaxed), head) {
+                (true, Some((n, seen))) if n == requests => Some((n, seen + 1)),
+                (true, _) => Some((requests, 1)),
+                (false, _) => None,
+            };
+            if head.is_some_and(|(_, seen)| seen > head_ticks) {
+                break Some("request head not complete within header_read_timeout");
+            }
+            let seen = signals.activity.load(Ordering::Relaxed);
+            let busy = signals.in_flight.load(Ordering::Relaxed) > 0;
+            quiet = if seen == last_seen && !busy {
+                quiet + 1
+            } else {
+                0
+            };
+            last_seen = seen;
+            if quiet >= idle_ticks {
+                break Some("idle connection");
+            }
         };
-        if head.is_some_and(|(_, seen)| seen > head_ticks) {
-            return Some("request head not complete within header_read_timeout");
-        }
-        let seen = signals.activity.load(Ordering::Relaxed);
-        let busy = signals.in_flight.load(Ordering::Relaxed) > 0;
-        quiet = if seen == last_seen && !busy {
-            quiet + 1
-        } else {
-            0
-        };
-        last_seen = seen;
-        if quiet >= idle_ticks {
-            return Some("idle connection");
+        if let Some(reason) = overrun {
+            tracing::debug!(%peer, "{reason}; closing");
+            served.abort();
         }
     }
 }
