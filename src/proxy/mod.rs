@@ -30,6 +30,7 @@ use crate::path::normalize_path;
 use crate::policy;
 use crate::state::{Environment, Shared, State};
 use crate::trace::{export, TraceContext};
+use crate::upstream::Head;
 
 /// Facts about the client connection a request arrived on.
 #[derive(Debug, Clone)]
@@ -240,11 +241,6 @@ fn decorate(
 fn never_indexed(value: &mut HeaderValue) {
     value.set_sensitive(true);
 }
-
-/// A request's head, boxed once as it arrives: on its way upstream it moves from
-/// future to future, a pointer each time instead of 224 bytes, and each future that
-/// holds it (every one up to the upstream client's) is a pointer larger, not a head.
-type Head = Box<http::request::Parts>;
 
 /// Not an `async fn` (nor is [`handle`]): see `upstream::send_own`. `req` is taken
 /// once admitted.
