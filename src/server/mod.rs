@@ -482,12 +482,17 @@ impl Connection {
             // watchdog from ever closing the connection.
             let in_flight = InFlight::enter(info.clone());
             // A combinator, not an async block: the block would hold the request beside
-            // the future it is moved into, and hyper keeps a slot of the future's size
-            // for the connection's life.
-            proxy::handle(shared.clone(), info.clone(), req).map(move |response| {
-                drop(in_flight);
-                response
-            })
+            // the future it is moved into. Boxed per request: hyper's HTTP/1 connection
+            // keeps a slot of the service future's size for its whole life, idle or
+            // not, and an HTTP/2 stream's task holds it by value. A box of ~1.2 KB
+            // per request measured CPU-neutral (HTTP/1 new/old 1.004, HTTP/2 ~0.99)
+            // and took 1.0-1.2 KiB off every idle connection.
+            Box::pin(
+                proxy::handle(shared.clone(), info.clone(), req).map(move |response| {
+                    drop(in_flight);
+                    response
+                }),
+            )
         });
         let io = ClientIo::new(io, signals.clone());
         let connection = Served::new(io, service, self.builders, signals.clone());
