@@ -474,6 +474,7 @@ impl Connection {
             forwarding: Default::default(),
         });
         let shared = self.shared.clone();
+        let conn = info.clone();
         let service = service_fn(move |req| {
             info.signals.requests.fetch_add(1, Ordering::Relaxed);
             info.signals.head_started.store(false, Ordering::Relaxed);
@@ -497,19 +498,22 @@ impl Connection {
         let io = ClientIo::new(io, signals.clone());
         let connection = Served::new(io, service, self.builders, signals.clone());
         // Combinators, not an async block: the task then holds the connection once.
-        let (shared, peer) = (self.shared, self.peer);
+        // The closure holds the connection's info, not a copy of its address: 24 bytes
+        // less put the task's cell under tokio's next 128-byte step (1,024 -> 896).
+        let shared = self.shared;
+        let info = conn.clone();
         let served = crate::panics::caught_in(shared.clone(), "connection", connection).map(
             move |outcome| {
                 if let Some(Err(e)) = outcome {
                     if let Some(status) = crate::framing::parser_refusal(&*e) {
                         shared.unidentified.count(&shared.metrics, status);
                     }
-                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    tracing::debug!(peer = %info.peer, error = %e, "connection ended with an error");
                 }
             },
         );
         let limits = (self.idle_timeout, self.header_read_timeout);
-        watchdog(signals, tokio::spawn(served), self.stop, limits, peer)
+        watchdog(conn, tokio::spawn(served), self.stop, limits)
     }
 }
 
@@ -522,13 +526,12 @@ impl Connection {
 ///
 /// Not an `async fn`, and one future rather than one awaiting another: each would
 /// hold its arguments a second time, and the watchdog's task lives as long as its
-/// connection (640 bytes a task this way, 768 before).
+/// connection (512 bytes a task now, 768 as an `async fn`).
 fn watchdog(
-    signals: Arc<ConnSignals>,
+    conn: Arc<ConnInfo>,
     mut served: JoinHandle<()>,
     mut stop: watch::Receiver<bool>,
     (idle_timeout, header_read_timeout): (Duration, Duration),
-    peer: SocketAddr,
 ) -> impl Future<Output = ()> + Send + 'static {
     let period = idle_timeout.min(header_read_timeout) / 4;
     let ticks = |d: Duration| {
@@ -541,14 +544,18 @@ fn watchdog(
         let mut next_tick = monotonic_ns(std::time::Instant::now()).saturating_add(period_ns);
         let sleep = tokio::time::sleep_until(monotonic_instant(next_tick).into());
         let mut sleep = std::pin::pin!(sleep);
-        let (mut last_seen, mut quiet) = (signals.activity.load(Ordering::Relaxed), 0u32);
+        // The signals are read through `conn` each time, not through a local
+        // reference: the watchdog's task lives as long as its connection, and 16 bytes
+        // less (this and `head`'s packing) put its cell under tokio's next 128-byte
+        // step (640 -> 512 bytes).
+        let (mut last_seen, mut quiet) = (conn.signals.activity.load(Ordering::Relaxed), 0u32);
         let mut since_accept = 0u32;
         // The head under way: the request count when it was first seen, and the ticks
-        // that have seen it since (it began within the tick before the first).
-        let mut head: Option<(u64, u32)> = None;
-        let deadline = &signals.deadline;
+        // that have seen it since (it began within the tick before the first); no
+        // ticks, no head.
+        let mut head = (0u64, 0u32);
         if *stop.borrow_and_update() {
-            signals.drain.raise();
+            conn.signals.drain.raise();
         }
         // Raised once, when the gateway drains; a gateway dropped without draining (the
         // sender gone) leaves its connections alone.
@@ -556,7 +563,7 @@ fn watchdog(
         let mut changed = std::pin::pin!(changed);
         let mut listening = true;
         let overrun = loop {
-            let wake_at = monotonic_instant(deadline.watch(next_tick));
+            let wake_at = monotonic_instant(conn.signals.deadline.watch(next_tick));
             if sleep.deadline() != wake_at.into() {
                 sleep.as_mut().reset(wake_at.into());
             }
@@ -568,11 +575,11 @@ fn watchdog(
                     if let std::task::Poll::Ready(outcome) = changed.as_mut().poll(cx) {
                         listening = false;
                         if outcome.is_ok() {
-                            signals.drain.raise();
+                            conn.signals.drain.raise();
                         }
                     }
                 }
-                let rearmed = deadline.rearmed(cx);
+                let rearmed = conn.signals.deadline.rearmed(cx);
                 if rearmed || sleep.as_mut().poll_unpin(cx).is_ready() {
                     return std::task::Poll::Ready(false);
                 }
@@ -583,29 +590,29 @@ fn watchdog(
                 break None;
             }
             let now = monotonic_ns(std::time::Instant::now());
-            deadline.expire_if_passed(now);
+            conn.signals.deadline.expire_if_passed(now);
             if now < next_tick {
                 continue;
             }
             // Late ticks are not caught up: the next is a period from now.
             next_tick = now.saturating_add(period_ns);
             since_accept = since_accept.saturating_add(1);
-            let requests = signals.requests.load(Ordering::Relaxed);
+            let requests = conn.signals.requests.load(Ordering::Relaxed);
             // The first request must arrive within header_read_timeout of the accept
             // (HTTP/2 has no header timer of its own).
             if requests == 0 && since_accept >= head_ticks {
                 break Some("no request within header_read_timeout");
             }
-            head = match (signals.head_started.load(Ordering::Relaxed), head) {
-                (true, Some((n, seen))) if n == requests => Some((n, seen + 1)),
-                (true, _) => Some((requests, 1)),
-                (false, _) => None,
+            head = match (conn.signals.head_started.load(Ordering::Relaxed), head) {
+                (true, (n, seen)) if seen > 0 && n == requests => (n, seen + 1),
+                (true, _) => (requests, 1),
+                (false, _) => (0, 0),
             };
-            if head.is_some_and(|(_, seen)| seen > head_ticks) {
+            if head.1 > head_ticks {
                 break Some("request head not complete within header_read_timeout");
             }
-            let seen = signals.activity.load(Ordering::Relaxed);
-            let busy = signals.in_flight.load(Ordering::Relaxed) > 0;
+            let seen = conn.signals.activity.load(Ordering::Relaxed);
+            let busy = conn.signals.in_flight.load(Ordering::Relaxed) > 0;
             quiet = if seen == last_seen && !busy {
                 quiet + 1
             } else {
@@ -617,7 +624,7 @@ fn watchdog(
             }
         };
         if let Some(reason) = overrun {
-            tracing::debug!(%peer, "{reason}; closing");
+            tracing::debug!(peer = %conn.peer, "{reason}; closing");
             served.abort();
         }
     }
