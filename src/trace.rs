@@ -20,7 +20,7 @@ pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 pub const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
 /// `00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`.
-const TRACEPARENT_LEN: usize = 55;
+pub const TRACEPARENT_LEN: usize = 55;
 const FLAG_SAMPLED: u8 = 0x01;
 
 /// One request's place in a trace. `Copy` and 34 bytes: it rides along the request
@@ -72,6 +72,12 @@ impl TraceContext {
 
     /// The `traceparent` the upstream receives: this trace, the gateway's span.
     pub fn traceparent(&self) -> HeaderValue {
+        crate::headers::shared_value(self.traceparent_bytes())
+            .expect("hex digits and dashes are a valid header value")
+    }
+
+    /// [`traceparent`](Self::traceparent)'s bytes, for a head written directly.
+    pub fn traceparent_bytes(&self) -> [u8; TRACEPARENT_LEN] {
         let mut buf = [0u8; TRACEPARENT_LEN];
         buf[..3].copy_from_slice(b"00-");
         hex_into(&self.trace_id, &mut buf[3..35]);
@@ -79,7 +85,7 @@ impl TraceContext {
         hex_into(&self.span_id, &mut buf[36..52]);
         buf[52] = b'-';
         hex_into(&[u8::from(self.sampled)], &mut buf[53..55]);
-        crate::headers::shared_value(buf).expect("hex digits and dashes are a valid header value")
+        buf
     }
 
     /// The trace id as 32 lower-case hex digits, for logs and error bodies.

@@ -74,9 +74,10 @@ fn named_by_connection(headers: &HeaderMap, name: &HeaderName) -> bool {
 }
 
 /// Headers only the gateway may set: a client's copy never reaches the upstream.
-/// (`X-Forwarded-For` and `Forwarded` from a trusted proxy are read first and extended.)
-/// A `static`, not a `const`, like `HOP_BY_HOP`.
-static GATEWAY_SET: [HeaderName; 9] = [
+/// (`X-Forwarded-For` and `Forwarded` from a trusted proxy are read first and extended;
+/// a valid `X-Request-Id` and `traceparent` were read before, and continue as the
+/// gateway's own.) A `static`, not a `const`, like `HOP_BY_HOP`.
+static GATEWAY_SET: [HeaderName; 11] = [
     X_FORWARDED_FOR,
     X_FORWARDED_PROTO,
     X_FORWARDED_HOST,
@@ -86,6 +87,8 @@ static GATEWAY_SET: [HeaderName; 9] = [
     X_SPECTER_KEY_ID,
     X_SPECTER_CLIENT_CERT_SUBJECT,
     HOST,
+    X_REQUEST_ID,
+    crate::trace::TRACEPARENT,
 ];
 
 /// Headers in which a proxy tells its upstream about the client or the original
@@ -141,12 +144,12 @@ pub struct Forwarded<'a> {
     /// Host (authority) the client addressed, before rewriting.
     pub host: Option<HeaderValue>,
     pub request_id: &'a HeaderValue,
-    /// This hop's W3C `traceparent`; always set, replacing the client's.
-    pub traceparent: HeaderValue,
+    /// The request's trace: this hop's W3C `traceparent` always replaces the client's.
+    pub trace: &'a crate::trace::TraceContext,
     /// The client's `tracestate` passes on only with the trace it belongs to.
     pub keep_tracestate: bool,
     pub environment: &'a HeaderValue,
-    pub key_id: &'a HeaderValue,
+    pub key_id: HeaderValue,
     pub client_cert_subject: Option<&'a HeaderValue>,
     /// The connection's forwarding values, built by its first request.
     pub cache: &'a OnceLock<ConnForwarding>,
@@ -184,7 +187,15 @@ impl ConnForwarding {
     }
 }
 
-pub fn rewrite_request(headers: &mut HeaderMap, f: &Forwarded<'_>, rules: &HeaderRules) {
+/// Strips what must not reach the upstream and applies the environment's rules; returns
+/// the gateway's own fields, which go out with the request without entering its map
+/// (see [`upstream::Added`](crate::upstream::Added)). Where a rule sets one of those
+/// names, the gateway's value is the one sent.
+pub fn rewrite_request<'a>(
+    headers: &mut HeaderMap,
+    f: Forwarded<'a>,
+    rules: &HeaderRules,
+) -> GatewayFields<'a> {
     // A hop-by-hop chain (named by `Connection`) is not the chain to extend.
     let previous = |headers: &HeaderMap, name: &HeaderName| {
         (f.trusted_peer && !named_by_connection(headers, name))
@@ -208,31 +219,17 @@ pub fn rewrite_request(headers: &mut HeaderMap, f: &Forwarded<'_>, rules: &Heade
             || (!f.keep_tracestate && n == crate::trace::TRACESTATE);
         doomed.then(|| Cow::Owned(n.clone()))
     });
-    // Room for what is added below at once, instead of growing the map step by step.
-    headers.reserve(rules.set.len() + 11);
-    for (name, value) in &rules.set {
-        headers.insert(name.clone(), value.clone());
-    }
-    let (xff, real_ip, forwarded) = match (previous_xff, previous_forwarded) {
+    let chain = match (previous_xff, previous_forwarded) {
         (None, None) => {
             let host = f.host.as_ref();
-            let built;
-            let values = match f.cache.get() {
-                Some(cached) if cached.matches(f.client_ip, host) => Some(cached),
-                Some(_) => {
-                    built = ConnForwarding::new(f.client_ip, host, f.tls);
-                    built.as_ref()
-                }
+            match f.cache.get() {
+                Some(cached) if cached.matches(f.client_ip, host) => Chain::Shared(cached),
+                Some(_) => ConnForwarding::new(f.client_ip, host, f.tls)
+                    .map_or(Chain::None, |built| Chain::Own(Box::new(built.into()))),
                 None => ConnForwarding::new(f.client_ip, host, f.tls)
-                    .map(|fresh| f.cache.get_or_init(|| fresh)),
-            };
-            match values {
-                Some(v) => (
-                    Some(v.ip.clone()),
-                    Some(v.ip.clone()),
-                    Some(v.forwarded.clone()),
-                ),
-                None => (None, None, None),
+                    .map_or(Chain::None, |fresh| {
+                        Chain::Shared(f.cache.get_or_init(|| fresh))
+                    }),
             }
         }
         (previous_xff, previous_forwarded) => {
@@ -250,31 +247,122 @@ pub fn rewrite_request(headers: &mut HeaderMap, f: &Forwarded<'_>, rules: &Heade
                 _ => HeaderValue::from_str(&f.client_ip.to_string()).ok(),
             };
             let forwarded = HeaderValue::from_maybe_shared(bytes::Bytes::from(forwarded)).ok();
-            (xff, real_ip, forwarded)
+            Chain::Own(Box::new(ChainValues {
+                forwarded,
+                xff,
+                real_ip,
+            }))
         }
     };
-    if let Some(v) = forwarded {
-        headers.insert(FORWARDED, v);
+    let fields = GatewayFields {
+        chain,
+        tls: f.tls,
+        host: f.host,
+        request_id: f.request_id,
+        trace: f.trace,
+        environment: f.environment,
+        key_id: f.key_id,
+        client_cert_subject: f.client_cert_subject,
+    };
+    for (name, value) in &rules.set {
+        if !fields.sets(name) {
+            headers.insert(name.clone(), value.clone());
+        }
     }
-    if let Some(v) = xff {
-        headers.insert(X_FORWARDED_FOR, v);
+    fields
+}
+
+/// The gateway's forwarding and identity fields for one request.
+pub struct GatewayFields<'a> {
+    chain: Chain<'a>,
+    tls: bool,
+    /// `X-Forwarded-Host`: the Host (authority) the client addressed.
+    host: Option<HeaderValue>,
+    request_id: &'a HeaderValue,
+    trace: &'a crate::trace::TraceContext,
+    environment: &'a HeaderValue,
+    key_id: HeaderValue,
+    client_cert_subject: Option<&'a HeaderValue>,
+}
+
+/// `Forwarded`, `X-Forwarded-For` and `X-Real-IP`: the connection's shared values
+/// (nearly always), or this request's own (a trusted proxy's chain extended, or a Host
+/// other than the connection's first).
+enum Chain<'a> {
+    Shared(&'a ConnForwarding),
+    Own(Box<ChainValues>),
+    None,
+}
+
+struct ChainValues {
+    forwarded: Option<HeaderValue>,
+    xff: Option<HeaderValue>,
+    real_ip: Option<HeaderValue>,
+}
+
+impl From<ConnForwarding> for ChainValues {
+    fn from(c: ConnForwarding) -> ChainValues {
+        ChainValues {
+            forwarded: Some(c.forwarded),
+            xff: Some(c.ip.clone()),
+            real_ip: Some(c.ip),
+        }
     }
-    if let Some(v) = real_ip {
-        headers.insert(X_REAL_IP, v);
+}
+
+impl GatewayFields<'_> {
+    /// Each field but `traceparent`, which is formatted where it is sent, last.
+    fn each(&self, mut f: impl FnMut(&HeaderName, &HeaderValue)) {
+        let (forwarded, xff, real_ip) = match &self.chain {
+            Chain::Shared(c) => (Some(&c.forwarded), Some(&c.ip), Some(&c.ip)),
+            Chain::Own(c) => (c.forwarded.as_ref(), c.xff.as_ref(), c.real_ip.as_ref()),
+            Chain::None => (None, None, None),
+        };
+        let proto = HeaderValue::from_static(if self.tls { "https" } else { "http" });
+        let fields = [
+            (&FORWARDED, forwarded),
+            (&X_FORWARDED_FOR, xff),
+            (&X_REAL_IP, real_ip),
+            (&X_FORWARDED_PROTO, Some(&proto)),
+            (&X_FORWARDED_HOST, self.host.as_ref()),
+            (&X_REQUEST_ID, Some(self.request_id)),
+            (&X_SPECTER_ENVIRONMENT, Some(self.environment)),
+            (&X_SPECTER_KEY_ID, Some(&self.key_id)),
+            (&X_SPECTER_CLIENT_CERT_SUBJECT, self.client_cert_subject),
+        ];
+        for (name, value) in fields {
+            if let Some(value) = value {
+                f(name, value);
+            }
+        }
     }
-    headers.insert(
-        X_FORWARDED_PROTO,
-        HeaderValue::from_static(if f.tls { "https" } else { "http" }),
-    );
-    if let Some(host) = &f.host {
-        headers.insert(X_FORWARDED_HOST, host.clone());
+
+    /// The gateway sends a field of this name.
+    fn sets(&self, name: &HeaderName) -> bool {
+        let mut found = *name == crate::trace::TRACEPARENT;
+        self.each(|n, _| found |= n == name);
+        found
     }
-    headers.insert(X_REQUEST_ID, f.request_id.clone());
-    headers.insert(crate::trace::TRACEPARENT, f.traceparent.clone());
-    headers.insert(X_SPECTER_ENVIRONMENT, f.environment.clone());
-    headers.insert(X_SPECTER_KEY_ID, f.key_id.clone());
-    if let Some(subject) = f.client_cert_subject {
-        headers.insert(X_SPECTER_CLIENT_CERT_SUBJECT, subject.clone());
+}
+
+impl crate::upstream::Added for GatewayFields<'_> {
+    fn write(&self, wire: &mut Vec<u8>) {
+        let mut line = |name: &HeaderName, value: &[u8]| {
+            wire.extend_from_slice(name.as_str().as_bytes());
+            wire.extend_from_slice(b": ");
+            wire.extend_from_slice(value);
+            wire.extend_from_slice(b"\r\n");
+        };
+        self.each(|n, v| line(n, v.as_bytes()));
+        line(&crate::trace::TRACEPARENT, &self.trace.traceparent_bytes());
+    }
+
+    fn insert(&self, headers: &mut HeaderMap) {
+        headers.reserve(10);
+        self.each(|n, v| {
+            headers.insert(n.clone(), v.clone());
+        });
+        headers.insert(crate::trace::TRACEPARENT, self.trace.traceparent());
     }
 }
 
@@ -332,7 +420,16 @@ mod tests {
 
     use crate::headers::map;
 
-    struct Ids(HeaderName, HeaderValue, HeaderValue, HeaderValue);
+    use crate::trace::TraceContext;
+    use crate::upstream::Added;
+
+    struct Ids(
+        HeaderName,
+        HeaderValue,
+        HeaderValue,
+        HeaderValue,
+        TraceContext,
+    );
 
     fn ids() -> Ids {
         Ids(
@@ -340,13 +437,14 @@ mod tests {
             HeaderValue::from_static("r1"),
             HeaderValue::from_static("development"),
             HeaderValue::from_static("k1"),
+            TraceContext::from_headers(&HeaderMap::new(), 0.0),
         )
     }
 
     /// What the gateway tells the upstream in these tests: client 192.0.2.7 behind
     /// peer 10.0.0.1 (untrusted), plain HTTP, Host `api.example.com`.
     fn forwarded<'a>(ids: &'a Ids, cache: &'a OnceLock<ConnForwarding>) -> Forwarded<'a> {
-        let Ids(auth, rid, env, kid) = ids;
+        let Ids(auth, rid, env, kid, trace) = ids;
         Forwarded {
             auth_header: auth,
             key_source: KeySource::Header,
@@ -357,19 +455,18 @@ mod tests {
             tls: false,
             host: Some(HeaderValue::from_static("api.example.com")),
             request_id: rid,
-            traceparent: HeaderValue::from_static(
-                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            ),
+            trace,
             keep_tracestate: false,
             environment: env,
-            key_id: kid,
+            key_id: kid.clone(),
             client_cert_subject: None,
             cache,
         }
     }
 
     /// A request from `peer` (trusted or not) through an environment that does or does
-    /// not allow underscore headers.
+    /// not allow underscore headers, as hyper's clients get it: the gateway's fields
+    /// inserted into the map.
     fn rewritten(pairs: &[(&str, &str)], trusted_peer: bool, allow_underscores: bool) -> HeaderMap {
         let (ids, cache) = (ids(), OnceLock::new());
         let mut h = map(pairs);
@@ -378,8 +475,87 @@ mod tests {
             allow_underscores,
             ..forwarded(&ids, &cache)
         };
-        rewrite_request(&mut h, &f, &HeaderRules::default());
+        rewrite_request(&mut h, f, &HeaderRules::default()).insert(&mut h);
         h
+    }
+
+    /// The same request as specter's own client writes it: the map's fields, then
+    /// the gateway's. Parsed back, with every name in the order written.
+    fn written(pairs: &[(&str, &str)], rules: &HeaderRules) -> Vec<(String, String)> {
+        let (ids, cache) = (ids(), OnceLock::new());
+        let mut h = map(pairs);
+        let added = rewrite_request(&mut h, forwarded(&ids, &cache), rules);
+        let mut wire = Vec::new();
+        for (name, value) in &h {
+            wire.extend_from_slice(format!("{name}: ").as_bytes());
+            wire.extend_from_slice(value.as_bytes());
+            wire.extend_from_slice(b"\r\n");
+        }
+        added.write(&mut wire);
+        String::from_utf8(wire)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let (n, v) = l.split_once(": ").expect("name: value");
+                (n.to_owned(), v.to_owned())
+            })
+            .collect()
+    }
+
+    /// Each gateway field goes out exactly once, with the gateway's value, whether the
+    /// client sent its own copy or a rule sets the same name; a rule for any other
+    /// name applies.
+    #[test]
+    fn the_written_head_carries_each_gateway_field_once() {
+        let rules = HeaderRules {
+            set: vec![
+                (X_FORWARDED_PROTO, HeaderValue::from_static("https")),
+                (X_REQUEST_ID, HeaderValue::from_static("from-a-rule")),
+                (
+                    HeaderName::from_static("x-team"),
+                    HeaderValue::from_static("web"),
+                ),
+            ],
+            ..HeaderRules::default()
+        };
+        let sent = written(
+            &[
+                ("x-request-id", "client-id"),
+                (
+                    "traceparent",
+                    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                ),
+                ("x-forwarded-proto", "https"),
+                ("x-keep", "1"),
+            ],
+            &rules,
+        );
+        let values = |name: &str| -> Vec<&str> {
+            sent.iter()
+                .filter(|(n, _)| n == name)
+                .map(|(_, v)| v.as_str())
+                .collect()
+        };
+        assert_eq!(values("x-request-id"), ["r1"], "{sent:?}");
+        assert_eq!(values("x-forwarded-proto"), ["http"]);
+        assert_eq!(values("x-forwarded-for"), ["192.0.2.7"]);
+        assert_eq!(values("x-real-ip"), ["192.0.2.7"]);
+        assert_eq!(
+            values("forwarded"),
+            ["for=192.0.2.7;host=\"api.example.com\";proto=http"]
+        );
+        assert_eq!(values("x-forwarded-host"), ["api.example.com"]);
+        assert_eq!(values("x-specter-environment"), ["development"]);
+        assert_eq!(values("x-specter-key-id"), ["k1"]);
+        assert_eq!(values("x-team"), ["web"]);
+        assert_eq!(values("x-keep"), ["1"]);
+        let traceparent = values("traceparent");
+        assert_eq!(traceparent.len(), 1);
+        assert_ne!(
+            traceparent[0],
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        );
+        assert!(values("x-specter-client-cert-subject").is_empty());
     }
 
     #[test]
@@ -493,7 +669,7 @@ mod tests {
                 host: Some(HeaderValue::from_static(host)),
                 ..forwarded(&ids, &cache)
             };
-            rewrite_request(&mut h, &f, &HeaderRules::default());
+            rewrite_request(&mut h, f, &HeaderRules::default()).insert(&mut h);
             h
         };
         for host in ["a.example", "b.example", "a.example"] {

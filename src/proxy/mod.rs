@@ -393,8 +393,10 @@ fn forward_target(uri: &Uri) -> Result<PathAndQuery, GatewayError> {
 }
 
 /// The request as the upstream receives it, but for the URI (set per attempt).
-struct Attempt {
+struct Attempt<'a> {
     parts: Head,
+    /// The gateway's fields, sent after the request's own.
+    added: forward::GatewayFields<'a>,
     body: Body,
     path_and_query: PathAndQuery,
     /// A copy for one retry, made only when a retry is possible at all: bodiless
@@ -402,14 +404,14 @@ struct Attempt {
     spare: Option<Head>,
 }
 
-fn upstream_request(
-    state: &State,
-    conn: &ConnInfo,
+fn upstream_request<'a>(
+    state: &'a State,
+    conn: &'a ConnInfo,
     (mut parts, incoming): (Head, Incoming),
-    (request_id, trace): (&HeaderValue, &TraceContext),
-    a: &Admitted<'_>,
+    (request_id, trace): (&'a HeaderValue, &'a TraceContext),
+    a: &Admitted<'a>,
     bytes_in: Option<&mut Option<Arc<std::sync::atomic::AtomicU64>>>,
-) -> (Attempt, Option<upgrade::ClientSide>) {
+) -> (Attempt<'a>, Option<upgrade::ClientSide>) {
     let env = a.env;
     // hyper puts the connection's upgrade handle on every HTTP/1.1 request with an
     // `Upgrade` field; without one there is nothing to hand over, and the request goes
@@ -435,16 +437,16 @@ fn upstream_request(
         tls: conn.tls,
         host: original_host.clone(),
         request_id,
-        traceparent: trace.traceparent(),
+        trace,
         keep_tracestate: trace.continued(),
         environment: &env.name_header,
-        key_id: a.key_id.header_value(),
+        key_id: a.key_id.header_value().clone(),
         client_cert_subject: conn.client_cert_subject.as_ref(),
         cache: &conn.forwarding,
     };
-    forward::rewrite_request(
+    let added = forward::rewrite_request(
         &mut parts.headers,
-        &forwarded,
+        forwarded,
         &env.policy.config.request_headers,
     );
     let upgrade = upgrade.map(|(protocol, upgrade)| {
@@ -486,6 +488,7 @@ fn upstream_request(
     (
         Attempt {
             parts,
+            added,
             body,
             path_and_query,
             spare,
@@ -501,7 +504,7 @@ fn upstream_request(
 fn send<'a>(
     shared: &'a Shared,
     env: &'a Environment,
-    attempt: Attempt,
+    attempt: Attempt<'a>,
     (mut client_upgrade, deadline): (
         Option<upgrade::ClientSide>,
         Option<&'a crate::conn::RequestDeadline>,
@@ -510,6 +513,7 @@ fn send<'a>(
 ) -> impl std::future::Future<Output = Result<Response<Body>, GatewayError>> + Send + 'a {
     let Attempt {
         parts,
+        added,
         body,
         path_and_query,
         mut spare,
@@ -528,7 +532,7 @@ fn send<'a>(
             let timeout = env.config.request_timeout;
             let sent = env
                 .upstreams
-                .send(upstream, parts, body, path_and_query.clone());
+                .send(upstream, parts, body, path_and_query.clone(), &added);
             // One or the other, never both, in the request's future.
             let answered = match deadline {
                 Some(deadline) => Either::Left(deadline.run(timeout, sent).map(Result::ok)),

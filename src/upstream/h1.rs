@@ -28,7 +28,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::chunked::{self, Decoded};
-use super::IdleConnections;
+use super::{Added, IdleConnections};
 use crate::body::{Body, BoxError};
 
 /// The largest response head accepted (nginx's default is 4 or 8 KiB).
@@ -113,11 +113,11 @@ struct Head {
 pub fn round_trip<'a>(
     mut conn: Connection,
     parts: &'a mut http::request::Parts,
-    target: &'a PathAndQuery,
+    (target, added): (&'a PathAndQuery, &'a dyn Added),
     idle: &'a Arc<IdleConnections<Connection>>,
 ) -> impl Future<Output = Result<Response<Body>, Error>> + Send + 'a {
     let head_request = parts.method == Method::HEAD;
-    encode_head(&mut conn.write, parts, target);
+    encode_head(&mut conn.write, parts, target, added);
     async move {
         let Connection { io, read, write } = &mut conn;
         // Written after the scheduler's current pass: the requests that arrived
@@ -132,9 +132,14 @@ pub fn round_trip<'a>(
     }
 }
 
-/// The request line and headers, in `wire`. The request has no body, so no
-/// `Transfer-Encoding` goes with it.
-fn encode_head(wire: &mut Vec<u8>, parts: &http::request::Parts, target: &PathAndQuery) {
+/// The request line and headers, the request's then the gateway's, in `wire`. The
+/// request has no body, so no `Transfer-Encoding` goes with it.
+fn encode_head(
+    wire: &mut Vec<u8>,
+    parts: &http::request::Parts,
+    target: &PathAndQuery,
+    added: &dyn Added,
+) {
     wire.clear();
     wire.extend_from_slice(parts.method.as_str().as_bytes());
     wire.push(b' ');
@@ -149,6 +154,7 @@ fn encode_head(wire: &mut Vec<u8>, parts: &http::request::Parts, target: &PathAn
         wire.extend_from_slice(value.as_bytes());
         wire.extend_from_slice(b"\r\n");
     }
+    added.write(wire);
     wire.extend_from_slice(b"\r\n");
 }
 

@@ -145,21 +145,24 @@ impl UpstreamPool {
         })
     }
 
-    /// Sends `parts` + `body` to upstream `i` with `target` as the request target.
+    /// Sends `parts` + `body` to upstream `i` with `target` as the request target, and
+    /// the gateway's own fields (`added`) after the request's.
     ///
     /// The request is prepared here and only what the exchange needs is moved into the
     /// returned future: every byte of it is copied each time the request's future moves.
     /// The routes other than specter's own client are rarer on the hot path, and boxed.
-    pub fn send(
-        &self,
+    pub fn send<'a>(
+        &'a self,
         i: usize,
         mut parts: Head,
         body: Body,
         target: PathAndQuery,
-    ) -> Either<impl Future<Output = Sent> + Send + '_, BoxFuture<'_, Sent>> {
+        added: &'a dyn Added,
+    ) -> Either<impl Future<Output = Sent> + Send + 'a, BoxFuture<'a, Sent>> {
         let slot = &self.slots[i];
         match &self.transport {
             Transport::Http2(client) => {
+                added.insert(&mut parts.headers);
                 let mut uri = http::uri::Parts::default();
                 uri.scheme = slot.upstream.uri.scheme().cloned();
                 uri.authority = slot.upstream.uri.authority().cloned();
@@ -179,8 +182,9 @@ impl UpstreamPool {
                     && body.is_end_stream()
                     && !parts.headers.contains_key(UPGRADE);
                 if own {
-                    Either::Left(send_own(plain, slot, parts, target))
+                    Either::Left(send_own(plain, slot, parts, target, added))
                 } else {
+                    added.insert(&mut parts.headers);
                     parts.uri = Uri::from(target);
                     let request = Request::from_parts(*parts, body);
                     Either::Right(Box::pin(send_hyper(tls, slot, request)))
@@ -365,6 +369,7 @@ fn send_own<'a>(
     slot: &'a UpstreamSlot,
     mut parts: Head,
     target: PathAndQuery,
+    added: &'a dyn Added,
 ) -> impl std::future::Future<Output = Sent> + Send + 'a {
     async move {
         loop {
@@ -377,7 +382,7 @@ fn send_own<'a>(
                     false,
                 ),
             };
-            match h1::round_trip(conn, &mut parts, &target, &slot.plain_idle).await {
+            match h1::round_trip(conn, &mut parts, (&target, added), &slot.plain_idle).await {
                 Err(e) if reused && e.is_unanswered() => continue,
                 sent => return sent.map_err(Into::into),
             }
@@ -395,6 +400,18 @@ async fn connect_plain(
         .await
         .map_err(|e| UpstreamError::Connect(e.into()))?;
     Ok(h1::Connection::new(io.into_inner()))
+}
+
+/// The fields the gateway adds to each request it forwards (its forwarding and
+/// identity headers), kept out of the request's header map: specter's own client
+/// writes them after the request's fields, which spares a map insert each (and, for a
+/// request read over HTTP/2, the map's growth: h2 sizes it for the client's fields);
+/// hyper's clients get them inserted. The request's map holds none of these names.
+pub trait Added: Sync {
+    /// Appends `name: value\r\n` lines to an HTTP/1.1 head under construction.
+    fn write(&self, wire: &mut Vec<u8>);
+    /// Inserts them into a request's map.
+    fn insert(&self, headers: &mut http::HeaderMap);
 }
 
 /// What the idle pool needs to know of a connection.
