@@ -310,7 +310,8 @@ async fn admit<'s>(
         outcome.target = Some(target.clone());
     }
 
-    let now = SystemTime::now();
+    // Key expiry and the key's last use need the date, not the instant.
+    let now = crate::clock::coarse_now();
     let found =
         crate::auth::extract(&req.headers, &state.config.auth.header).and_then(|(key, source)| {
             crate::auth::lookup(&state.keys, key, now).map(|key| (key, source))
@@ -677,7 +678,19 @@ fn request_id(headers: &http::HeaderMap) -> HeaderValue {
             return v.clone();
         }
     }
+    // Per thread, from the coarse wall clock: `Uuid::now_v7` locks one mutex shared by
+    // every thread and reads the precise clock. A thread's ids still increase within
+    // a millisecond (the context's counter), and the random bits keep them apart.
+    thread_local! {
+        static V7: uuid::ContextV7 = const { uuid::ContextV7::new() };
+    }
+    static CONTEXT: uuid::timestamp::context::ThreadLocalContext<uuid::ContextV7> =
+        uuid::timestamp::context::ThreadLocalContext::new(&V7);
+    let now = crate::clock::coarse_now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let at = uuid::Timestamp::from_unix(&CONTEXT, now.as_secs(), now.subsec_nanos());
     let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
-    uuid::Uuid::now_v7().hyphenated().encode_lower(&mut buf);
+    uuid::Uuid::new_v7(at).hyphenated().encode_lower(&mut buf);
     crate::headers::shared_value(buf).expect("uuid is ASCII")
 }

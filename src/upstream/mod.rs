@@ -436,7 +436,10 @@ impl Idle for h1::Connection {
 type HyperIdle = IdleConnections<SendRequest<Body>>;
 
 /// An upstream's idle HTTP/1.1 connections, most recently used last.
-struct IdleConnections<C>(Mutex<Vec<(C, Instant)>>);
+/// Each with the coarse monotonic millisecond it was put back at
+/// ([`coarse_monotonic_ms`](crate::clock::coarse_monotonic_ms): staleness is measured
+/// in tens of seconds).
+struct IdleConnections<C>(Mutex<Vec<(C, u64)>>);
 
 impl<C> Default for IdleConnections<C> {
     fn default() -> Self {
@@ -456,7 +459,8 @@ impl<C: Idle> IdleConnections<C> {
     fn checkout_stale_free(&self) -> Option<C> {
         loop {
             let (conn, since) = self.0.lock().ok()?.pop()?;
-            if !conn.is_closed() && since.elapsed() <= IDLE_TIMEOUT {
+            let idle_ms = crate::clock::coarse_monotonic_ms().saturating_sub(since);
+            if !conn.is_closed() && u128::from(idle_ms) <= IDLE_TIMEOUT.as_millis() {
                 return Some(conn);
             }
         }
@@ -464,8 +468,8 @@ impl<C: Idle> IdleConnections<C> {
 
     fn put_back(&self, conn: C) {
         // One clock read serves the staleness checks and the connection's stamp.
-        let now = Instant::now();
-        let stale = |since: &Instant| now.saturating_duration_since(*since) > IDLE_TIMEOUT;
+        let now = crate::clock::coarse_monotonic_ms();
+        let stale = |since: &u64| u128::from(now.saturating_sub(*since)) > IDLE_TIMEOUT.as_millis();
         let Ok(mut idle) = self.0.lock() else { return };
         if idle.first().is_some_and(|(_, since)| stale(since)) {
             idle.retain(|(c, since)| !c.is_closed() && !stale(since));
