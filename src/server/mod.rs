@@ -474,7 +474,7 @@ impl Connection {
             forwarding: Default::default(),
         });
         let shared = self.shared.clone();
-        let conn = info.clone();
+        let (for_watchdog, for_log) = (info.clone(), info.clone());
         let service = service_fn(move |req| {
             info.signals.requests.fetch_add(1, Ordering::Relaxed);
             info.signals.head_started.store(false, Ordering::Relaxed);
@@ -501,19 +501,18 @@ impl Connection {
         // The closure holds the connection's info, not a copy of its address: 24 bytes
         // less put the task's cell under tokio's next 128-byte step (1,024 -> 896).
         let shared = self.shared;
-        let info = conn.clone();
         let served = crate::panics::caught_in(shared.clone(), "connection", connection).map(
             move |outcome| {
                 if let Some(Err(e)) = outcome {
                     if let Some(status) = crate::framing::parser_refusal(&*e) {
                         shared.unidentified.count(&shared.metrics, status);
                     }
-                    tracing::debug!(peer = %info.peer, error = %e, "connection ended with an error");
+                    tracing::debug!(peer = %for_log.peer, error = %e, "connection ended with an error");
                 }
             },
         );
         let limits = (self.idle_timeout, self.header_read_timeout);
-        watchdog(conn, tokio::spawn(served), self.stop, limits)
+        watchdog(for_watchdog, tokio::spawn(served), self.stop, limits)
     }
 }
 
