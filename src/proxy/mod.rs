@@ -694,3 +694,23 @@ fn request_id(headers: &http::HeaderMap) -> HeaderValue {
     uuid::Uuid::new_v7(at).hyphenated().encode_lower(&mut buf);
     crate::headers::shared_value(buf).expect("uuid is ASCII")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Generated ids are UUIDv7, distinct, and increasing within a thread even when
+    /// many share one tick of the coarse clock; a valid client id is kept.
+    #[test]
+    fn request_ids_are_distinct_increasing_v7() {
+        let empty = http::HeaderMap::new();
+        let ids: Vec<uuid::Uuid> = (0..2000)
+            .map(|_| uuid::Uuid::parse_str(request_id(&empty).to_str().unwrap()).unwrap())
+            .collect();
+        assert!(ids.iter().all(|id| id.get_version_num() == 7));
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "not increasing");
+        let mut sent = http::HeaderMap::new();
+        sent.insert(X_REQUEST_ID, HeaderValue::from_static("client-id-1"));
+        assert_eq!(request_id(&sent), "client-id-1");
+    }
+}
