@@ -3,7 +3,7 @@
 //! the connection limits.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -28,60 +28,148 @@ pub struct ConnSignals {
     pub head_started: AtomicBool,
     /// The response-head deadline of the HTTP/1 request in flight.
     pub deadline: RequestDeadline,
-    /// The gateway is draining: the connection finishes what it serves and closes.
-    pub drain: Drain,
+    /// The connection is asked to finish what it serves (the gateway drains) or to
+    /// close now (a deadline passed).
+    pub close: Close,
 }
 
-/// The drain signal for one connection, raised by its watchdog and read by the
-/// connection's task at its next wake-up: a flag and a waker, where hyper-util's
-/// graceful watcher polled a `Notify` at every wake-up of every connection.
+impl ConnSignals {
+    /// Signals whose request deadlines wake `alarm`'s sweeper.
+    pub fn new(alarm: Arc<Alarm>) -> ConnSignals {
+        ConnSignals {
+            bare_lf: AtomicBool::default(),
+            length_and_chunked: AtomicBool::default(),
+            activity: AtomicU64::default(),
+            requests: AtomicU64::default(),
+            in_flight: AtomicU64::default(),
+            head_started: AtomicBool::default(),
+            deadline: RequestDeadline {
+                armed: AtomicU64::default(),
+                expired: AtomicU64::default(),
+                request: AtomicWaker::default(),
+                alarm,
+            },
+            close: Close::default(),
+        }
+    }
+}
+
+/// How a connection is asked to end, by the sweeper that watches every connection,
+/// and read by the connection's task at its next wake-up: a flag and a waker, where
+/// hyper-util's graceful watcher polled a `Notify` at every wake-up of every
+/// connection, and where a task aborted from outside needed a handle kept for it.
 #[derive(Debug, Default)]
-pub struct Drain {
-    raised: AtomicBool,
+pub struct Close {
+    /// 0, [`Closing::Drain`] or [`Closing::Now`]; only ever raised.
+    asked: AtomicU8,
     waker: AtomicWaker,
     /// The connection's task registered its waker. Once is enough: the connection's
-    /// future is polled by that one task for its whole life, whose waker stays valid,
-    /// and the drain is raised (and the waker taken) once. Registering at every
-    /// wake-up cost two compare-and-swaps each (`poll_raised`: ~60 ns a request in a
-    /// profile).
+    /// future is polled by that one task for its whole life, whose waker stays valid.
+    /// Registering at every wake-up cost two compare-and-swaps each (~60 ns a request
+    /// in a profile).
     registered: AtomicBool,
 }
 
-impl Drain {
-    pub fn raise(&self) {
-        self.raised.store(true, SeqCst);
+/// What [`Close`] asks of the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Closing {
+    No = 0,
+    /// Finish what is in flight, then close (the gateway drains).
+    Drain = 1,
+    /// Close now (a deadline passed).
+    Now = 2,
+}
+
+impl Close {
+    pub fn drain(&self) {
+        self.ask(Closing::Drain);
+    }
+
+    pub fn now(&self) {
+        self.ask(Closing::Now);
+    }
+
+    fn ask(&self, closing: Closing) {
+        self.asked.fetch_max(closing as u8, SeqCst);
         self.waker.wake();
     }
 
-    /// Whether the drain was raised; if not, the task polling is woken when it is.
+    /// What is asked; until closing now, the task polling is woken when more is.
     /// Always polled from the same task (see `registered`).
-    pub fn poll_raised(&self, cx: &mut std::task::Context<'_>) -> bool {
+    pub fn poll(&self, cx: &mut std::task::Context<'_>) -> Closing {
         if !self.registered.load(Relaxed) {
             self.waker.register(cx.waker());
             self.registered.store(true, Relaxed);
         }
-        self.raised.load(SeqCst)
+        match self.asked.load(SeqCst) {
+            0 => Closing::No,
+            1 => Closing::Drain,
+            _ => Closing::Now,
+        }
     }
 }
 
-/// The `request_timeout` of a connection's HTTP/1 request, kept by the connection's
-/// watchdog instead of a timer per request: arming it is a clock read and an atomic
-/// store. HTTP/1 has one request in flight per connection, so one slot is enough.
+/// When the sweeper (see `server::sweeper`) next looks at the connections it
+/// watches, shared by all of them: a request whose deadline falls sooner brings that
+/// forward. Instants are [`monotonic_ns`].
+#[derive(Debug, Default)]
+pub struct Alarm {
+    at: AtomicU64,
+    /// Set with a wake of `sweeper`: `at` was brought forward.
+    rung: AtomicBool,
+    sweeper: AtomicWaker,
+}
+
+impl Alarm {
+    /// Makes the sweeper look again by `at`, waking it if it meant to look later.
+    pub fn ring_by(&self, at: u64) {
+        if at < self.at.load(SeqCst) {
+            self.at.fetch_min(at, SeqCst);
+            self.rung.store(true, SeqCst);
+            self.sweeper.wake();
+        }
+    }
+
+    /// For the sweeper: when it looks next.
+    pub fn at(&self) -> u64 {
+        self.at.load(SeqCst)
+    }
+
+    /// For the sweeper, before it looks: the latest it looks again. Set before the
+    /// look, so that a deadline armed during it is either seen by the look or rings.
+    pub fn set(&self, at: u64) {
+        self.at.store(at, SeqCst);
+    }
+
+    /// For the sweeper, after it looked: brings its next look forward to `at`. Not a
+    /// store: a deadline armed during the look may have brought it further forward.
+    pub fn lower(&self, at: u64) {
+        self.at.fetch_min(at, SeqCst);
+    }
+
+    /// For the sweeper, once per wake-up: registers it to be woken by a ring, and says
+    /// whether one happened.
+    pub fn rung(&self, cx: &mut std::task::Context<'_>) -> bool {
+        self.sweeper.register(cx.waker());
+        self.rung.swap(false, SeqCst)
+    }
+}
+
+/// The `request_timeout` of a connection's HTTP/1 request, kept by the sweeper
+/// instead of a timer per request: arming it is a clock read and an atomic store.
+/// HTTP/1 has one request in flight per connection, so one slot is enough.
 ///
-/// The watchdog sleeps until its next tick or the armed deadline, whichever is
-/// sooner, and publishes when that is (`watch_until`); a request whose deadline falls
-/// before it wakes the watchdog to look again. Instants are
-/// [`monotonic_ns`](crate::clock::monotonic_ns); 0 is "none".
+/// The sweeper sleeps until its next look or the earliest armed deadline, whichever
+/// is sooner (the [`Alarm`]); a request whose deadline falls before that rings the
+/// alarm. Instants are [`monotonic_ns`](crate::clock::monotonic_ns); 0 is "none".
 #[derive(Debug, Default)]
 pub struct RequestDeadline {
     armed: AtomicU64,
-    /// The last deadline the watchdog found passed while still armed.
+    /// The last deadline the sweeper found passed while still armed.
     expired: AtomicU64,
-    watch_until: AtomicU64,
-    /// Set with a wake of `watchdog`: a deadline before `watch_until` was armed.
-    rearm: AtomicBool,
     request: AtomicWaker,
-    watchdog: AtomicWaker,
+    alarm: Arc<Alarm>,
 }
 
 /// The request's deadline passed before `inner` finished.
@@ -89,7 +177,7 @@ pub struct RequestDeadline {
 pub struct Elapsed;
 
 impl RequestDeadline {
-    /// `inner` with `timeout` armed from now: `Err(Elapsed)` once the watchdog finds
+    /// `inner` with `timeout` armed from now: `Err(Elapsed)` once the sweeper finds
     /// the deadline passed. Disarmed when the returned future ends or is dropped.
     pub fn run<F: Future>(&self, timeout: Duration, inner: F) -> Deadlined<'_, F> {
         let at = monotonic_ns(Instant::now())
@@ -100,41 +188,21 @@ impl RequestDeadline {
         }
     }
 
-    /// For the watchdog: when to look next, `next_tick` or the armed deadline if
-    /// sooner, published before it is returned. Re-read until stable, so that a
-    /// request arming meanwhile is either seen here or sees the published instant.
-    pub fn watch(&self, next_tick: u64) -> u64 {
-        loop {
-            let armed = self.armed.load(SeqCst);
-            let wake_at = if armed != 0 && armed != self.expired.load(SeqCst) {
-                armed.min(next_tick)
-            } else {
-                next_tick
-            };
-            self.watch_until.store(wake_at, SeqCst);
-            if self.armed.load(SeqCst) == armed {
-                return wake_at;
-            }
-        }
-    }
-
-    /// For the watchdog, once per wake-up: registers it to be woken by a rearm, and
-    /// says whether one happened.
-    pub fn rearmed(&self, cx: &mut std::task::Context<'_>) -> bool {
-        self.watchdog.register(cx.waker());
-        self.rearm.swap(false, SeqCst)
-    }
-
-    /// For the watchdog: `now` is past the armed deadline, so the request fails.
-    pub fn expire_if_passed(&self, now: u64) {
+    /// For the sweeper: fails the request if `now` is past its deadline, and returns
+    /// the deadline still to come, if one is armed.
+    pub fn check(&self, now: u64) -> Option<u64> {
         let armed = self.armed.load(SeqCst);
-        if armed != 0 && armed <= now {
-            self.expired.store(armed, SeqCst);
-            self.request.wake();
+        if armed == 0 || armed == self.expired.load(SeqCst) {
+            return None;
         }
+        if armed > now {
+            return Some(armed);
+        }
+        self.expired.store(armed, SeqCst);
+        self.request.wake();
+        None
     }
 }
-
 pin_project_lite::pin_project! {
     /// A future under a [`RequestDeadline`]. A struct rather than an `async` block,
     /// which would hold `inner` twice (as captured, and as pinned): the request's
@@ -169,10 +237,7 @@ struct Armed<'a>(&'a RequestDeadline, u64);
 impl<'a> Armed<'a> {
     fn new(deadline: &'a RequestDeadline, at: u64) -> Self {
         deadline.armed.store(at, SeqCst);
-        if at < deadline.watch_until.load(SeqCst) {
-            deadline.rearm.store(true, SeqCst);
-            deadline.watchdog.wake();
-        }
+        deadline.alarm.ring_by(at);
         Armed(deadline, at)
     }
 }

@@ -412,17 +412,17 @@ async fn upstream_failures_map_to_502_and_504() {
 }
 
 /// `request_timeout` answers 504 on time whichever way the deadline is kept: an
-/// HTTP/1 request's by the connection's watchdog (woken by a deadline before its next
-/// tick, or finding it at a tick), an HTTP/2 stream's by a timer. On one keep-alive
+/// HTTP/1 request's by the gateway's sweeper (woken by a deadline before its next
+/// look, or finding it at a look), an HTTP/2 stream's by a timer. On one keep-alive
 /// connection, an expired deadline never carries over to the next request.
 #[tokio::test]
 async fn request_timeout_answers_on_time_and_per_request() {
     let slow = Upstream::start_with("qa", Behaviour::Delay(Duration::from_secs(5))).await;
     let slower = Upstream::start_with("staging", Behaviour::Delay(Duration::from_secs(5))).await;
     let fast = Upstream::start("development").await;
-    // The watchdog ticks every 2.5 s (a quarter of the default header_read_timeout):
-    // a 50 ms deadline falls before its next tick and must wake it, a 3 s one is
-    // found by a tick and waited for exactly. Either way off, and the 504 would come
+    // The sweeper looks every 2.5 s (a quarter of the default header_read_timeout):
+    // a 50 ms deadline falls before its next look and must wake it, a 3 s one is
+    // found at a look and waited for exactly. Either way off, and the 504 would come
     // up to 2.5 s late.
     let toml = format!(
         "[environments.qa]\nupstream = \"{slow}\"\nrequest_timeout = \"50ms\"\n{}\

@@ -57,7 +57,7 @@ pub mod range {
     const DAY: u64 = 86_400;
 
     pub const HEADER_READ_TIMEOUT: (Duration, Duration) = (ms(100), s(3600));
-    /// The idle watchdog ticks at a quarter of it.
+    /// The sweeper looks at connections every quarter of it (or of header_read_timeout).
     pub const IDLE_TIMEOUT: (Duration, Duration) = (s(1), s(DAY));
     pub const SHUTDOWN_GRACE: (Duration, Duration) = (ms(1), s(3600));
     pub const BODY_READ_TIMEOUT: (Duration, Duration) = (ms(100), s(3600));

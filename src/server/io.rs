@@ -8,7 +8,7 @@
 //!   line ends found with `memchr` plus the first 18 bytes of each line: a head costs a
 //!   few dozen nanoseconds, a body nothing.
 //! - Activity, for the idle timeout: each read or write bumps a counter (no clock read
-//!   on the hot path); the connection's watchdog compares it between ticks.
+//!   on the hot path); the gateway's sweeper compares it between looks.
 //! - The start of an HTTP/1 request head (bytes read while no request is being
 //!   handled), for `header_read_timeout`: hyper's own header timer also runs while a
 //!   keep-alive connection waits for its next request, which would make

@@ -18,7 +18,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::io::{ClientIo, Protocol};
-use crate::conn::ConnSignals;
+use crate::conn::{Closing, ConnSignals};
 
 type BoxError = Box<dyn StdError + Send + Sync>;
 
@@ -29,8 +29,9 @@ pub struct Builders<E> {
 }
 
 pin_project_lite::pin_project! {
-    /// The connection's future: it also hears the gateway's drain (raised by the
-    /// connection's watchdog), and then asks hyper to finish gracefully.
+    /// The connection's future: it also hears the sweeper's
+    /// [`Close`](crate::conn::Close): a drain asks hyper to finish gracefully, a
+    /// passed deadline ends the connection at once.
     pub struct Served<I, S, E>
     where
         S: HttpService<Incoming>,
@@ -96,7 +97,11 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        if !*this.draining && this.signals.drain.poll_raised(cx) {
+        let closing = this.signals.close.poll(cx);
+        if closing == Closing::Now {
+            return Poll::Ready(Ok(()));
+        }
+        if !*this.draining && closing == Closing::Drain {
             *this.draining = true;
             match this.stage.as_mut().project() {
                 StageProj::Sniffing { .. } => this.stage.set(Stage::Closed),
