@@ -174,11 +174,14 @@ impl ConnForwarding {
         // clone kept here would keep that buffer for the connection's life (8 KiB per
         // idle connection, measured with DHAT).
         let host = host.map(|h| HeaderValue::from_bytes(h.as_bytes()));
+        // Copies too, each of its exact length: a `String` turned into `Bytes` as it
+        // is keeps its spare capacity and takes a 24-byte block to share it, for the
+        // connection's life (~100 bytes per idle connection, measured with DHAT).
         Some(ConnForwarding {
             client_ip,
             host: host.transpose().ok()?,
-            ip: HeaderValue::from_maybe_shared(bytes::Bytes::from(client_ip.to_string())).ok()?,
-            forwarded: HeaderValue::from_maybe_shared(bytes::Bytes::from(forwarded)).ok()?,
+            ip: HeaderValue::from_bytes(client_ip.to_string().as_bytes()).ok()?,
+            forwarded: HeaderValue::from_bytes(forwarded.as_bytes()).ok()?,
         })
     }
 
