@@ -7,6 +7,7 @@ mod common;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
@@ -117,6 +118,47 @@ async fn keep_alive_connections_are_reused_whatever_the_response_framing() {
             up.connections.load(Ordering::SeqCst),
             2,
             "{framing}: 20 sequential requests should share one connection per client"
+        );
+    }
+}
+
+/// hyper writes a forwarded response's Content-Length from its body's size (the field
+/// is not kept in the response's map): the client gets it once, with the upstream's
+/// value. A HEAD's response, whose body hyper does not see, keeps the upstream's.
+#[tokio::test]
+async fn content_length_reaches_the_client_once_with_the_upstreams_value() {
+    let cases: [(&str, &'static [u8], &str, &str); 2] = [
+        (
+            "GET",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+            "5",
+            "hello",
+        ),
+        (
+            "HEAD",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n",
+            "1234",
+            "",
+        ),
+    ];
+    for (method, response, length, body) in cases {
+        let up = raw_upstream(response, false).await;
+        let gw = gateway_for(&up).await;
+        let head = format!(
+            "{method} /x HTTP/1.1\r\nhost: g\r\nx-api-key: {KEY}\r\nconnection: close\r\n\r\n"
+        );
+        let answer = raw(gw.http, head.as_bytes(), Duration::from_secs(5)).await;
+        let lower = answer.to_ascii_lowercase();
+        let lengths: Vec<_> = lower
+            .lines()
+            .filter_map(|l| l.strip_prefix("content-length:"))
+            .map(str::trim)
+            .collect();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{method}: {answer}");
+        assert_eq!(lengths, [length], "{method}: {answer}");
+        assert!(
+            answer.ends_with(&format!("\r\n\r\n{body}")),
+            "{method}: {answer}"
         );
     }
 }
