@@ -461,11 +461,8 @@ fn upstream_request<'a>(
         parts.headers.insert(HOST, host);
     }
     let path_and_query = a.target.clone();
-    parts.version = if env.config.http2 {
-        Version::HTTP_2
-    } else {
-        Version::HTTP_11
-    };
+    // The upstream's version is the transport's to set (`UpstreamPool::send`): until
+    // then the request keeps the client's, which says how the response is written.
 
     let empty_body = incoming.is_end_stream()
         || parts

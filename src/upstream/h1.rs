@@ -96,6 +96,31 @@ enum Framing {
     Close,
 }
 
+/// Which of hyper's servers writes the response to the client, which decides what
+/// its header map is best given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Writer {
+    /// The map goes round the client connection (see [`round_trip`]): it grows at
+    /// most once, and hyper keeps it while the connection is idle, so it is given no
+    /// room beyond the upstream's fields. A map of up to six fields takes 8 slots
+    /// (~600 bytes), of seven to twelve 16 (~1,200). Content-Length is hyper's to
+    /// write from the body.
+    Http1,
+    /// The map is new for each stream, and hyper's HTTP/2 server inserts the body's
+    /// Content-Length if it is missing: room for that and for what the gateway adds
+    /// (request id, rate-limit fields) saves rehashing it as it grows.
+    Http2,
+}
+
+impl Writer {
+    fn room(self) -> usize {
+        match self {
+            Writer::Http1 => 0,
+            Writer::Http2 => 6,
+        }
+    }
+}
+
 struct Head {
     parts: http::response::Parts,
     framing: Framing,
@@ -110,6 +135,9 @@ struct Head {
 /// sent again). hyper keeps the map of each response it writes for the next request
 /// head it reads, so one map goes round each client connection instead of one being
 /// allocated per response.
+///
+/// The request line says HTTP/1.1; `parts.version` is the client's, which says how
+/// the response will be written (see [`Writer`]).
 pub fn round_trip<'a>(
     mut conn: Connection,
     parts: &'a mut http::request::Parts,
@@ -117,6 +145,11 @@ pub fn round_trip<'a>(
     idle: &'a Arc<IdleConnections<Connection>>,
 ) -> impl Future<Output = Result<Response<Body>, Error>> + Send + 'a {
     let head_request = parts.method == Method::HEAD;
+    let writer = if parts.version < Version::HTTP_2 {
+        Writer::Http1
+    } else {
+        Writer::Http2
+    };
     encode_head(&mut conn.write, parts, target, added);
     async move {
         let Connection { io, read, write } = &mut conn;
@@ -127,7 +160,7 @@ pub fn round_trip<'a>(
         // measured; hyper's connection task batches the same way).
         tokio::task::yield_now().await;
         io.write_all(write).await.map_err(Error::Io)?;
-        let head = read_head(io, read, head_request, &mut parts.headers).await?;
+        let head = read_head(io, read, (head_request, writer), &mut parts.headers).await?;
         Ok(respond(conn, head, idle))
     }
 }
@@ -163,12 +196,12 @@ fn encode_head(
 async fn read_head(
     io: &mut TcpStream,
     buf: &mut BytesMut,
-    head_request: bool,
+    request: (bool, Writer),
     recycled: &mut HeaderMap,
 ) -> Result<Head, Error> {
     loop {
         if !buf.is_empty() {
-            if let Some(head) = parse_head(buf, head_request, recycled)? {
+            if let Some(head) = parse_head(buf, request, recycled)? {
                 return Ok(head);
             }
             if buf.len() >= MAX_HEAD {
@@ -195,7 +228,7 @@ async fn read_head(
 /// headers go into `recycled`'s allocation, taken out of it.
 fn parse_head(
     buf: &mut BytesMut,
-    head_request: bool,
+    (head_request, writer): (bool, Writer),
     recycled: &mut HeaderMap,
 ) -> Result<Option<Head>, Error> {
     loop {
@@ -245,11 +278,7 @@ fn parse_head(
         let mut facts = Facts::default();
         let mut map = std::mem::take(recycled);
         map.clear();
-        // No room kept for what the gateway adds (request id, rate-limit fields): the
-        // map goes round the client connection (see `round_trip`), so it grows at most
-        // once, and hyper keeps it while the connection is idle. A map of up to six
-        // fields takes 8 slots and ~600 bytes, of seven to twelve 16 slots and ~1,200.
-        map.reserve(count);
+        map.reserve(count + writer.room());
         for &(name_at, name_len, value_at, value_len) in &fields[..count] {
             let (name_at, name_len) = (name_at as usize, name_len as usize);
             let (value_at, value_len) = (value_at as usize, value_len as usize);
@@ -258,10 +287,11 @@ fn parse_head(
             let value = HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len))
                 .map_err(|_| Error::Framing("has an invalid header value"))?;
             facts.note(&name, &value);
-            // hyper writes Content-Length itself from the body's exact size, which is
-            // the length framed here: one field less in the map. Kept where the body
-            // is not sent (a HEAD's, a 204's, a 304's), whose length hyper cannot know.
-            if no_body || name != CONTENT_LENGTH {
+            // hyper's HTTP/1 server writes Content-Length itself from the body's exact
+            // size, which is the length framed here: one field less in the map. Kept
+            // where the body is not sent (a HEAD's, a 204's, a 304's), whose length
+            // hyper cannot know.
+            if no_body || writer == Writer::Http2 || name != CONTENT_LENGTH {
                 map.append(name, value);
             }
         }
@@ -519,7 +549,11 @@ mod tests {
     use super::*;
 
     fn parse(head: &str) -> Result<Option<Head>, Error> {
-        parse_head(&mut BytesMut::from(head), false, &mut HeaderMap::new())
+        parse_head(
+            &mut BytesMut::from(head),
+            (false, Writer::Http1),
+            &mut HeaderMap::new(),
+        )
     }
 
     #[test]
@@ -550,7 +584,7 @@ mod tests {
         let framing = |head: &str, head_request: bool| {
             let head = parse_head(
                 &mut BytesMut::from(head),
-                head_request,
+                (head_request, Writer::Http1),
                 &mut HeaderMap::new(),
             )
             .unwrap()
@@ -624,7 +658,7 @@ mod tests {
         let mut buf = BytesMut::from(
             "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 201 Made It\r\nx-a: 1\r\ncontent-length: 2\r\n\r\nok",
         );
-        let head = parse_head(&mut buf, false, &mut HeaderMap::new())
+        let head = parse_head(&mut buf, (false, Writer::Http1), &mut HeaderMap::new())
             .unwrap()
             .unwrap();
         assert_eq!(head.parts.status, 201);
@@ -639,11 +673,31 @@ mod tests {
         assert_eq!(&buf[..], b"ok", "the body stays buffered");
         assert!(parse_head(
             &mut BytesMut::from("HTTP/1.1 200 OK\r\nx: 1\r\n"),
-            false,
+            (false, Writer::Http1),
             &mut HeaderMap::new()
         )
         .unwrap()
         .is_none());
+    }
+
+    /// Content-Length leaves the map only where hyper writes it from the body: for
+    /// an HTTP/1 client, when the body is sent.
+    #[test]
+    fn content_length_stays_in_the_map_where_hyper_does_not_write_it() {
+        let names = |head: &str, request| -> Vec<String> {
+            let head = parse_head(&mut BytesMut::from(head), request, &mut HeaderMap::new());
+            let map = head.unwrap().unwrap().parts.headers;
+            map.keys().map(|n| n.as_str().to_owned()).collect()
+        };
+        let ok = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n";
+        let not_modified = "HTTP/1.1 304 Not Modified\r\ncontent-length: 9\r\n\r\n";
+        assert!(names(ok, (false, Writer::Http1)).is_empty());
+        assert_eq!(names(ok, (false, Writer::Http2)), ["content-length"]);
+        assert_eq!(names(ok, (true, Writer::Http1)), ["content-length"], "HEAD");
+        assert_eq!(
+            names(not_modified, (false, Writer::Http1)),
+            ["content-length"]
+        );
     }
 
     #[test]
@@ -656,13 +710,15 @@ mod tests {
         // An incomplete head leaves the request's map alone: it may be sent again.
         let partial = parse_head(
             &mut BytesMut::from("HTTP/1.1 200 OK\r\nx: 1\r\n"),
-            false,
+            (false, Writer::Http1),
             &mut request,
         );
         assert!(partial.unwrap().is_none());
         assert_eq!(request.len(), 3);
         let mut buf = BytesMut::from("HTTP/1.1 200 OK\r\nx-a: 1\r\ncontent-length: 0\r\n\r\n");
-        let head = parse_head(&mut buf, false, &mut request).unwrap().unwrap();
+        let head = parse_head(&mut buf, (false, Writer::Http1), &mut request)
+            .unwrap()
+            .unwrap();
         let names: Vec<_> = head.parts.headers.keys().map(|n| n.as_str()).collect();
         assert_eq!(names, ["x-a"], "content-length is hyper's to write");
         assert_eq!(

@@ -32,7 +32,7 @@ use futures_util::future::{BoxFuture, Either};
 use futures_util::FutureExt;
 use http::header::{HOST, UPGRADE};
 use http::uri::PathAndQuery;
-use http::{HeaderValue, Request, Response, StatusCode, Uri};
+use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::SendRequest;
@@ -162,6 +162,7 @@ impl UpstreamPool {
         let slot = &self.slots[i];
         match &self.transport {
             Transport::Http2(client) => {
+                parts.version = Version::HTTP_2;
                 added.insert(&mut parts.headers);
                 let mut uri = http::uri::Parts::default();
                 uri.scheme = slot.upstream.uri.scheme().cloned();
@@ -182,8 +183,11 @@ impl UpstreamPool {
                     && body.is_end_stream()
                     && !parts.headers.contains_key(UPGRADE);
                 if own {
+                    // The request keeps the client's version: specter's own client
+                    // writes HTTP/1.1 whatever it says (see `h1::round_trip`).
                     Either::Left(send_own(plain, slot, parts, target, added))
                 } else {
+                    parts.version = Version::HTTP_11;
                     added.insert(&mut parts.headers);
                     parts.uri = Uri::from(target);
                     let request = Request::from_parts(*parts, body);
