@@ -1,6 +1,7 @@
 //! What the listener hands the request pipeline about a client connection, below
-//! both: the signals its IO wrapper raises, and the guard that keeps its place under
-//! the connection limits.
+//! both: the signals its IO wrapper raises, how the listener's sweeper asks it to close
+//! and times its HTTP/1 request, and the guard that keeps its place under the
+//! connection limits.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed, Ordering::SeqCst};

@@ -4,7 +4,7 @@
 //!
 //! nginx keeps one timer tree for all its connections. specter kept a watchdog task
 //! and timer per connection: 512 bytes of task for every idle connection, and a task
-//! and a timer to set up for every accept. The sweeper holds a list of 64-byte
+//! and a timer to set up for every accept. The sweeper holds a list of 72-byte
 //! entries instead, and looks at each connection's counters a few times per timeout
 //! (a few atomic loads each), so that a request costs it nothing.
 //!
