@@ -35,7 +35,8 @@ pub struct ConnSignals {
 }
 
 impl ConnSignals {
-    /// Signals whose request deadlines wake `alarm`'s sweeper.
+    /// Signals whose request deadlines wake `alarm`'s sweeper. Every field spelled
+    /// out: `..Default::default()` would allocate an `Alarm` per connection to drop.
     pub fn new(alarm: Arc<Alarm>) -> ConnSignals {
         ConnSignals {
             bare_lf: AtomicBool::default(),

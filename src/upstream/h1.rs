@@ -119,6 +119,13 @@ impl Writer {
             Writer::Http2 => 6,
         }
     }
+
+    /// Whether the upstream's Content-Length stays in the map: hyper's HTTP/1 server
+    /// writes it from the body's exact size (the length framed here), except where
+    /// the body is not sent (a HEAD's, a 204's, a 304's), whose length it cannot know.
+    fn keeps_length(self, no_body: bool) -> bool {
+        no_body || self == Writer::Http2
+    }
 }
 
 struct Head {
@@ -287,11 +294,7 @@ fn parse_head(
             let value = HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len))
                 .map_err(|_| Error::Framing("has an invalid header value"))?;
             facts.note(&name, &value);
-            // hyper's HTTP/1 server writes Content-Length itself from the body's exact
-            // size, which is the length framed here: one field less in the map. Kept
-            // where the body is not sent (a HEAD's, a 204's, a 304's), whose length
-            // hyper cannot know.
-            if no_body || writer == Writer::Http2 || name != CONTENT_LENGTH {
+            if name != CONTENT_LENGTH || writer.keeps_length(no_body) {
                 map.append(name, value);
             }
         }
