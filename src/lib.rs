@@ -58,6 +58,7 @@ pub mod framing;
 pub mod headers;
 pub mod logthrottle;
 pub mod metrics;
+pub mod net;
 pub mod panics;
 pub mod path;
 pub mod policy;

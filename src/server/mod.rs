@@ -16,7 +16,9 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioTimer;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
+
+use crate::net::Socket;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
@@ -88,12 +90,7 @@ impl Gateway {
         let mut bound =
             |kind: Kind, addr: Option<SocketAddr>| -> Result<Option<SocketAddr>, StartError> {
                 let Some(addr) = addr else { return Ok(None) };
-                let listener = bind(kind.label(), addr)?;
-                let local = listener.local_addr().map_err(|source| StartError::Bind {
-                    listener: kind.label(),
-                    addr,
-                    source,
-                })?;
+                let (listener, local) = bind(kind.label(), addr, crate::net::Listener::new)?;
                 let acceptor = Acceptor {
                     kind,
                     shared: shared.clone(),
@@ -110,12 +107,7 @@ impl Gateway {
         let https = bound(Kind::Https, listen.https)?;
         let admin = match listen.admin {
             Some(addr) => {
-                let listener = bind("admin", addr)?;
-                let local = listener.local_addr().map_err(|source| StartError::Bind {
-                    listener: "admin",
-                    addr,
-                    source,
-                })?;
+                let (listener, local) = bind("admin", addr, TcpListener::from_std)?;
                 tasks.push(tokio::spawn(crate::admin::serve(
                     listener,
                     local,
@@ -210,15 +202,19 @@ async fn reclaim_idle_limiters(shared: Arc<Shared>, mut stop: watch::Receiver<bo
     }
 }
 
-fn bind(listener: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    let std = std::net::TcpListener::bind(addr)
-        .and_then(|l| l.set_nonblocking(true).map(|()| l))
-        .map_err(|source| StartError::Bind {
-            listener,
-            addr,
-            source,
-        })?;
-    TcpListener::from_std(std).map_err(|source| StartError::Bind {
+/// Binds `addr` and registers the listener with the runtime through `register`;
+/// returns it with the address it got (the port, when `addr` asked for any).
+fn bind<L>(
+    listener: &'static str,
+    addr: SocketAddr,
+    register: impl FnOnce(std::net::TcpListener) -> std::io::Result<L>,
+) -> Result<(L, SocketAddr), StartError> {
+    let bound = std::net::TcpListener::bind(addr).and_then(|l| {
+        l.set_nonblocking(true)?;
+        let local = l.local_addr()?;
+        Ok((register(l)?, local))
+    });
+    bound.map_err(|source| StartError::Bind {
         listener,
         addr,
         source,
@@ -285,7 +281,7 @@ impl Acceptor {
     /// Accepts until told to stop. An accept error (EMFILE, ECONNABORTED...) backs off
     /// and continues; it never ends the loop. At `max_connections` the loop waits for a
     /// slot, leaving new connections in the kernel backlog.
-    async fn run(self, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+    async fn run(self, listener: crate::net::Listener, mut stop: watch::Receiver<bool>) {
         let mut backoff = Duration::from_millis(5);
         let labels = ListenerLabels {
             listener: self.kind.label(),
@@ -412,7 +408,7 @@ struct Connection {
 
 impl Connection {
     /// The TLS handshake, too, must finish within `header_read_timeout`.
-    async fn serve_tls(self, stream: TcpStream) {
+    async fn serve_tls(self, stream: Socket) {
         let Some(config) = self.shared.state.load().tls.clone() else {
             tracing::debug!(peer = %self.peer, "HTTPS connection refused: the config has no [tls]");
             return;

@@ -25,11 +25,11 @@ use http::{HeaderMap, Method, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::{Frame, SizeHint};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use super::chunked::{self, Decoded};
 use super::{Added, IdleConnections};
 use crate::body::{Body, BoxError};
+use crate::net::Socket;
 
 /// The largest response head accepted (nginx's default is 4 or 8 KiB).
 const MAX_HEAD: usize = 64 * 1024;
@@ -39,7 +39,7 @@ const READ_CHUNK: usize = 8 * 1024;
 
 /// An open connection to an upstream, idle between requests.
 pub struct Connection {
-    io: TcpStream,
+    io: Socket,
     /// Bytes read and not yet consumed.
     read: BytesMut,
     /// The request head being written; kept to reuse its capacity.
@@ -47,7 +47,7 @@ pub struct Connection {
 }
 
 impl Connection {
-    pub fn new(io: TcpStream) -> Self {
+    pub fn new(io: Socket) -> Self {
         Connection {
             io,
             read: BytesMut::with_capacity(READ_CHUNK),
@@ -59,8 +59,7 @@ impl Connection {
     /// tokio already holds, so no system call: a read that did not fill its buffer
     /// cleared it, so only an event since the last response sets it.
     pub fn is_stale(&self) -> bool {
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        !self.read.is_empty() || self.io.poll_read_ready(&mut cx).is_ready()
+        !self.read.is_empty() || self.io.read_ready()
     }
 }
 
@@ -201,7 +200,7 @@ fn encode_head(
 /// Reads until a final response head is complete; informational (1xx) heads are
 /// skipped. A connection that closes before any byte is `UnexpectedEof`.
 async fn read_head(
-    io: &mut TcpStream,
+    io: &mut Socket,
     buf: &mut BytesMut,
     request: (bool, Writer),
     recycled: &mut HeaderMap,

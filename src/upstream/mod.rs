@@ -403,7 +403,9 @@ async fn connect_plain(
         .call(uri.clone())
         .await
         .map_err(|e| UpstreamError::Connect(e.into()))?;
-    Ok(h1::Connection::new(io.into_inner()))
+    let io = crate::net::Socket::from_tokio(io.into_inner())
+        .map_err(|e| UpstreamError::Connect(e.into()))?;
+    Ok(h1::Connection::new(io))
 }
 
 /// The fields the gateway adds to each request it forwards (its forwarding and
