@@ -8,6 +8,7 @@
 //!
 //! A request's path through the crate, in order:
 //!
+//! - [`net`]: the request path's TCP sockets (system calls through rustix, not glibc)
 //! - [`server`]: listeners, accept loop, connection cap, TLS handshake, connection IO
 //!   (idle and first-request timeouts), graceful drain
 //! - [`framing`]: HTTP/1 framing strictness (smuggling forms refused)
