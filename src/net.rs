@@ -88,15 +88,22 @@ impl Socket {
         self.0.get_ref().as_fd()
     }
 
-    fn poll_write_with(
+    /// One read or write: waits for readiness, makes the call, and clears readiness
+    /// when the call says the socket is drained (or full): it moved fewer than `len`
+    /// bytes, or would have blocked.
+    fn poll_io(
         &self,
         cx: &mut Context<'_>,
+        direction: Direction,
         len: usize,
-        write: impl Fn(BorrowedFd<'_>) -> rustix::io::Result<usize>,
+        mut call: impl FnMut() -> rustix::io::Result<usize>,
     ) -> Poll<io::Result<usize>> {
         loop {
-            let mut ready = ready!(self.0.poll_write_ready(cx))?;
-            match again_if_interrupted(|| write(self.fd())) {
+            let mut ready = ready!(match direction {
+                Direction::Read => self.0.poll_read_ready(cx),
+                Direction::Write => self.0.poll_write_ready(cx),
+            })?;
+            match again_if_interrupted(&mut call) {
                 Ok(n) => {
                     if n > 0 && n < len {
                         ready.clear_ready();
@@ -110,36 +117,29 @@ impl Socket {
     }
 }
 
+enum Direction {
+    Read,
+    Write,
+}
+
 impl AsyncRead for Socket {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        loop {
-            let mut ready = ready!(self.0.poll_read_ready(cx))?;
-            // SAFETY: `recv` only writes initialised bytes into the slice, and only the
-            // number of them it returns is marked initialised below.
-            let unfilled = unsafe { buf.unfilled_mut() };
-            let len = unfilled.len();
-            let received = again_if_interrupted(|| {
-                rustix::net::recv(self.fd(), &mut *unfilled, RecvFlags::empty())
-                    .map(|((read, _), _)| read.len())
-            });
-            match received {
-                Ok(n) => {
-                    if n > 0 && n < len {
-                        ready.clear_ready();
-                    }
-                    // SAFETY: the kernel wrote the first `n` bytes of the unfilled part.
-                    unsafe { buf.assume_init(n) };
-                    buf.advance(n);
-                    return Poll::Ready(Ok(()));
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready.clear_ready(),
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        }
+        // SAFETY: `recv` only writes initialised bytes into the slice, and only the
+        // number of them it returns is marked initialised below.
+        let unfilled = unsafe { buf.unfilled_mut() };
+        let len = unfilled.len();
+        let n = ready!(self.poll_io(cx, Direction::Read, len, || {
+            rustix::net::recv(self.fd(), &mut *unfilled, RecvFlags::empty())
+                .map(|((read, _), _)| read.len())
+        }))?;
+        // SAFETY: the kernel wrote the first `n` bytes of the unfilled part.
+        unsafe { buf.assume_init(n) };
+        buf.advance(n);
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -150,8 +150,8 @@ impl AsyncWrite for Socket {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         // No SIGPIPE for a peer that left: the error comes back as `EPIPE`.
-        self.poll_write_with(cx, buf.len(), |fd| {
-            rustix::net::send(fd, buf, SendFlags::NOSIGNAL)
+        self.poll_io(cx, Direction::Write, buf.len(), || {
+            rustix::net::send(self.fd(), buf, SendFlags::NOSIGNAL)
         })
     }
 
@@ -162,7 +162,9 @@ impl AsyncWrite for Socket {
     ) -> Poll<io::Result<usize>> {
         // `writev` has no flags: Rust's runtime ignores SIGPIPE, as for std's `writev`.
         let len = bufs.iter().map(|b| b.len()).sum();
-        self.poll_write_with(cx, len, |fd| rustix::io::writev(fd, bufs))
+        self.poll_io(cx, Direction::Write, len, || {
+            rustix::io::writev(self.fd(), bufs)
+        })
     }
 
     fn is_write_vectored(&self) -> bool {
