@@ -17,14 +17,13 @@ use hyper_util::rt::TokioTimer;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-
-use crate::net::Socket;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, LimitsConfig};
 use crate::conn::ConnSignals;
 use crate::metrics::ListenerLabels;
+use crate::net::{Listener, Socket};
 use crate::proxy::{self, ConnInfo};
 use crate::state::{BuildError, Shared, State};
 use io::ClientIo;
@@ -90,7 +89,7 @@ impl Gateway {
         let mut bound =
             |kind: Kind, addr: Option<SocketAddr>| -> Result<Option<SocketAddr>, StartError> {
                 let Some(addr) = addr else { return Ok(None) };
-                let (listener, local) = bind(kind.label(), addr, crate::net::Listener::new)?;
+                let (listener, local) = bind(kind.label(), addr, Listener::new)?;
                 let acceptor = Acceptor {
                     kind,
                     shared: shared.clone(),
@@ -281,7 +280,7 @@ impl Acceptor {
     /// Accepts until told to stop. An accept error (EMFILE, ECONNABORTED...) backs off
     /// and continues; it never ends the loop. At `max_connections` the loop waits for a
     /// slot, leaving new connections in the kernel backlog.
-    async fn run(self, listener: crate::net::Listener, mut stop: watch::Receiver<bool>) {
+    async fn run(self, listener: Listener, mut stop: watch::Receiver<bool>) {
         let mut backoff = Duration::from_millis(5);
         let labels = ListenerLabels {
             listener: self.kind.label(),
