@@ -19,8 +19,12 @@ pub fn unix_now() -> u64 {
 /// fits in an atomic. Never 0 (0 means "none" where it is stored); saturates after
 /// 584 years.
 pub fn monotonic_ns(t: std::time::Instant) -> u64 {
-    let since = t.saturating_duration_since(epoch());
-    u64::try_from(since.as_nanos()).unwrap_or(u64::MAX).max(1)
+    nanos(t.saturating_duration_since(epoch())).max(1)
+}
+
+/// `d` in nanoseconds, saturating at `u64::MAX` (584 years).
+pub fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// The instant [`monotonic_ns`] gave `ns` for (to within the epoch's nanosecond).

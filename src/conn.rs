@@ -204,8 +204,7 @@ impl RequestDeadline {
     /// `inner` with `timeout` armed from now: `Err(Elapsed)` once the sweeper finds
     /// the deadline passed. Disarmed when the returned future ends or is dropped.
     pub fn run<F: Future>(&self, timeout: Duration, inner: F) -> Deadlined<'_, F> {
-        let at = monotonic_ns(Instant::now())
-            .saturating_add(u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX));
+        let at = monotonic_ns(Instant::now()).saturating_add(crate::clock::nanos(timeout));
         Deadlined {
             inner,
             armed: Armed::new(self, at),
@@ -227,6 +226,7 @@ impl RequestDeadline {
         None
     }
 }
+
 pin_project_lite::pin_project! {
     /// A future under a [`RequestDeadline`]. A struct rather than an `async` block,
     /// which would hold `inner` twice (as captured, and as pinned): the request's

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 
-use crate::clock::{monotonic_instant, monotonic_ns};
+use crate::clock::{monotonic_instant, monotonic_ns, nanos};
 use crate::conn::{Alarm, ConnSignals};
 use crate::proxy::ConnInfo;
 
@@ -79,12 +79,11 @@ impl Sweeper {
         header_read_timeout: Duration,
     ) {
         let now = monotonic_ns(Instant::now());
-        let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         let entry = Entry {
             conn: Arc::downgrade(conn),
             accepted: now,
-            idle_timeout: ns(idle_timeout),
-            header_read_timeout: ns(header_read_timeout),
+            idle_timeout: nanos(idle_timeout),
+            header_read_timeout: nanos(header_read_timeout),
             activity: 0,
             quiet_since: now,
             head: (0, 0),
@@ -207,7 +206,6 @@ impl Entry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::Ordering::Relaxed;
 
     const MS: u64 = 1_000_000;
 

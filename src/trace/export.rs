@@ -220,10 +220,7 @@ fn span(r: &SpanRecord) -> Span {
             .into_iter()
             .filter_map(|(key, value)| value.map(|v| text(key, v))),
     );
-    let nanos = |t: SystemTime| {
-        t.duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-    };
+    let nanos = |t: SystemTime| t.duration_since(UNIX_EPOCH).map_or(0, crate::clock::nanos);
     Span {
         trace_id: r.trace.trace_id.to_vec(),
         span_id: r.trace.span_id.to_vec(),
