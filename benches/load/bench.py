@@ -107,7 +107,7 @@ class Stack:
         p = {name: free_port() for name in [
             "UPSTREAM_PORT", "UPSTREAM_H2C_PORT", "NGINX_PORT", "NGINX_H2C_PORT", "NGINX_TLS_PORT",
             "HAPROXY_PORT", "HAPROXY_H2C_PORT", "HAPROXY_TLS_PORT", "FLOOR_PORT", "FLOOR_H2C_PORT",
-            "RAWFLOOR_H2C_PORT", "SPECTER_PORT", "SPECTER_TLS_PORT", "SPECTER_ADMIN_PORT"]}
+            "RAWFLOOR_H2C_PORT", "CONTRACT_H2C_PORT", "SPECTER_PORT", "SPECTER_TLS_PORT", "SPECTER_ADMIN_PORT"]}
         p["WORK"] = work
         p["KEY_SHA256"] = hashlib.sha256(KEY.encode()).hexdigest()
         self.ports = p
@@ -127,14 +127,16 @@ class Stack:
         self.floor_bin = floor_bin
         self.start("floor", ["taskset", "-c", "1", floor_bin, "proxy", f"127.0.0.1:{p['FLOOR_PORT']}",
                              f"127.0.0.1:{p['UPSTREAM_PORT']}"])
-        # HTTP/2 floors: hyper's server with hyper's client, and with a raw exchange.
+        # HTTP/2 floors: hyper's server with hyper's client, with a raw exchange, and
+        # with the raw exchange plus the fields specter's contract sends.
         for name, mode, port in (("floor-h2", "h2proxy", "FLOOR_H2C_PORT"),
-                                 ("rawfloor-h2", "h2rawproxy", "RAWFLOOR_H2C_PORT")):
+                                 ("rawfloor-h2", "h2rawproxy", "RAWFLOOR_H2C_PORT"),
+                                 ("contract-h2", "h2rawcontract", "CONTRACT_H2C_PORT")):
             self.start(name, ["taskset", "-c", "1", floor_bin, mode, f"127.0.0.1:{p[port]}",
                               f"127.0.0.1:{p['UPSTREAM_PORT']}"])
         self.start_specter(f"{work}/specter.toml")
         for port in ["UPSTREAM_PORT", "NGINX_PORT", "HAPROXY_PORT", "FLOOR_PORT", "FLOOR_H2C_PORT",
-                     "RAWFLOOR_H2C_PORT", "SPECTER_PORT"]:
+                     "RAWFLOOR_H2C_PORT", "CONTRACT_H2C_PORT", "SPECTER_PORT"]:
             wait_port(p[port])
 
     def start(self, name, cmd, env=None):
@@ -299,7 +301,8 @@ def scenarios(stack, work):
              "haproxy": p["HAPROXY_PORT"], "specter": p["SPECTER_PORT"]}
     tls = {"nginx": p["NGINX_TLS_PORT"], "haproxy": p["HAPROXY_TLS_PORT"], "specter": p["SPECTER_TLS_PORT"]}
     h2c = {"direct": p["UPSTREAM_H2C_PORT"], "floor-h2": p["FLOOR_H2C_PORT"],
-           "rawfloor-h2": p["RAWFLOOR_H2C_PORT"], "nginx": p["NGINX_H2C_PORT"],
+           "rawfloor-h2": p["RAWFLOOR_H2C_PORT"], "contract-h2": p["CONTRACT_H2C_PORT"],
+           "nginx": p["NGINX_H2C_PORT"],
            "haproxy": p["HAPROXY_H2C_PORT"], "specter": p["SPECTER_PORT"]}
     return {
         "small": ("small GET, HTTP/1.1 keep-alive, 64 connections", plain,
@@ -365,7 +368,7 @@ def summarize(name, desc, per_round):
             ratios[f"specter/{peer} requests per CPU-second"] = median(
                 r["specter"]["req_per_cpu_s"] / r[peer]["req_per_cpu_s"] for r in per_round
                 if r["specter"]["req_per_cpu_s"] and r[peer]["req_per_cpu_s"])
-    for floor in (t for t in targets if "floor" in t):
+    for floor in (t for t in targets if "floor" in t or "contract" in t):
         # The floor is a hyper proxy with nothing else: specter's own cost over hyper,
         # and what hyper alone reaches against the other proxies.
         if "specter" in targets:
@@ -411,6 +414,8 @@ def ladder_rungs(stack, work, baseline_bin=None):
         ("floor", "floor: hyper server + hyper client, no gateway logic", None, None, None),
         ("rawfloor", "floor, its upstream exchange in the request's own task (floor rawproxy)", None, None,
          "rawproxy"),
+        ("contract", "raw floor + the fields specter's contract sends (floor rawcontract)", None, None,
+         "rawcontract"),
         ("key", "specter: one key, no limits, no policy", head + key_block, "warn", stack.bin),
         ("limits", "+ rate limits, per key and total (never triggered)", head + limits + key_block, "warn", stack.bin),
         ("policy", "+ policy (the full hot path; trace context on, export off)", full, "warn", stack.bin),
@@ -440,9 +445,9 @@ def ladder(stack, work, rounds, duration, only=None, baseline_bin=None):
         rungs = [r for r in rungs if r[0] in only]
     ports = {}
     for key, _, text, log, binary in rungs:
-        if binary == "rawproxy":
+        if binary in ("rawproxy", "rawcontract"):
             ports[key] = free_port()
-            stack.start(f"rung-{key}", ["taskset", "-c", "1", stack.floor_bin, "rawproxy",
+            stack.start(f"rung-{key}", ["taskset", "-c", "1", stack.floor_bin, binary,
                                         f"127.0.0.1:{ports[key]}", f"127.0.0.1:{stack.ports['UPSTREAM_PORT']}"])
             wait_port(ports[key])
             continue
@@ -469,7 +474,7 @@ def ladder(stack, work, rounds, duration, only=None, baseline_bin=None):
     for key, *_ in rungs:
         if key != "floor":
             stack.stop(f"rung-{key}")
-    out, previous, floor = [], None, None
+    out, previous, floor, contract = [], None, None, None
     for key, label, *_ in rungs:
         rs = per[key]
         row = {"key": key, "rung": label, "rps": median(x["rps"] for x in rs),
@@ -481,6 +486,8 @@ def ladder(stack, work, rounds, duration, only=None, baseline_bin=None):
             row["rung"] += f" ({median(calls[key]):.3f} Redis calls/request)"
         if key == "floor":
             floor = row
+        if key == "contract":
+            contract = row
         # "Added" is against the rung above for the feature steps, against the full
         # hot path for the variants listed after it.
         ref = previous if key in ("key", "limits", "policy", "log") else out_row(out, "policy")
@@ -489,6 +496,9 @@ def ladder(stack, work, rounds, duration, only=None, baseline_bin=None):
             row["added_sys_ns"] = row["sys_ns"] - ref["sys_ns"]
         if floor and key != "floor":
             row["x_floor"] = row["total_ns"] / floor["total_ns"]
+        # specter over the contract floor: what its own checks and plumbing cost.
+        if contract and key not in ("floor", "rawfloor", "contract"):
+            row["x_contract"] = row["total_ns"] / contract["total_ns"]
         out.append(row)
         previous = row
     return out
@@ -644,13 +654,15 @@ def markdown(results, ladder_rows, mem, args, reload=None):
         lines += ["### Feature-cost ladder (small GET, 64 connections; rungs alternate in each round)", "",
                   "CPU per request of the proxy process from `/proc/PID/stat`, in nanoseconds, medians of rounds. "
                   "*Added* is against the rung above for the feature steps, against the full hot path (\"+ policy\") "
-                  "for the rows after it.", "",
+                  "for the rows after it. *× contract* is against the contract floor (the raw floor sending the "
+                  "fields specter's contract sends): what specter's own checks and plumbing cost.", "",
                   "| rung | req/s | p99 ms | req per CPU-second | user ns | system ns | added user ns | added system ns "
-                  "| × floor | valid rounds |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| × floor | × contract | valid rounds |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in ladder_rows:
             lines.append(f"| {r['rung']} | {r['rps']:.0f} | {r['p99']:.2f} | {num(r['req_per_cpu_s'])} | {num(r['user_ns'])} | "
                          f"{num(r['sys_ns'])} | {num(r.get('added_user_ns'), '+')} | {num(r.get('added_sys_ns'), '+')} | "
-                         f"{num(r.get('x_floor'), digits=2)} | {r['valid_rounds']}/{r['rounds']} |")
+                         f"{num(r.get('x_floor'), digits=2)} | {num(r.get('x_contract'), digits=2)} | "
+                         f"{r['valid_rounds']}/{r['rounds']} |")
         lines.append("")
     if reload:
         sw = reload["swap_ms"]
@@ -675,7 +687,7 @@ def main():
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--scenarios", default="small,post64k,conns1000,https,handshakes,h2")
     ap.add_argument("--ladder", action="store_true", help="the feature-cost ladder from the floor")
-    ap.add_argument("--rungs", help="only these ladder rungs, comma-separated (floor,rawfloor,key,limits,"
+    ap.add_argument("--rungs", help="only these ladder rungs, comma-separated (floor,rawfloor,contract,key,limits,"
                     "policy,log,fleet,lease,otlp0,otlp1,429,baseline)")
     ap.add_argument("--trace-ladder", action="store_true", help="the ladder's tracing rungs only")
     ap.add_argument("--baseline-bin", help="add a ladder rung: this specter binary on the full hot path (A/B)")

@@ -17,6 +17,16 @@
 //! `floor h2rawproxy LISTEN UPSTREAM` is that HTTP/2 server with `rawproxy`'s exchange
 //! on a shared stack of upstream sockets: HTTP/2 without hyper's client.
 //!
+//! `floor rawcontract` and `floor h2rawcontract` are the raw floors plus what
+//! specter's contract (DESIGN.md) makes any implementation send, done as cheaply as it
+//! can be done: the gateway's nine fields upstream (`Forwarded`, `X-Forwarded-*`,
+//! `X-Real-IP`, `X-Request-Id`, `traceparent`, `X-Specter-*`) instead of the client's
+//! API key, and `RateLimit-Policy`, a `RateLimit` that changes with every response
+//! and the request's id on every response (the changing two never indexed, as
+//! specter sends them). Ids come from a counter: unique, not random. No key is
+//! checked, no policy or limit evaluated, nothing counted or timed: specter over this
+//! floor is what its own checks and plumbing cost.
+//!
 //! Built from the project's own hyper, so the ladder in `bench.py` starts where specter
 //! would be with nothing of its own: `cargo build --release --example floor`.
 
@@ -38,8 +48,8 @@ type Reply = Response<BoxBody<Bytes, hyper::Error>>;
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> std::io::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let usage =
-        "usage: floor proxy|rawproxy|h2proxy|h2rawproxy LISTEN UPSTREAM | floor serve LISTEN";
+    let usage = "usage: floor proxy|rawproxy|rawcontract|h2proxy|h2rawproxy|h2rawcontract \
+                 LISTEN UPSTREAM | floor serve LISTEN";
     let (mode, listen) = match (args.get(1), args.get(2)) {
         (Some(mode), Some(listen)) => (mode.as_str(), listen.as_str()),
         _ => {
@@ -48,7 +58,10 @@ async fn main() -> std::io::Result<()> {
         }
     };
     let upstream = match (mode, args.get(3)) {
-        ("proxy" | "rawproxy" | "h2proxy" | "h2rawproxy", Some(up)) => Some(up.clone()),
+        (
+            "proxy" | "rawproxy" | "rawcontract" | "h2proxy" | "h2rawproxy" | "h2rawcontract",
+            Some(up),
+        ) => Some(up.clone()),
         ("serve", None) => None,
         _ => {
             eprintln!("{usage}");
@@ -64,10 +77,14 @@ async fn main() -> std::io::Result<()> {
         let idle = idle.clone();
         let mode = mode.to_owned();
         tokio::spawn(async move {
+            let contract = mode.ends_with("contract");
             let result = match upstream {
-                Some(upstream) if mode == "rawproxy" => rawproxy(stream, &upstream).await,
+                Some(upstream) if mode.starts_with("raw") => {
+                    rawproxy(stream, &upstream, contract).await
+                }
                 Some(upstream) if mode.starts_with("h2") => {
-                    h2proxy(stream, upstream, idle, mode == "h2rawproxy").await
+                    let raw = mode.starts_with("h2raw").then_some(contract);
+                    h2proxy(stream, upstream, idle, raw).await
                 }
                 Some(upstream) => proxy(stream, &upstream).await,
                 None => serve(stream).await,
@@ -134,23 +151,24 @@ struct Idle {
 }
 
 /// HTTP/2 from the client; each stream takes an idle upstream connection from the
-/// shared stack (or opens one) and puts it back once its response is read.
+/// shared stack (or opens one) and puts it back once its response is read. `raw`:
+/// the exchange is `rawproxy`'s, with the contract's fields or without.
 async fn h2proxy(
     stream: TcpStream,
     upstream: String,
     idle: Arc<Idle>,
-    raw: bool,
+    raw: Option<bool>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let forward = service_fn(move |mut req: Request<Incoming>| {
         let (idle, upstream) = (idle.clone(), upstream.clone());
         async move {
-            if raw {
+            if let Some(contract) = raw {
                 let taken = idle.raw.lock().unwrap().pop();
                 let (mut up, mut buf) = match taken {
                     Some(taken) => taken,
                     None => (dial(&upstream).await?, Vec::with_capacity(8192)),
                 };
-                let reply = exchange(&mut up, &mut buf, &req).await?;
+                let reply = exchange(&mut up, &mut buf, &req, contract).await?;
                 idle.raw.lock().unwrap().push((up, buf));
                 return Ok(reply);
             }
@@ -198,6 +216,7 @@ async fn h2proxy(
 async fn rawproxy(
     stream: TcpStream,
     upstream: &str,
+    contract: bool,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let up = dial(upstream).await?;
     let up = Arc::new(Mutex::new((up, Vec::with_capacity(8192))));
@@ -206,7 +225,7 @@ async fn rawproxy(
         async move {
             let mut up = up.lock().await;
             let (up, buf) = &mut *up;
-            exchange(up, buf, &req).await
+            exchange(up, buf, &req, contract).await
         }
     });
     http1::Builder::new()
@@ -219,6 +238,7 @@ async fn exchange(
     up: &mut TcpStream,
     buf: &mut Vec<u8>,
     req: &Request<Incoming>,
+    contract: bool,
 ) -> std::io::Result<Reply> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut head = Vec::with_capacity(512);
@@ -236,11 +256,19 @@ async fn exchange(
         }
     }
     for (name, value) in req.headers() {
+        if contract && name == "x-api-key" {
+            continue;
+        }
         head.extend_from_slice(name.as_str().as_bytes());
         head.extend_from_slice(b": ");
         head.extend_from_slice(value.as_bytes());
         head.extend_from_slice(b"\r\n");
     }
+    let id = contract.then(|| {
+        let id = next_id();
+        gateway_fields(&mut head, req, id);
+        id
+    });
     head.extend_from_slice(b"\r\n");
     up.write_all(&head).await?;
     buf.clear();
@@ -262,16 +290,110 @@ async fn exchange(
                 let value = std::str::from_utf8(h.value).ok();
                 length = value.and_then(|v| v.parse().ok()).unwrap_or(0);
             }
-            reply = reply.header(h.name, h.value);
+            // The contract's responses are the upstream's less its hop-by-hop fields.
+            if !(contract && h.name.eq_ignore_ascii_case("connection")) {
+                reply = reply.header(h.name, h.value);
+            }
         }
         while buf.len() < len + length {
             if up.read_buf(buf).await? == 0 {
                 return Err(std::io::Error::other("upstream closed"));
             }
         }
+        if let Some(id) = id {
+            reply = response_fields(reply, id);
+        }
         let body = Full::new(Bytes::copy_from_slice(&buf[len..len + length]));
         return reply
             .body(body.map_err(|never| match never {}).boxed())
             .map_err(std::io::Error::other);
     }
+}
+
+/// A new request id: a counter's, so unique without a random number generator.
+fn next_id() -> u128 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    u128::from(n) << 64 | u128::from(n)
+}
+
+/// The nine fields specter's contract sends upstream, for a direct client on plain
+/// HTTP; the trace and span ids are derived from the request id.
+fn gateway_fields(head: &mut Vec<u8>, req: &Request<Incoming>, id: u128) {
+    let host = req
+        .headers()
+        .get(hyper::header::HOST)
+        .map(|h| h.as_bytes())
+        .or_else(|| req.uri().authority().map(|a| a.as_str().as_bytes()))
+        .unwrap_or(b"");
+    let mut line = |parts: &[&[u8]]| {
+        for part in parts {
+            head.extend_from_slice(part);
+        }
+        head.extend_from_slice(b"\r\n");
+    };
+    line(&[b"forwarded: for=127.0.0.1;host=\"", host, b"\";proto=http"]);
+    line(&[b"x-forwarded-for: 127.0.0.1"]);
+    line(&[b"x-real-ip: 127.0.0.1"]);
+    line(&[b"x-forwarded-proto: http"]);
+    line(&[b"x-forwarded-host: ", host]);
+    let mut uuid = [0u8; 36];
+    uuid::Uuid::from_u128(id)
+        .hyphenated()
+        .encode_lower(&mut uuid);
+    line(&[b"x-request-id: ", &uuid]);
+    line(&[b"x-specter-environment: bench"]);
+    line(&[b"x-specter-key-id: bench"]);
+    let mut trace = [0u8; 55];
+    trace[..3].copy_from_slice(b"00-");
+    hex(&id.to_be_bytes(), &mut trace[3..35]);
+    trace[35] = b'-';
+    hex(&(id as u64 ^ 0x5bd1_e995).to_be_bytes(), &mut trace[36..52]);
+    trace[52..].copy_from_slice(b"-01");
+    line(&[b"traceparent: ", &trace]);
+}
+
+fn hex(bytes: &[u8], out: &mut [u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (b, pair) in bytes.iter().zip(out.chunks_exact_mut(2)) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 15)];
+    }
+}
+
+/// The three fields specter's contract adds to each response: the limits' policy, their
+/// state now (different each time) and the request's id, the last two never indexed.
+fn response_fields(
+    reply: hyper::http::response::Builder,
+    id: u128,
+) -> hyper::http::response::Builder {
+    use hyper::header::HeaderValue;
+    let left = (u64::MAX - (id as u64)) % 100_000_000;
+    let mut digits = itoa::Buffer::new();
+    let mut state = String::with_capacity(48);
+    for (i, scope) in ["per_key", "total"].into_iter().enumerate() {
+        if i > 0 {
+            state.push_str(", ");
+        }
+        state.push('"');
+        state.push_str(scope);
+        state.push_str("\";r=");
+        state.push_str(digits.format(left));
+        state.push_str(";t=1");
+    }
+    let mut state = HeaderValue::try_from(state).expect("ASCII");
+    state.set_sensitive(true);
+    let mut uuid = [0u8; 36];
+    uuid::Uuid::from_u128(id)
+        .hyphenated()
+        .encode_lower(&mut uuid);
+    let mut request_id = HeaderValue::from_bytes(&uuid).expect("ASCII");
+    request_id.set_sensitive(true);
+    reply
+        .header(
+            "ratelimit-policy",
+            HeaderValue::from_static("\"per_key\";q=100000000;w=1, \"total\";q=100000000;w=1"),
+        )
+        .header("ratelimit", state)
+        .header("x-request-id", request_id)
 }
