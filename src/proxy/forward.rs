@@ -15,41 +15,64 @@ use crate::headers::*;
 /// Removes the hop-by-hop headers, every header the `Connection` header names, and those
 /// `also` picks, in passes over the names present: a message carries a handful of
 /// headers while the candidates are about twenty, so this beats a hashed `remove` per
-/// candidate. Each pass finds one name to remove; `also` names it by a reference of its
-/// own where it can, so that no name is cloned (a custom name's first clone allocates).
-/// Runs before the gateway sets its own headers, so `Connection:
-/// x-specter-environment` removes only the client's copy, never the gateway's.
+/// candidate. A pass notes up to [`DOOMED_PER_PASS`] names to remove (one more pass
+/// only if it filled up); `also` names each by a reference of its own where it can, so
+/// that no name is cloned (a custom name's first clone allocates). Runs before the
+/// gateway sets its own headers, so `Connection: x-specter-environment` removes only
+/// the client's copy, never the gateway's.
 fn remove_where<'r>(
     headers: &mut HeaderMap,
     also: impl Fn(&HeaderName) -> Option<Cow<'r, HeaderName>>,
 ) {
     let connection = headers.contains_key(CONNECTION);
-    loop {
-        // Looked up once a pass, not once a name.
-        let listed = connection.then(|| headers.get_all(CONNECTION));
-        let doomed = headers.keys().find_map(|n| {
-            if let Some(hop) = HOP_BY_HOP.iter().find(|h| *h == n && *h != CONNECTION) {
-                return Some(Cow::Borrowed(hop));
-            }
-            // `Connection` goes last: the names it lists must all be read first.
-            also(n).or_else(|| {
-                let named = listed
-                    .as_ref()
-                    .is_some_and(|l| n != CONNECTION && lists(l, n));
-                named.then(|| Cow::Owned(n.clone()))
-            })
+    // Whether `Connection` names a header that is not hop-by-hop anyway. Nearly never
+    // (`keep-alive`, `upgrade`): then no name needs matching against its options.
+    let names_others = connection
+        && tokens(&headers.get_all(CONNECTION)).any(|t| {
+            !t.is_empty()
+                && !HOP_BY_HOP
+                    .iter()
+                    .any(|h| t.eq_ignore_ascii_case(h.as_str()))
         });
-        match doomed {
-            Some(name) => {
-                headers.remove(&*name);
+    loop {
+        let mut doomed: [Option<Cow<'r, HeaderName>>; DOOMED_PER_PASS] = Default::default();
+        let mut found = 0;
+        // Looked up once a pass, not once a name.
+        let listed = names_others.then(|| headers.get_all(CONNECTION));
+        for n in headers.keys() {
+            let name = if let Some(hop) = HOP_BY_HOP.iter().find(|h| *h == n && *h != CONNECTION) {
+                Some(Cow::Borrowed(hop))
+            } else {
+                // `Connection` goes last: the names it lists must all be read first.
+                also(n).or_else(|| {
+                    let named = listed
+                        .as_ref()
+                        .is_some_and(|l| n != CONNECTION && lists(l, n));
+                    named.then(|| Cow::Owned(n.clone()))
+                })
+            };
+            if let Some(name) = name {
+                doomed[found] = Some(name);
+                found += 1;
+                if found == DOOMED_PER_PASS {
+                    break;
+                }
             }
-            None => break,
+        }
+        for name in doomed.iter().flatten() {
+            headers.remove(&**name);
+        }
+        if found < DOOMED_PER_PASS {
+            break;
         }
     }
     if connection {
         headers.remove(CONNECTION);
     }
 }
+
+/// How many names a pass of [`remove_where`] notes before removing them.
+const DOOMED_PER_PASS: usize = 4;
 
 /// The comma-separated options of every `Connection` header.
 pub fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
