@@ -504,6 +504,68 @@ def ladder(stack, work, rounds, duration, only=None, baseline_bin=None):
     return out
 
 
+def paired(stack, work, names, rounds, duration, h2=False, baseline_bin=None):
+    """Two targets loaded at once, each by its own client on CPU 0, both proxies on CPU 1,
+    for `rounds` rounds: the host's drift then hits both alike, which alternating rounds
+    cannot promise on a shared machine. Sharing the CPU adds the same cache traffic to
+    both, which pulls ratios towards 1. Returns the text to print: CPU per request of
+    each (from /proc) and the second's over the first's per round."""
+    import threading
+    if len(names) != 2:
+        sys.exit("--paired takes two targets: A,B")
+    full = open(os.path.join(work, "specter.toml")).read()
+    floor_modes = {"rawfloor": "rawproxy", "contract": "rawcontract", "floor-h2": "h2proxy",
+                   "rawfloor-h2": "h2rawproxy", "contract-h2": "h2rawcontract"}
+    targets = []
+    for name in names:
+        if name == "floor":
+            targets.append((name, "floor", stack.ports["FLOOR_PORT"]))
+        elif name in floor_modes:
+            port = free_port()
+            stack.start(f"paired-{name}", ["taskset", "-c", "1", stack.floor_bin, floor_modes[name],
+                                           f"127.0.0.1:{port}", f"127.0.0.1:{stack.ports['UPSTREAM_PORT']}"])
+            wait_port(port)
+            targets.append((name, f"paired-{name}", port))
+        elif name == "specter":
+            targets.append((name, "specter", stack.ports["SPECTER_PORT"]))
+        elif name == "baseline" and baseline_bin:
+            targets.append((name, "rung-paired", stack.start_rung("paired", full, "warn", baseline_bin)))
+        else:
+            sys.exit(f"--paired: unknown target {name} (floor, rawfloor, contract, specter, baseline with "
+                     f"--baseline-bin; for HTTP/2 floor-h2, rawfloor-h2, contract-h2)")
+    load = (lambda port, d: h2load(f"http://127.0.0.1:{port}/", d)) if h2 else \
+        (lambda port, d: wrk(f"http://127.0.0.1:{port}/", 64, d))
+
+    def together(d):
+        out, cpu0 = {}, {t[0]: proc_times(stack.pids(t[1])) for t in targets}
+        start = time.time()
+        threads = [threading.Thread(target=lambda t=t: out.__setitem__(t[0], load(t[2], d))) for t in targets]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.time() - start
+        per = {}
+        for name, proc, _ in targets:
+            user, system = (b - a for a, b in zip(cpu0[name], proc_times(stack.pids(proc))))
+            requests = max(out[name]["rps"] * wall, 1)
+            per[name] = (user * 1e9 / requests, system * 1e9 / requests, out[name]["non2xx"])
+        return per
+
+    together(1)  # warm-up: connections open, pools filled
+    (a, _, _), (b, _, _) = targets
+    lines, ratios = [], []
+    for r in range(rounds):
+        per = together(duration)
+        ratios.append(sum(per[b][:2]) / sum(per[a][:2]))
+        lines.append(f"round {r + 1}: " + "  ".join(f"{n} {u:.0f} + {s:.0f} ns/request" + (f" ({e} non-2xx)" if e else "")
+                                                  for n, (u, s, e) in per.items()) + f"  {b}/{a} {ratios[-1]:.3f}")
+    spread = statistics.stdev(ratios) if len(ratios) > 1 else float("nan")
+    lines.append(f"{b}/{a} CPU per request, paired ({'h2load -c16 -m16' if h2 else 'wrk -c64'}, {rounds} rounds "
+                 f"of {duration} s): median {median(ratios):.3f}, sd {spread:.3f}")
+    return "\n".join(lines)
+
+
 def out_row(rows, key):
     return next((r for r in rows if r["key"] == key), None)
 
@@ -698,6 +760,10 @@ def main():
     ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release", "specter"))
     ap.add_argument("--write", help="rewrite the results section of this markdown file")
     ap.add_argument("--cpu-split", action="store_true", help="only print user/system CPU per request")
+    ap.add_argument("--paired", help="only an A/B of two targets loaded at once (A,B from floor, rawfloor, "
+                    "contract, specter, baseline; with --h2 from floor-h2, rawfloor-h2, contract-h2, specter, "
+                    "baseline): robust to a noisy host")
+    ap.add_argument("--h2", action="store_true", help="--paired loads with h2load -c16 -m16")
     args = ap.parse_args()
 
     work = tempfile.mkdtemp(prefix="specter-bench-")
@@ -709,8 +775,11 @@ def main():
     except Exception:
         print(f"could not start the stack; logs are in {work}", file=sys.stderr)
         raise
-    if args.cpu_split or args.idle:
+    if args.cpu_split or args.idle or args.paired:
         try:
+            if args.paired:
+                print(paired(stack, work, args.paired.split(","), args.rounds, args.duration, args.h2,
+                             args.baseline_bin))
             if args.cpu_split:
                 print(cpu_split(stack, args.duration))
             if args.idle:
