@@ -528,11 +528,13 @@ def paired(stack, work, names, rounds, duration, h2=False, baseline_bin=None):
             targets.append((name, f"paired-{name}", port))
         elif name == "specter":
             targets.append((name, "specter", stack.ports["SPECTER_PORT"]))
+        elif name in ("nginx", "haproxy"):
+            targets.append((name, name, stack.ports[f"{name.upper()}_H2C_PORT" if h2 else f"{name.upper()}_PORT"]))
         elif name == "baseline" and baseline_bin:
             targets.append((name, "rung-paired", stack.start_rung("paired", full, "warn", baseline_bin)))
         else:
-            sys.exit(f"--paired: unknown target {name} (floor, rawfloor, contract, specter, baseline with "
-                     f"--baseline-bin; for HTTP/2 floor-h2, rawfloor-h2, contract-h2)")
+            sys.exit(f"--paired: unknown target {name} (floor, rawfloor, contract, specter, nginx, haproxy, "
+                     f"baseline with --baseline-bin; for HTTP/2 floor-h2, rawfloor-h2, contract-h2)")
     load = (lambda port, d: h2load(f"http://127.0.0.1:{port}/", d)) if h2 else \
         (lambda port, d: wrk(f"http://127.0.0.1:{port}/", 64, d))
 
@@ -761,8 +763,8 @@ def main():
     ap.add_argument("--write", help="rewrite the results section of this markdown file")
     ap.add_argument("--cpu-split", action="store_true", help="only print user/system CPU per request")
     ap.add_argument("--paired", help="only an A/B of two targets loaded at once (A,B from floor, rawfloor, "
-                    "contract, specter, baseline; with --h2 from floor-h2, rawfloor-h2, contract-h2, specter, "
-                    "baseline): robust to a noisy host")
+                    "contract, specter, nginx, haproxy, baseline; with --h2 also floor-h2, rawfloor-h2, "
+                    "contract-h2): robust to a noisy host")
     ap.add_argument("--h2", action="store_true", help="--paired loads with h2load -c16 -m16")
     args = ap.parse_args()
 
