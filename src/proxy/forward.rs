@@ -40,16 +40,16 @@ fn remove_where<'r>(
         // Looked up once a pass, not once a name.
         let listed = names_others.then(|| headers.get_all(CONNECTION));
         for n in headers.keys() {
-            let name = if let Some(hop) = HOP_BY_HOP.iter().find(|h| *h == n && *h != CONNECTION) {
-                Some(Cow::Borrowed(hop))
-            } else {
-                // `Connection` goes last: the names it lists must all be read first.
-                also(n).or_else(|| {
-                    let named = listed
-                        .as_ref()
-                        .is_some_and(|l| n != CONNECTION && lists(l, n));
+            // `Connection` goes last (below): the names it lists must all be read first.
+            if n == CONNECTION {
+                continue;
+            }
+            let name = match HOP_BY_HOP.iter().find(|h| *h == n) {
+                Some(hop) => Some(Cow::Borrowed(hop)),
+                None => also(n).or_else(|| {
+                    let named = listed.as_ref().is_some_and(|l| lists(l, n));
                     named.then(|| Cow::Owned(n.clone()))
-                })
+                }),
             };
             if let Some(name) = name {
                 doomed[found] = Some(name);
@@ -606,6 +606,27 @@ mod tests {
         );
         assert_eq!(h["x-keep"], "1");
         assert_eq!(h[X_FORWARDED_FOR], "192.0.2.7");
+    }
+
+    /// `Connection` listing only hop-by-hop names (its usual value) takes the path that
+    /// matches no name against it; they still go, and nothing else does.
+    #[test]
+    fn hop_by_hop_options_of_connection_go_with_it() {
+        let h = rewritten(
+            &[
+                ("connection", "Keep-Alive, upgrade, "),
+                ("keep-alive", "timeout=5"),
+                ("upgrade", "websocket"),
+                ("te", "trailers"),
+                ("x-keep", "1"),
+            ],
+            false,
+            false,
+        );
+        for gone in ["connection", "keep-alive", "upgrade", "te"] {
+            assert!(h.get(gone).is_none(), "{gone} was forwarded");
+        }
+        assert_eq!(h["x-keep"], "1");
     }
 
     const FORGED: &[(&str, &str)] = &[
