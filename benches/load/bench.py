@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -510,7 +511,6 @@ def paired(stack, work, names, rounds, duration, h2=False, baseline_bin=None):
     cannot promise on a shared machine. Sharing the CPU adds the same cache traffic to
     both, which pulls ratios towards 1. Returns the text to print: CPU per request of
     each (from /proc) and the second's over the first's per round."""
-    import threading
     if len(names) != 2:
         sys.exit("--paired takes two targets: A,B")
     full = open(os.path.join(work, "specter.toml")).read()
@@ -518,6 +518,9 @@ def paired(stack, work, names, rounds, duration, h2=False, baseline_bin=None):
                    "rawfloor-h2": "h2rawproxy", "contract-h2": "h2rawcontract"}
     targets = []
     for name in names:
+        if name.endswith("-h2") != h2 and name in ("floor", *floor_modes):
+            sys.exit(f"--paired: {name} is an HTTP/2 floor: add --h2" if name.endswith("-h2")
+                     else f"--paired: {name} is an HTTP/1 floor: with --h2, use {name}-h2")
         if name == "floor":
             targets.append((name, "floor", stack.ports["FLOOR_PORT"]))
         elif name in floor_modes:
@@ -533,8 +536,8 @@ def paired(stack, work, names, rounds, duration, h2=False, baseline_bin=None):
         elif name == "baseline" and baseline_bin:
             targets.append((name, "rung-paired", stack.start_rung("paired", full, "warn", baseline_bin)))
         else:
-            sys.exit(f"--paired: unknown target {name} (floor, rawfloor, contract, specter, nginx, haproxy, "
-                     f"baseline with --baseline-bin; for HTTP/2 floor-h2, rawfloor-h2, contract-h2)")
+            sys.exit(f"--paired: unknown target {name} (HTTP/1: floor, rawfloor, contract; HTTP/2: floor-h2, "
+                     f"rawfloor-h2, contract-h2; both: specter, nginx, haproxy, baseline with --baseline-bin)")
     load = (lambda port, d: h2load(f"http://127.0.0.1:{port}/", d)) if h2 else \
         (lambda port, d: wrk(f"http://127.0.0.1:{port}/", 64, d))
 
@@ -762,9 +765,9 @@ def main():
     ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release", "specter"))
     ap.add_argument("--write", help="rewrite the results section of this markdown file")
     ap.add_argument("--cpu-split", action="store_true", help="only print user/system CPU per request")
-    ap.add_argument("--paired", help="only an A/B of two targets loaded at once (A,B from floor, rawfloor, "
-                    "contract, specter, nginx, haproxy, baseline; with --h2 also floor-h2, rawfloor-h2, "
-                    "contract-h2): robust to a noisy host")
+    ap.add_argument("--paired", help="only an A/B of two targets loaded at once, robust to a noisy host: A,B "
+                    "from floor, rawfloor, contract (HTTP/1), floor-h2, rawfloor-h2, contract-h2 (with --h2), "
+                    "specter, nginx, haproxy, baseline (with --baseline-bin)")
     ap.add_argument("--h2", action="store_true", help="--paired loads with h2load -c16 -m16")
     args = ap.parse_args()
 
