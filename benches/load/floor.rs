@@ -265,8 +265,8 @@ async fn exchange(
         head.extend_from_slice(b"\r\n");
     }
     let id = contract.then(|| {
-        let id = next_id();
-        gateway_fields(&mut head, req, id);
+        let id = RequestId::next();
+        gateway_fields(&mut head, req, &id);
         id
     });
     head.extend_from_slice(b"\r\n");
@@ -301,7 +301,7 @@ async fn exchange(
             }
         }
         if let Some(id) = id {
-            reply = response_fields(reply, id);
+            reply = response_fields(reply, &id);
         }
         let body = Full::new(Bytes::copy_from_slice(&buf[len..len + length]));
         return reply
@@ -310,16 +310,29 @@ async fn exchange(
     }
 }
 
-/// A new request id: a counter's, so unique without a random number generator.
-fn next_id() -> u128 {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    u128::from(n) << 64 | u128::from(n)
+/// A request's id, formatted once for both ways as specter does: a counter's, so
+/// unique without a random number generator.
+struct RequestId {
+    n: u128,
+    text: [u8; 36],
+}
+
+impl RequestId {
+    fn next() -> RequestId {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let n = u128::from(n) << 64 | u128::from(n);
+        let mut text = [0u8; 36];
+        uuid::Uuid::from_u128(n)
+            .hyphenated()
+            .encode_lower(&mut text);
+        RequestId { n, text }
+    }
 }
 
 /// The nine fields specter's contract sends upstream, for a direct client on plain
 /// HTTP; the trace and span ids are derived from the request id.
-fn gateway_fields(head: &mut Vec<u8>, req: &Request<Incoming>, id: u128) {
+fn gateway_fields(head: &mut Vec<u8>, req: &Request<Incoming>, id: &RequestId) {
     let host = req
         .headers()
         .get(hyper::header::HOST)
@@ -337,18 +350,17 @@ fn gateway_fields(head: &mut Vec<u8>, req: &Request<Incoming>, id: u128) {
     line(&[b"x-real-ip: 127.0.0.1"]);
     line(&[b"x-forwarded-proto: http"]);
     line(&[b"x-forwarded-host: ", host]);
-    let mut uuid = [0u8; 36];
-    uuid::Uuid::from_u128(id)
-        .hyphenated()
-        .encode_lower(&mut uuid);
-    line(&[b"x-request-id: ", &uuid]);
+    line(&[b"x-request-id: ", &id.text]);
     line(&[b"x-specter-environment: bench"]);
     line(&[b"x-specter-key-id: bench"]);
     let mut trace = [0u8; 55];
     trace[..3].copy_from_slice(b"00-");
-    hex(&id.to_be_bytes(), &mut trace[3..35]);
+    hex(&id.n.to_be_bytes(), &mut trace[3..35]);
     trace[35] = b'-';
-    hex(&(id as u64 ^ 0x5bd1_e995).to_be_bytes(), &mut trace[36..52]);
+    hex(
+        &(id.n as u64 ^ 0x5bd1_e995).to_be_bytes(),
+        &mut trace[36..52],
+    );
     trace[52..].copy_from_slice(b"-01");
     line(&[b"traceparent: ", &trace]);
 }
@@ -365,10 +377,10 @@ fn hex(bytes: &[u8], out: &mut [u8]) {
 /// state now (different each time) and the request's id, the last two never indexed.
 fn response_fields(
     reply: hyper::http::response::Builder,
-    id: u128,
+    id: &RequestId,
 ) -> hyper::http::response::Builder {
     use hyper::header::HeaderValue;
-    let left = (u64::MAX - (id as u64)) % 100_000_000;
+    let left = (u64::MAX - (id.n as u64)) % 100_000_000;
     let mut digits = itoa::Buffer::new();
     let mut state = String::with_capacity(48);
     for (i, scope) in ["per_key", "total"].into_iter().enumerate() {
@@ -383,11 +395,7 @@ fn response_fields(
     }
     let mut state = HeaderValue::try_from(state).expect("ASCII");
     state.set_sensitive(true);
-    let mut uuid = [0u8; 36];
-    uuid::Uuid::from_u128(id)
-        .hyphenated()
-        .encode_lower(&mut uuid);
-    let mut request_id = HeaderValue::from_bytes(&uuid).expect("ASCII");
+    let mut request_id = HeaderValue::from_bytes(&id.text).expect("ASCII");
     request_id.set_sensitive(true);
     reply
         .header(
