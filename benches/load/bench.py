@@ -514,25 +514,26 @@ def paired(stack, work, names, rounds, duration, h2=False, baseline_bin=None):
     if len(names) != 2:
         sys.exit("--paired takes two targets: A,B")
     full = open(os.path.join(work, "specter.toml")).read()
-    floor_modes = {"rawfloor": "rawproxy", "contract": "rawcontract", "floor-h2": "h2proxy",
-                   "rawfloor-h2": "h2rawproxy", "contract-h2": "h2rawcontract"}
+    # Targets the stack runs already, and the HTTP/1 floors started for this A/B only.
+    running = {"floor": "FLOOR_PORT", "floor-h2": "FLOOR_H2C_PORT", "rawfloor-h2": "RAWFLOOR_H2C_PORT",
+               "contract-h2": "CONTRACT_H2C_PORT", "specter": "SPECTER_PORT",
+               "nginx": "NGINX_H2C_PORT" if h2 else "NGINX_PORT",
+               "haproxy": "HAPROXY_H2C_PORT" if h2 else "HAPROXY_PORT"}
+    started = {"rawfloor": "rawproxy", "contract": "rawcontract"}
     targets = []
     for name in names:
-        if name.endswith("-h2") != h2 and name in ("floor", *floor_modes):
-            sys.exit(f"--paired: {name} is an HTTP/2 floor: add --h2" if name.endswith("-h2")
-                     else f"--paired: {name} is an HTTP/1 floor: with --h2, use {name}-h2")
-        if name == "floor":
-            targets.append((name, "floor", stack.ports["FLOOR_PORT"]))
-        elif name in floor_modes:
+        if name in ("floor", *started) and h2:
+            sys.exit(f"--paired: {name} is an HTTP/1 floor: with --h2, use {name}-h2")
+        if name.endswith("-h2") and not h2:
+            sys.exit(f"--paired: {name} is an HTTP/2 floor: add --h2")
+        if name in running:
+            targets.append((name, name, stack.ports[running[name]]))
+        elif name in started:
             port = free_port()
-            stack.start(f"paired-{name}", ["taskset", "-c", "1", stack.floor_bin, floor_modes[name],
+            stack.start(f"paired-{name}", ["taskset", "-c", "1", stack.floor_bin, started[name],
                                            f"127.0.0.1:{port}", f"127.0.0.1:{stack.ports['UPSTREAM_PORT']}"])
             wait_port(port)
             targets.append((name, f"paired-{name}", port))
-        elif name == "specter":
-            targets.append((name, "specter", stack.ports["SPECTER_PORT"]))
-        elif name in ("nginx", "haproxy"):
-            targets.append((name, name, stack.ports[f"{name.upper()}_H2C_PORT" if h2 else f"{name.upper()}_PORT"]))
         elif name == "baseline" and baseline_bin:
             targets.append((name, "rung-paired", stack.start_rung("paired", full, "warn", baseline_bin)))
         else:
