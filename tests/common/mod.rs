@@ -454,8 +454,16 @@ pub fn config_location(error: &str) -> (usize, usize) {
 /// test may take it before it is used: helpers that start the binary on it retry when
 /// the log says the address is in use.
 pub fn free_addr() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap()
+    let [addr] = free_addrs();
+    addr
+}
+
+/// `N` distinct free loopback addresses: all are held bound until the last is picked, so
+/// the kernel cannot hand the same port out twice (released one by one, it may).
+pub fn free_addrs<const N: usize>() -> [SocketAddr; N] {
+    let held: [std::net::TcpListener; N] =
+        std::array::from_fn(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+    held.map(|listener| listener.local_addr().unwrap())
 }
 
 /// Polls `check` every 10 ms until it holds (true) or `limit` passes (false).
@@ -477,18 +485,21 @@ where
 }
 
 /// Runs `start` on two fresh loopback addresses (for `http` and `admin`). The addresses
-/// are picked free just before, so another test may take one in between: a start that
-/// fails with "address in use" (in its error text, e.g. the binary's log) is tried again
-/// on new ones; any other failure fails the test with that text.
+/// are picked free just before, so another test (or a third address the start picks
+/// itself) may take one in between: a start that fails with "address in use" or with
+/// two listeners on one port ("clashes", the config check) in its error text, e.g. the
+/// binary's log, is tried again on new ones; any other failure fails the test with that
+/// text.
 pub async fn on_free_ports<T, F, Fut>(mut start: F) -> T
 where
     F: FnMut(SocketAddr, SocketAddr) -> Fut,
     Fut: std::future::Future<Output = Result<T, String>>,
 {
     for _ in 0..3 {
-        match start(free_addr(), free_addr()).await {
+        let [http, admin] = free_addrs();
+        match start(http, admin).await {
             Ok(started) => return started,
-            Err(why) if why.contains("in use") => continue,
+            Err(why) if why.contains("in use") || why.contains("clashes") => continue,
             Err(why) => panic!("specter did not start:\n{why}"),
         }
     }
