@@ -310,3 +310,46 @@ async fn an_idle_connection_the_upstream_closed_silently_costs_no_request() {
     }
     assert_eq!(up.connections.load(Ordering::SeqCst), 10);
 }
+
+/// The upstream connection's own fields (hop-by-hop, and those its `Connection` names)
+/// end at the gateway, through either client (specter's own for bodiless requests,
+/// hyper's for those with a body) and to either kind of client connection. The
+/// connection is still reused: `keep-alive` was read, not lost.
+#[tokio::test]
+async fn the_upstream_connections_own_fields_stay_with_it() {
+    let up = raw_upstream(
+        b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\nKeep-Alive: timeout=5\r\nX-Hop: 1\r\n\
+          Proxy-Authenticate: Basic\r\nTrailer: x-t\r\nX-End: 2\r\nContent-Length: 2\r\n\r\nok",
+        false,
+    )
+    .await;
+    let gw = gateway_for(&up).await;
+    for (client, version) in [(client(), "HTTP/1.1"), (h2_client(), "HTTP/2")] {
+        for (method, body) in [("GET", ""), ("POST", "a small body")] {
+            let req = Request::builder()
+                .method(method)
+                .uri(gw.url("/x"))
+                .header("x-api-key", KEY)
+                .body(Full::new(Bytes::from(body)))
+                .unwrap();
+            let answer = send(&client, req).await;
+            assert_eq!(answer.text(), "ok", "{version} {method}");
+            assert_eq!(answer.headers["x-end"], "2", "{version} {method}");
+            for gone in [
+                "connection",
+                "keep-alive",
+                "x-hop",
+                "proxy-authenticate",
+                "trailer",
+            ] {
+                assert!(
+                    !answer.headers.contains_key(gone),
+                    "{version} {method}: {gone} reached the client: {:?}",
+                    answer.headers
+                );
+            }
+        }
+    }
+    // One connection per upstream client, each reused by both client connections.
+    assert_eq!(up.connections.load(Ordering::SeqCst), 2);
+}

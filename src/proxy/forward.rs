@@ -4,97 +4,11 @@ use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::OnceLock;
 
-use http::header::{
-    GetAll, HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, FORWARDED, HOST,
-};
+use http::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, FORWARDED, HOST};
 
 use crate::auth::KeySource;
 use crate::config::HeaderRules;
 use crate::headers::*;
-
-/// Removes the hop-by-hop headers, every header the `Connection` header names, and those
-/// `also` picks, in passes over the names present: a message carries a handful of
-/// headers while the candidates are about twenty, so this beats a hashed `remove` per
-/// candidate. A pass notes up to [`DOOMED_PER_PASS`] names to remove (one more pass
-/// only if it filled up); `also` names each by a reference of its own where it can, so
-/// that no name is cloned (a custom name's first clone allocates). Runs before the
-/// gateway sets its own headers, so `Connection: x-specter-environment` removes only
-/// the client's copy, never the gateway's.
-fn remove_where<'r>(
-    headers: &mut HeaderMap,
-    also: impl Fn(&HeaderName) -> Option<Cow<'r, HeaderName>>,
-) {
-    let connection = headers.contains_key(CONNECTION);
-    // Whether `Connection` names a header that is not hop-by-hop anyway. Nearly never
-    // (`keep-alive`, `upgrade`): then no name needs matching against its options.
-    let names_others = connection
-        && tokens(&headers.get_all(CONNECTION)).any(|t| {
-            !t.is_empty()
-                && !HOP_BY_HOP
-                    .iter()
-                    .any(|h| t.eq_ignore_ascii_case(h.as_str()))
-        });
-    loop {
-        let mut doomed: [Option<Cow<'r, HeaderName>>; DOOMED_PER_PASS] = Default::default();
-        let mut found = 0;
-        // Looked up once a pass, not once a name.
-        let listed = names_others.then(|| headers.get_all(CONNECTION));
-        for n in headers.keys() {
-            // `Connection` goes last (below): the names it lists must all be read first.
-            if n == CONNECTION {
-                continue;
-            }
-            let name = match HOP_BY_HOP.iter().find(|h| *h == n) {
-                Some(hop) => Some(Cow::Borrowed(hop)),
-                None => also(n).or_else(|| {
-                    let named = listed.as_ref().is_some_and(|l| lists(l, n));
-                    named.then(|| Cow::Owned(n.clone()))
-                }),
-            };
-            if let Some(name) = name {
-                doomed[found] = Some(name);
-                found += 1;
-                if found == DOOMED_PER_PASS {
-                    break;
-                }
-            }
-        }
-        for name in doomed.iter().flatten() {
-            headers.remove(&**name);
-        }
-        if found < DOOMED_PER_PASS {
-            break;
-        }
-    }
-    if connection {
-        headers.remove(CONNECTION);
-    }
-}
-
-/// How many names a pass of [`remove_where`] notes before removing them.
-const DOOMED_PER_PASS: usize = 4;
-
-/// The comma-separated options of every `Connection` header.
-pub fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
-    tokens(&headers.get_all(CONNECTION))
-}
-
-fn tokens<'a>(connection: &GetAll<'a, HeaderValue>) -> impl Iterator<Item = &'a str> {
-    connection
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-}
-
-/// The `Connection` headers list `name` among their options.
-fn lists(connection: &GetAll<'_, HeaderValue>, name: &HeaderName) -> bool {
-    tokens(connection).any(|token| token.eq_ignore_ascii_case(name.as_str()))
-}
-
-fn named_by_connection(headers: &HeaderMap, name: &HeaderName) -> bool {
-    lists(&headers.get_all(CONNECTION), name)
-}
 
 /// Headers only the gateway may set: a client's copy never reaches the upstream.
 /// (`X-Forwarded-For` and `Forwarded` from a trusted proxy are read first and extended;
@@ -416,10 +330,13 @@ fn forwarded_element(
     out
 }
 
+/// Applies the environment's response rules. The upstream's hop-by-hop fields are gone
+/// already: they belong to the upstream connection, and the upstream client leaves them
+/// there (`upstream`).
 pub fn rewrite_response(headers: &mut HeaderMap, rules: &HeaderRules) {
-    remove_where(headers, |n| {
-        rules.remove.iter().find(|r| *r == n).map(Cow::Borrowed)
-    });
+    for name in &rules.remove {
+        headers.remove(name);
+    }
     for (name, value) in &rules.set {
         headers.insert(name.clone(), value.clone());
     }
@@ -602,7 +519,7 @@ mod tests {
         assert!(
             h.get("x-drop").is_none()
                 && h.get("x-api-key").is_none()
-                && h.get(CONNECTION).is_none()
+                && h.get(http::header::CONNECTION).is_none()
         );
         assert_eq!(h["x-keep"], "1");
         assert_eq!(h[X_FORWARDED_FOR], "192.0.2.7");

@@ -13,7 +13,7 @@ pub fn requested(req: &http::request::Parts) -> Option<HeaderValue> {
         return None;
     }
     let wants =
-        super::forward::connection_tokens(&req.headers).any(|t| t.eq_ignore_ascii_case("upgrade"));
+        crate::headers::connection_tokens(&req.headers).any(|t| t.eq_ignore_ascii_case("upgrade"));
     wants.then(|| req.headers.get(UPGRADE).cloned()).flatten()
 }
 

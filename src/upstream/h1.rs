@@ -29,6 +29,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::chunked::{self, Decoded};
 use super::{Added, IdleConnections};
 use crate::body::{Body, BoxError};
+use crate::headers::HOP_BY_HOP;
 use crate::net::Socket;
 
 /// The largest response head accepted (nginx's default is 4 or 8 KiB).
@@ -293,8 +294,28 @@ fn parse_head(
             let value = HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len))
                 .map_err(|_| Error::Framing("has an invalid header value"))?;
             facts.note(&name, &value);
-            if name != CONTENT_LENGTH || writer.keeps_length(no_body) {
+            // Hop-by-hop fields are this connection's, read by `facts`, never passed on.
+            let passed = if name == CONTENT_LENGTH {
+                writer.keeps_length(no_body)
+            } else {
+                !HOP_BY_HOP.contains(&name)
+            };
+            if passed {
                 map.append(name, value);
+            }
+        }
+        if facts.connection_names_others {
+            // Rare: `Connection` names end-to-end-looking fields; they are this hop's.
+            for &(name_at, name_len, value_at, value_len) in &fields[..count] {
+                let (name_at, value_at) = (name_at as usize, value_at as usize);
+                if !head[name_at..name_at + name_len as usize].eq_ignore_ascii_case(b"connection") {
+                    continue;
+                }
+                for option in head[value_at..value_at + value_len as usize].split(|&b| b == b',') {
+                    if let Ok(named) = HeaderName::from_bytes(option.trim_ascii()) {
+                        map.remove(named);
+                    }
+                }
             }
         }
         let (mut parts, ()) = Response::new(()).into_parts();
@@ -334,6 +355,8 @@ struct Facts {
     close: bool,
     keep_alive: bool,
     bad_length: bool,
+    /// `Connection` names a field that is not hop-by-hop anyway (it goes too).
+    connection_names_others: bool,
 }
 
 impl Facts {
@@ -357,6 +380,10 @@ impl Facts {
                 let option = option.trim_ascii();
                 self.close |= option.eq_ignore_ascii_case(b"close");
                 self.keep_alive |= option.eq_ignore_ascii_case(b"keep-alive");
+                self.connection_names_others |= !option.is_empty()
+                    && !HOP_BY_HOP
+                        .iter()
+                        .any(|h| option.eq_ignore_ascii_case(h.as_str().as_bytes()));
             }
         }
     }
@@ -653,6 +680,22 @@ mod tests {
             ),
             (Framing::Length(1), true)
         );
+    }
+
+    /// Hop-by-hop fields, and those `Connection` names in any case, are read for the
+    /// framing and never put in the map; the rest keep their order.
+    #[test]
+    fn the_connections_own_fields_stay_out_of_the_map() {
+        let head = parse(
+            "HTTP/1.1 200 OK\r\nx-a: 1\r\nConnection: keep-alive, X-Hop, , te\r\nKeep-Alive: timeout=5\r\n\
+             x-hop: 1\r\nProxy-Authenticate: Basic\r\nTrailer: x-t\r\nUpgrade: h2c\r\nx-b: 2\r\n\
+             content-length: 2\r\n\r\n",
+        )
+        .unwrap()
+        .unwrap();
+        let names: Vec<&str> = head.parts.headers.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["x-a", "x-b"]);
+        assert_eq!((head.framing, head.keep_alive), (Framing::Length(2), true));
     }
 
     #[test]

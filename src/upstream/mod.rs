@@ -171,7 +171,8 @@ impl UpstreamPool {
                 let uri = Uri::from_parts(uri).map_err(|e| UpstreamError::Request(e.into()));
                 Either::Right(Box::pin(async move {
                     parts.uri = uri?;
-                    let response = client.request(Request::from_parts(*parts, body)).await?;
+                    let mut response = client.request(Request::from_parts(*parts, body)).await?;
+                    end_hop_by_hop(&mut response);
                     Ok(response.map(|b| b.map_err(Into::into).boxed()))
                 }))
             }
@@ -502,11 +503,27 @@ impl HyperIdle {
 
 /// The response, with a body that hands the connection back when it ends. A body
 /// dropped early (client gone) takes the connection with it: hyper closes it.
+/// The upstream connection's own fields (hop-by-hop, and those its `Connection` names)
+/// end at the gateway: every response leaves this module without them (specter's own
+/// client drops them as it parses). A 101 keeps `Upgrade`, the protocol the tunnel
+/// switches to.
+fn end_hop_by_hop<B>(response: &mut Response<B>) {
+    let switched_to = (response.status() == StatusCode::SWITCHING_PROTOCOLS)
+        .then(|| response.headers().get(UPGRADE).cloned())
+        .flatten();
+    let headers = response.headers_mut();
+    crate::headers::strip_hop_by_hop(headers);
+    if let Some(protocol) = switched_to {
+        headers.insert(UPGRADE, protocol);
+    }
+}
+
 fn pooled(
-    response: Response<Incoming>,
+    mut response: Response<Incoming>,
     sender: SendRequest<Body>,
     idle: &Arc<HyperIdle>,
 ) -> Response<Body> {
+    end_hop_by_hop(&mut response);
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         return response.map(|b| b.map_err(Into::into).boxed());
     }
