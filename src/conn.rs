@@ -122,7 +122,7 @@ impl Close {
     }
 
     /// What is asked; until closing now, the task polling is woken when more is.
-    /// Always polled from the connection's one task (see [`TaskWaker`]).
+    /// Always polled from the connection's one task (see `TaskWaker`).
     pub fn poll(&self, cx: &mut std::task::Context<'_>) -> Closing {
         self.waker.register(cx);
         match self.asked.load(SeqCst) {
@@ -185,7 +185,7 @@ impl Alarm {
 ///
 /// The sweeper sleeps until its next look or the earliest armed deadline, whichever
 /// is sooner (the [`Alarm`]); a request whose deadline falls before that rings the
-/// alarm. Instants are [`monotonic_ns`](crate::clock::monotonic_ns); 0 is "none".
+/// alarm. Instants are [`crate::clock::monotonic_ns`]; 0 is "none".
 #[derive(Debug, Default)]
 pub struct RequestDeadline {
     armed: AtomicU64,

@@ -37,7 +37,7 @@ pub static HOP_BY_HOP: [HeaderName; 9] = [
 /// Removes the hop-by-hop headers, every header the `Connection` header names, and those
 /// `also` picks, in passes over the names present: a message carries a handful of
 /// headers while the candidates are about twenty, so this beats a hashed `remove` per
-/// candidate. A pass notes up to [`DOOMED_PER_PASS`] names to remove (one more pass
+/// candidate. A pass notes up to `DOOMED_PER_PASS` names to remove (one more pass
 /// only if it filled up); `also` names each by a reference of its own where it can, so
 /// that no name is cloned (a custom name's first clone allocates). Runs before the
 /// gateway sets its own headers, so `Connection: x-specter-environment` removes only

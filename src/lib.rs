@@ -14,16 +14,20 @@
 //! - [`framing`]: HTTP/1 framing strictness (smuggling forms refused)
 //! - [`proxy`]: `handle()` (never fails) -> `inner()`: `admit` (every check), then
 //!   `upstream_request` and `send`; [`proxy::forward`] rewrites headers,
-//!   [`proxy::client`] pools upstream connections, [`proxy::upgrade`] tunnels
-//!   WebSockets, [`proxy::access`] writes the access log
+//!   [`proxy::upgrade`] tunnels WebSockets, [`proxy::access`] writes the access log
+//! - [`upstream`]: an environment's upstreams, their pools and clients (specter's own
+//!   HTTP/1.1 client for bodiless requests, hyper's for the rest); a response leaves it
+//!   without the upstream connection's hop-by-hop fields
 //! - [`auth`]: API key extraction and lookup by SHA-256 digest
-//! - [`policy`]: host / client IP / method / path / body size; [`policy::path`] is the
+//! - [`policy`]: host / client IP / method / path / body size; [`path`] is the
 //!   one path normal form
 //! - [`ratelimit`]: governor limiters per key and per environment, RateLimit headers;
 //!   `ratelimit::redis`: the fleet's shared counters (one server or a cluster);
 //!   `ratelimit::lease`: lease mode's locally spent batches of them
 //! - [`error`]: `GatewayError` -> status + JSON body
 //! - [`body`]: the body type; the streaming size limit and read timeout
+//! - [`headers`]: the header names the gateway owns, and the hop-by-hop removal both
+//!   directions share
 //! - [`trace`]: W3C trace context: the client's `traceparent` continued, or a new trace;
 //!   [`trace::export`] sends sampled requests' spans to an OTLP/HTTP collector
 //!

@@ -105,7 +105,7 @@ end
 return result
 "#;
 
-/// One bucket's part of a [`TAKE`] call.
+/// One bucket's part of a `TAKE` call.
 pub struct Take<'a> {
     pub key: &'a str,
     pub quota: &'a QuotaConfig,
@@ -113,7 +113,7 @@ pub struct Take<'a> {
     pub give_back: u32,
 }
 
-/// One bucket's answer to a [`TAKE`] call.
+/// One bucket's answer to a `TAKE` call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Taken {
     pub granted: u32,
@@ -365,7 +365,7 @@ impl RedisStore {
         }
     }
 
-    /// One [`TAKE`] call over `takes`, all in one slot (or on one server).
+    /// One `TAKE` call over `takes`, all in one slot (or on one server).
     pub async fn take(
         &self,
         takes: &[Take<'_>],

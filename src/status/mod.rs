@@ -2,7 +2,7 @@
 //! (inline style and script allowed by hash under a strict `Content-Security-Policy`, no
 //! external resource), which polls `GET /status.json` every two seconds.
 //!
-//! The JSON holds, per environment, the per-second ring of [`activity`], upstream health
+//! The JSON holds, per environment, the per-second ring of [`crate::activity`], upstream health
 //! and recent errors, and keys by state; then the config version and the last reload
 //! error, and the TLS certificates with their expiry. Never a key, a key hash or a query
 //! string: keys appear by id, and the reload error has every long token masked (a

@@ -4,7 +4,7 @@
 //! HTTP/1.1 upstreams get pools of our own: per upstream, stacks of idle connections.
 //! A request pops the most recently used one (or connects), and its response body
 //! puts it back when it ends. Bodiless requests to plain-HTTP upstreams go through
-//! specter's own HTTP/1.1 client ([`h1`]); requests with a body, TLS upstreams and
+//! specter's own HTTP/1.1 client (`h1`); requests with a body, TLS upstreams and
 //! upgrades through hyper's `client::conn`. Compared with hyper-util's pooled client this skips the pool-key
 //! hashing, the URI rewriting and the per-request connector clone, and lets a request
 //! that was never answered on a reused connection be sent again on a fresh one.
